@@ -1,0 +1,87 @@
+"""The only structlog configuration: one event per line, secrets never printed.
+
+Redaction runs last before rendering, so no processor or call site can leak a secret by
+accident: keys that name secrets are masked, and registered secret values are masked wherever
+they appear in a string.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any, TextIO
+
+import orjson
+import structlog
+
+REDACTED = "***"
+_SECRET_KEY = re.compile(
+    r"(secret|token|password|passwd|authorization|signature|api_key|user_key|hmac)", re.I
+)
+_secret_values: set[str] = set()
+
+
+def register_secrets(values: Iterable[str | None]) -> None:
+    """Remember configured secret values so they are masked even inside free text."""
+    _secret_values.update(v for v in values if v and len(v) >= 4)  # noqa: PLR2004 - too short to mask safely
+
+
+def _mask(value: Any) -> Any:  # noqa: ANN401 - log values are of any type
+    if isinstance(value, str):
+        for secret in _secret_values:
+            if secret in value:
+                value = value.replace(secret, REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {
+            k: REDACTED if _SECRET_KEY.search(str(k)) else _mask(v) for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_mask(v) for v in value]
+    return value
+
+
+def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:  # noqa: ANN401 - structlog processor signature
+    """Mask secret-named keys and known secret values in every log event."""
+    for key, value in list(event_dict.items()):
+        if _SECRET_KEY.search(key) and key != "event":
+            event_dict[key] = REDACTED
+        else:
+            event_dict[key] = _mask(value)
+    return event_dict
+
+
+def _orjson_dumps(obj: Any, default: Any = None) -> str:  # noqa: ANN401
+    return orjson.dumps(obj, default=default or str).decode()
+
+
+def configure_logging(level: str = "info", fmt: str = "console", stream: TextIO | None = None) -> None:
+    """Configure structlog once for the process (the CLI calls this before anything logs)."""
+    renderer: Any
+    if fmt == "json":
+        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redact,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    """A logger bound to its component name."""
+    logger: structlog.stdlib.BoundLogger = structlog.get_logger(component=name)
+    return logger

@@ -1,0 +1,215 @@
+"""Frozen value objects shared by every part of studiohook.
+
+Everything that crosses a boundary (ingress -> store, store -> jobs, jobs -> notify) is one of
+these, so the core never handles raw wire dicts except as an event's payload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+JsonObject = dict[str, Any]
+
+
+class JobState(StrEnum):
+    """Where a job is on its way from an event to a delivered "video ready".
+
+    Each transition is its own committed transaction; see `service.jobs.states` for the allowed
+    moves.
+    """
+
+    RECEIVED = "received"
+    MAPPED = "mapped"
+    SUBMITTING = "submitting"
+    SUBMITTED = "submitted"
+    READY = "ready"
+    NOTIFIED = "notified"
+    IGNORED = "ignored"
+    REJECTED = "rejected"
+    FAILED = "failed"
+    RECONCILE = "reconcile"
+
+
+TERMINAL_STATES = frozenset({JobState.NOTIFIED, JobState.IGNORED, JobState.REJECTED, JobState.FAILED})
+
+
+class EventStatus(StrEnum):
+    """What became of an inbox event: routed to jobs, matched no route, or could not be read."""
+
+    ROUTED = "routed"
+    IGNORED = "ignored"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class InboundEvent:
+    """One verified delivery, exactly as it arrived, ready to be committed to the inbox.
+
+    `dedupe_key` is unique per source: a second delivery with the same key is the same event.
+    """
+
+    source: str
+    dedupe_key: str
+    event_id: str
+    event_type: str
+    body: bytes
+    headers: Mapping[str, str]
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RawEvent:
+    """A verified delivery as a handler sees it: parsed JSON payload plus where it came from.
+
+    `headers` keys are lower-case. `topic` is set for MQTT deliveries only.
+    """
+
+    source: str
+    payload: Any
+    headers: Mapping[str, str]
+    topic: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HandledEvent:
+    """What a handler makes of a raw event: its id, its type and a source-neutral context."""
+
+    event_id: str | None
+    event_type: str | None
+    context: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A job decided at intake (a route matched) and committed together with its event."""
+
+    job_id: str
+    route: str
+    export_name: str
+    state: JobState = JobState.RECEIVED
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Acceptance:
+    """The answer to an intake commit: the event's id, its jobs, and whether it was seen before."""
+
+    event_id: str
+    job_ids: tuple[str, ...]
+    duplicate: bool
+    status: EventStatus = EventStatus.ROUTED
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An inbox row: the event as committed, with its store id and what became of it."""
+
+    id: int
+    source: str
+    dedupe_key: str
+    event_id: str
+    event_type: str
+    body: bytes
+    headers: Mapping[str, str]
+    received_at: float
+    status: EventStatus
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One paid export and everything needed to follow it to the end after a crash."""
+
+    job_id: str
+    event_row: int
+    source: str
+    route: str
+    state: JobState
+    export_name: str
+    created_at: float
+    updated_at: float
+    export_body: bytes | None = None
+    project_id: str | None = None
+    api: str = "v3"
+    callback_token: str | None = None
+    progress: float = 0.0
+    download_url: str | None = None
+    attempts: int = 0
+    submitted_at: float | None = None
+    ready_at: float | None = None
+    last_progress_at: float | None = None
+    next_attempt_at: float | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    video_path: str | None = None
+    video_sha256: str | None = None
+    polls: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class JobUpdate:
+    """The fields a transition changes; `None` leaves a field as it is."""
+
+    export_body: bytes | None = None
+    project_id: str | None = None
+    api: str | None = None
+    callback_token: str | None = None
+    progress: float | None = None
+    download_url: str | None = None
+    attempts: int | None = None
+    submitted_at: float | None = None
+    ready_at: float | None = None
+    last_progress_at: float | None = None
+    next_attempt_at: float | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    video_path: str | None = None
+    video_sha256: str | None = None
+    polls: int | None = None
+    note: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One line of a job's history, as `GET /jobs/{id}` shows it."""
+
+    job_id: str
+    from_state: JobState | None
+    to_state: JobState
+    at: float
+    note: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """An outgoing event for one notify target, written with the job's terminal state."""
+
+    id: int
+    job_id: str
+    target: str
+    event_type: str
+    payload: bytes
+    attempts: int = 0
+    next_attempt_at: float = 0.0
+    status: str = "pending"
+    last_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewOutboxMessage:
+    """An outbox row to insert in the same transaction as a terminal transition."""
+
+    target: str
+    event_type: str
+    payload: bytes = field(repr=False)
+
+
+def job_id_for(source: str, dedupe_key: str, route: str) -> str:
+    """Derive the job id from its idempotency key, so a redelivery maps to the same job."""
+    digest = hashlib.sha256(f"{source}\x00{dedupe_key}\x00{route}".encode()).hexdigest()
+    return f"job_{digest[:24]}"

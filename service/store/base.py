@@ -1,0 +1,121 @@
+"""The store port: everything studiohook must not forget, behind one Protocol.
+
+Each method is one committed transaction. The engines (`sqlite.py`; PostgreSQL later) share
+one contract test suite, so the jobs code never knows which it talks to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Protocol
+
+from service.model import (
+    Acceptance,
+    EventStatus,
+    InboundEvent,
+    Job,
+    JobState,
+    JobUpdate,
+    NewJob,
+    NewOutboxMessage,
+    OutboxMessage,
+    StoredEvent,
+    Transition,
+)
+
+
+class StoreUnavailableError(Exception):
+    """The store cannot commit right now (disk full, locked, closed): answer 503, never 2xx."""
+
+
+class StaleTransitionError(Exception):
+    """The job was not in any of the expected states: another path moved it first."""
+
+
+class Store(Protocol):
+    """Durable state: the inbox, the jobs with their history, and the outbox."""
+
+    async def open(self) -> None:
+        """Create or migrate the schema and start any background writer."""
+
+    async def close(self) -> None:
+        """Flush pending commits and release the database."""
+
+    async def accept_event(self, event: InboundEvent, jobs: Sequence[NewJob]) -> Acceptance:
+        """Commit an event and its jobs, or recognise it as a duplicate by (source, dedupe_key).
+
+        Returns only after the commit is durable; concurrent callers share one commit. A
+        duplicate returns the original event id and job ids with `duplicate=True`.
+        """
+
+    async def reject_event(self, event: InboundEvent, reason: str) -> Acceptance:
+        """Commit an event that could not be handled, as a dead letter kept for replay."""
+
+    async def get_event(self, row: int) -> StoredEvent | None:
+        """Read one inbox row."""
+
+    async def get_job(self, job_id: str) -> Job | None:
+        """Read one job."""
+
+    async def jobs_in_states(self, states: Collection[JobState], limit: int = 1000) -> list[Job]:
+        """Jobs in any of these states, oldest first: the work queues and recovery read these."""
+
+    async def list_jobs(
+        self,
+        *,
+        state: JobState | None = None,
+        route: str | None = None,
+        limit: int = 50,
+        after: str | None = None,
+    ) -> list[Job]:
+        """A page of jobs for the admin API, newest first, continuing after job id `after`."""
+
+    async def job_history(self, job_id: str) -> list[Transition]:
+        """Every transition of one job, in order."""
+
+    async def transition(
+        self,
+        job_id: str,
+        from_states: Collection[JobState],
+        to_state: JobState,
+        update: JobUpdate | None = None,
+        outbox: Sequence[NewOutboxMessage] = (),
+    ) -> Job:
+        """Move a job, record the transition and insert outbox rows, in one transaction.
+
+        Raises StaleTransitionError when the job is not in `from_states`, so two paths (a
+        callback and a poll, say) can never both act on the same move.
+        """
+
+    async def update_job(self, job_id: str, update: JobUpdate) -> Job:
+        """Change fields without a state change (progress, poll counts)."""
+
+    async def count_jobs_by_state(self) -> dict[JobState, int]:
+        """For metrics and readiness."""
+
+    async def due_outbox(self, now: float, limit: int = 100) -> list[OutboxMessage]:
+        """Pending outbox rows whose next attempt is due."""
+
+    async def outbox_delivered(self, message_id: int) -> None:
+        """Mark one outbox row delivered."""
+
+    async def outbox_retry(self, message_id: int, next_attempt_at: float, error: str) -> None:
+        """Record a failed attempt and when to try again."""
+
+    async def outbox_dead(self, message_id: int, error: str) -> None:
+        """Give up on one outbox row (410 Gone, retries exhausted), keeping it for inspection."""
+
+    async def outbox_pending_for_job(self, job_id: str) -> int:
+        """How many outbox rows of this job are still pending."""
+
+    async def outbox_backlog(self) -> int:
+        """How many outbox rows are pending, for metrics."""
+
+    async def set_event_status(self, row: int, status: EventStatus, reason: str | None) -> None:
+        """Record what became of an inbox event after routing."""
+
+    async def purge_dedupe(self, older_than: float) -> int:
+        """Forget dedupe keys of events received before `older_than` (kept >= 7 days)."""
+
+    async def ping(self) -> None:
+        """Prove the store is writable; raise StoreUnavailableError otherwise."""

@@ -1,0 +1,11 @@
+"""Shared pytest set-up: the anyio plugin on asyncio, and the fixture modules of each area."""
+
+import pytest
+
+# Each area keeps its shared fixtures in tests/support/<area>_fixtures.py and lists it here.
+pytest_plugins: list[str] = []
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
