@@ -153,7 +153,7 @@ class Job:
 
 @dataclass(frozen=True, slots=True)
 class JobUpdate:
-    """The fields a transition changes; `None` leaves a field as it is."""
+    """The fields a transition changes; `None` leaves a field as it is, `clear` empties one."""
 
     export_body: bytes | None = None
     project_id: str | None = None
@@ -171,6 +171,9 @@ class JobUpdate:
     video_path: str | None = None
     video_sha256: str | None = None
     polls: int | None = None
+    export_name: str | None = None
+    clear: frozenset[str] = frozenset()
+    """Fields set back to NULL (an operator's retry clears the last attempt's outcome)."""
     note: str | None = None
 
 
