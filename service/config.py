@@ -135,7 +135,7 @@ class SourceConfig:
     signature_header: str | None = None
     signature_encoding: Literal["hex", "base64"] = "hex"
     signature_prefix: str = ""
-    token_header: str = "Authorization"
+    token_header: str = "Authorization"  # noqa: S105 - a header name, not a secret
     event_type_header: str | None = None
 
 
@@ -273,7 +273,7 @@ class _Table:
             return None
         return value
 
-    def str(self, key: str, default: T, *, choices: frozenset[str] | None = None) -> str | T:
+    def text(self, key: str, default: T, *, choices: frozenset[str] | None = None) -> str | T:
         value = self._get(key, (str,), "a string")
         if value is None:
             return default
@@ -281,10 +281,10 @@ class _Table:
             allowed = ", ".join(sorted(choices))
             self.problems.append(Problem(_join(self.path, key), f"must be one of {allowed}"))
             return default
-        return str(value)
+        return value  # type: ignore[no-any-return]
 
-    def required_str(self, key: str) -> str:
-        value = self.str(key, None)
+    def required_text(self, key: str) -> str:
+        value = self.text(key, None)
         if value is None and key not in self.data:
             self.problems.append(Problem(_join(self.path, key), "is required"))
         return value or ""
@@ -335,7 +335,9 @@ class _Table:
         if not isinstance(value, list):
             self.problems.append(Problem(_join(self.path, key), "must be an array of tables"))
             return []
-        return [_Table(v, f"{_join(self.path, key)}[{i}]", self.problems) for i, v in enumerate(value)]
+        return [
+            _Table(v, f"{_join(self.path, key)}[{i}]", self.problems) for i, v in enumerate(value)
+        ]
 
     def finish(self) -> None:
         """Report every key nobody asked for: a typo must not pass silently."""
@@ -347,13 +349,13 @@ class _Table:
 
 
 def _service(t: _Table, base_dir: Path) -> ServiceConfig:
-    state_dir = Path(t.str("state_dir", "./state"))
+    state_dir = Path(t.text("state_dir", "./state"))
     if not state_dir.is_absolute():
         state_dir = base_dir / state_dir
     cfg = ServiceConfig(
         state_dir=state_dir,
-        log_format=t.str("log_format", "console", choices=frozenset({"console", "json"})),  # type: ignore[arg-type]
-        log_level=t.str(
+        log_format=t.text("log_format", "console", choices=frozenset({"console", "json"})),  # type: ignore[arg-type]
+        log_level=t.text(
             "log_level", "info", choices=frozenset({"debug", "info", "warning", "error"})
         ),
         shutdown_grace_s=t.number("shutdown_grace_seconds", 30.0),
@@ -363,7 +365,7 @@ def _service(t: _Table, base_dir: Path) -> ServiceConfig:
 
 
 def _http(t: _Table) -> HttpConfig:
-    listen = t.str("listen", "127.0.0.1:8080")
+    listen = t.text("listen", "127.0.0.1:8080")
     host, _, port_text = listen.rpartition(":")
     port = 8080
     if not host or not port_text.isdigit() or not 0 <= int(port_text) < 65536:  # noqa: PLR2004
@@ -371,7 +373,7 @@ def _http(t: _Table) -> HttpConfig:
         host = "127.0.0.1"
     else:
         port = int(port_text)
-    public_url = t.str("public_url", None)
+    public_url = t.text("public_url", None)
     if public_url is not None and not public_url.startswith(("http://", "https://")):
         t.problems.append(Problem(_join(t.path, "public_url"), "must be an http(s) URL"))
         public_url = None
@@ -380,7 +382,7 @@ def _http(t: _Table) -> HttpConfig:
         port=port,
         max_body_bytes=t.integer("max_body_bytes", 1024 * 1024, minimum=1),
         body_timeout_s=t.number("body_timeout_seconds", 10.0),
-        admin_token=t.str("admin_token", None) or None,
+        admin_token=t.text("admin_token", None) or None,
         public_url=public_url.rstrip("/") if public_url else None,
     )
     t.finish()
@@ -391,14 +393,14 @@ def _aistudios(t: _Table) -> AIStudiosConfig:
     sim = t.table("simulator")
     simulator = SimulatorConfig(render_seconds=sim.number("render_seconds", 5.0))
     sim.finish()
-    app_id = t.str("app_id", None) or None
-    user_key = t.str("user_key", None) or None
+    app_id = t.text("app_id", None) or None
+    user_key = t.text("user_key", None) or None
     if bool(app_id) != bool(user_key):
         t.problems.append(Problem(t.path, "app_id and user_key go together"))
     cfg = AIStudiosConfig(
-        base_url=t.str("base_url", DEFAULT_V3_BASE_URL).rstrip("/"),
-        legacy_base_url=t.str("legacy_base_url", DEFAULT_LEGACY_BASE_URL).rstrip("/"),
-        api_key=t.str("api_key", None) or None,
+        base_url=t.text("base_url", DEFAULT_V3_BASE_URL).rstrip("/"),
+        legacy_base_url=t.text("legacy_base_url", DEFAULT_LEGACY_BASE_URL).rstrip("/"),
+        api_key=t.text("api_key", None) or None,
         app_id=app_id,
         user_key=user_key,
         max_concurrent_exports=t.integer("max_concurrent_exports", 4, minimum=1),
@@ -418,7 +420,7 @@ def _aistudios(t: _Table) -> AIStudiosConfig:
 
 
 def _store(t: _Table, state_dir: Path) -> StoreConfig:
-    url = t.str("url", f"sqlite:///{state_dir / 'studiohook.db'}")
+    url = t.text("url", f"sqlite:///{state_dir / 'studiohook.db'}")
     if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         t.problems.append(Problem(_join(t.path, "url"), "must be sqlite:///PATH or postgresql://"))
     t.finish()
@@ -440,7 +442,7 @@ def parse_mqtt_url(url: str) -> tuple[str, int, bool, str | None, str | None]:
 def _mqtt(t: _Table) -> MqttConfig | None:
     if not t.data:
         return None
-    url = t.required_str("url")
+    url = t.required_text("url")
     host, port, tls, user, password = "localhost", 1883, False, None, None
     if url:
         try:
@@ -454,7 +456,7 @@ def _mqtt(t: _Table) -> MqttConfig | None:
         tls=tls,
         username=user,
         password=password,
-        client_id=t.str("client_id", "studiohook"),
+        client_id=t.text("client_id", "studiohook"),
         session_expiry_seconds=t.integer("session_expiry_seconds", 86400),
         receive_maximum=t.integer("receive_maximum", 100, minimum=1),
     )
@@ -463,18 +465,20 @@ def _mqtt(t: _Table) -> MqttConfig | None:
 
 
 def _source(t: _Table) -> SourceConfig:
-    kind = t.str("kind", "json", choices=SOURCE_KINDS)
+    kind = t.text("kind", "json", choices=SOURCE_KINDS)
     cfg = SourceConfig(
-        name=t.required_str("name"),
+        name=t.required_text("name"),
         kind=kind,
         secrets=t.str_list("secrets"),
-        topic=t.str("topic", None),
-        dedupe_key=t.str("dedupe_key", None),
-        signature_header=t.str("signature_header", None),
-        signature_encoding=t.str("signature_encoding", "hex", choices=frozenset({"hex", "base64"})),  # type: ignore[arg-type]
-        signature_prefix=t.str("signature_prefix", ""),
-        token_header=t.str("token_header", "Authorization"),
-        event_type_header=t.str("event_type_header", None),
+        topic=t.text("topic", None),
+        dedupe_key=t.text("dedupe_key", None),
+        signature_header=t.text("signature_header", None),
+        signature_encoding=t.text(
+            "signature_encoding", "hex", choices=frozenset({"hex", "base64"})
+        ),  # type: ignore[arg-type]
+        signature_prefix=t.text("signature_prefix", ""),
+        token_header=t.text("token_header", "Authorization"),
+        event_type_header=t.text("event_type_header", None),
     )
     if kind == "mqtt" and not cfg.topic:
         t.problems.append(Problem(_join(t.path, "topic"), "is required for an mqtt source"))
@@ -487,9 +491,9 @@ def _source(t: _Table) -> SourceConfig:
 
 
 def _template(t: _Table, base_dir: Path) -> TemplateConfig:
-    name = t.required_str("name")
-    file_text = t.str("file", None)
-    project_id = t.str("project_id", None)
+    name = t.required_text("name")
+    file_text = t.text("file", None)
+    project_id = t.text("project_id", None)
     file = None
     if file_text is not None:
         file = Path(file_text)
@@ -513,14 +517,14 @@ def _route(t: _Table) -> RouteConfig:
             continue
         patches.append((selector, expression))
     cfg = RouteConfig(
-        name=t.required_str("name"),
-        source=t.required_str("source"),
-        template=t.required_str("template"),
+        name=t.required_text("name"),
+        source=t.required_text("source"),
+        template=t.required_text("template"),
         events=t.str_list("events"),
-        when=t.str("when", None),
-        handler=t.str("handler", None),
+        when=t.text("when", None),
+        handler=t.text("handler", None),
         patches=tuple(patches),
-        export_name=t.str("export_name", None),
+        export_name=t.text("export_name", None),
         download=t.boolean("download", default=False),
     )
     t.finish()
@@ -528,7 +532,7 @@ def _route(t: _Table) -> RouteConfig:
 
 
 def _notify(t: _Table, base_dir: Path, index: int) -> NotifyConfig:
-    kind = t.str("kind", "", choices=NOTIFY_KINDS)
+    kind = t.text("kind", "", choices=NOTIFY_KINDS)
     if "kind" not in t.data:
         t.problems.append(Problem(_join(t.path, "kind"), "is required"))
     events = t.str_list("events") or ("video.ready", "video.failed")
@@ -537,17 +541,17 @@ def _notify(t: _Table, base_dir: Path, index: int) -> NotifyConfig:
             t.problems.append(
                 Problem(f"{_join(t.path, 'events')}[{i}]", "must be video.ready or video.failed")
             )
-    path_text = t.str("path", None)
+    path_text = t.text("path", None)
     path = None
     if path_text is not None:
         path = Path(path_text) if Path(path_text).is_absolute() else base_dir / path_text
     cfg = NotifyConfig(
-        name=t.str("name", f"{kind}-{index}"),
+        name=t.text("name", f"{kind}-{index}"),
         kind=kind,
         events=events,
-        topic=t.str("topic", "studiohook/videos/{route}/{job_id}"),
-        url=t.str("url", None),
-        secret=t.str("secret", None),
+        topic=t.text("topic", "studiohook/videos/{route}/{job_id}"),
+        url=t.text("url", None),
+        secret=t.text("secret", None),
         path=path,
         download=t.boolean("download", default=False),
     )
@@ -605,9 +609,7 @@ def parse_config(
         sources=tuple(_source(t) for t in root.array_of_tables("sources")),
         templates=tuple(_template(t, base_dir) for t in root.array_of_tables("templates")),
         routes=tuple(_route(t) for t in root.array_of_tables("routes")),
-        notify=tuple(
-            _notify(t, base_dir, i) for i, t in enumerate(root.array_of_tables("notify"))
-        ),
+        notify=tuple(_notify(t, base_dir, i) for i, t in enumerate(root.array_of_tables("notify"))),
     )
     root.finish()
     _unique(list(cfg.sources), "sources", problems)

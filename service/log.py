@@ -18,7 +18,7 @@ import structlog
 
 REDACTED = "***"
 _SECRET_KEY = re.compile(
-    r"(secret|token|password|passwd|authorization|signature|api_key|user_key|hmac)", re.I
+    r"(secret|token|password|passwd|authorization|signature|api_key|user_key|hmac)", re.IGNORECASE
 )
 _secret_values: set[str] = set()
 
@@ -35,9 +35,7 @@ def _mask(value: Any) -> Any:  # noqa: ANN401 - log values are of any type
                 value = value.replace(secret, REDACTED)
         return value
     if isinstance(value, dict):
-        return {
-            k: REDACTED if _SECRET_KEY.search(str(k)) else _mask(v) for k, v in value.items()
-        }
+        return {k: REDACTED if _SECRET_KEY.search(str(k)) else _mask(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_mask(v) for v in value]
     return value
@@ -57,7 +55,9 @@ def _orjson_dumps(obj: Any, default: Any = None) -> str:  # noqa: ANN401
     return orjson.dumps(obj, default=default or str).decode()
 
 
-def configure_logging(level: str = "info", fmt: str = "console", stream: TextIO | None = None) -> None:
+def configure_logging(
+    level: str = "info", fmt: str = "console", stream: TextIO | None = None
+) -> None:
     """Configure structlog once for the process (the CLI calls this before anything logs)."""
     renderer: Any
     if fmt == "json":

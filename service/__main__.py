@@ -1,0 +1,5 @@
+"""`python -m service` is the same as `studiohook`."""
+
+from service.cli import main
+
+main()
