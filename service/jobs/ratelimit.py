@@ -1,0 +1,132 @@
+"""How hard studiohook pushes AI Studios: one request rate for every call, one render budget.
+
+The API documents no limits, so both are ours to keep: a token bucket shared by every request
+(exports, polls, lookups), paused as a whole by a 429's Retry-After, and a fixed number of
+render slots held by each job from its export until it leaves `submitting|submitted|reconcile`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import anyio
+
+from service.log import get_logger
+
+if TYPE_CHECKING:
+    from service.jobs.schedule import Clock, Sleep
+
+log = get_logger("jobs.ratelimit")
+
+
+class TokenBucket:
+    """A token bucket in its GCRA form: `reserve` returns how long the caller must wait.
+
+    Pure: the caller passes the time. `pause_until` makes the first slot after a pause land
+    exactly at its end and the following ones spaced at the rate, so a pause never ends in a
+    burst of queued requests.
+    """
+
+    def __init__(self, rate: float, burst: int = 1) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be positive and burst at least 1")
+        self.interval_s = 1.0 / rate
+        self.tolerance_s = (burst - 1) * self.interval_s
+        self._theoretical_at = float("-inf")
+        self.paused_until = float("-inf")
+
+    def reserve(self, now: float) -> float:
+        """Take the next free slot; seconds from `now` until it (0 when free right away)."""
+        theoretical_at = max(self._theoretical_at, now)
+        allowed_at = theoretical_at - self.tolerance_s
+        self._theoretical_at = theoretical_at + self.interval_s
+        return max(allowed_at - now, 0.0)
+
+    def pause_until(self, until: float) -> None:
+        """No slot before `until`; later pauses extend, earlier ones never shorten."""
+        if until <= self.paused_until:
+            return
+        self.paused_until = until
+        self._theoretical_at = max(self._theoretical_at, until + self.tolerance_s)
+
+
+class RequestGate:
+    """The client's `before_request`: every API call waits here for its slot.
+
+    A caller whose slot was reserved before a pause started re-checks after sleeping, so no
+    request leaves inside a Retry-After window.
+    """
+
+    def __init__(
+        self, rate: float, clock: Clock, *, burst: int = 1, sleep: Sleep = anyio.sleep
+    ) -> None:
+        self._bucket = TokenBucket(rate, burst)
+        self._clock = clock
+        self._sleep = sleep
+
+    @property
+    def paused_until(self) -> float:
+        """End of the current pause on this gate's clock (-inf when never paused)."""
+        return self._bucket.paused_until
+
+    async def __call__(self, endpoint: str) -> None:
+        """Wait until a request to `endpoint` may be sent."""
+        while True:
+            wait_s = self._bucket.reserve(self._clock())
+            if wait_s > 0:
+                await self._sleep(wait_s)
+            if self._clock() >= self._bucket.paused_until:
+                return
+            log.debug("request held by pause", endpoint=endpoint)
+
+    def pause_until(self, until: float) -> None:
+        """Hold ALL requests until `until` (a 429's Retry-After applies to the account)."""
+        if until > self._bucket.paused_until:
+            log.info("api requests paused", seconds=round(until - self._clock(), 3))
+        self._bucket.pause_until(until)
+
+    def pause_for(self, seconds: float) -> None:
+        """Hold all requests for `seconds` from now."""
+        self.pause_until(self._clock() + seconds)
+
+
+class RenderSlots:
+    """At most `capacity` renders in flight, each slot held by one job id.
+
+    A slot is taken before `mapped -> submitting` and released when the job leaves the
+    in-flight states, by whichever loop moves it. Recovery `adopt`s slots without waiting:
+    renders already running count even when they exceed a lowered capacity.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.capacity = capacity
+        self._holders: set[str] = set()
+        self._freed = anyio.Event()
+
+    @property
+    def in_flight(self) -> int:
+        """How many slots are held."""
+        return len(self._holders)
+
+    def holds(self, job_id: str) -> bool:
+        """Whether this job holds a slot."""
+        return job_id in self._holders
+
+    async def acquire(self, job_id: str) -> None:
+        """Wait for a free slot and give it to `job_id` (no-op when it already holds one)."""
+        while job_id not in self._holders and len(self._holders) >= self.capacity:
+            await self._freed.wait()
+        self._holders.add(job_id)
+
+    def adopt(self, job_id: str) -> None:
+        """Count a render found running at start, even beyond capacity."""
+        self._holders.add(job_id)
+
+    def release(self, job_id: str) -> None:
+        """Free the job's slot; safe to call when it holds none."""
+        if job_id in self._holders:
+            self._holders.discard(job_id)
+            self._freed.set()
+            self._freed = anyio.Event()

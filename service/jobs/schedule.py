@@ -1,0 +1,154 @@
+"""When to poll, when to retry, when to give up: pure timing decisions, tested with a fake clock.
+
+Every poll and every retry is an API request against a service with undocumented limits, so
+the timing is computed rather than fixed: a render is polled shortly after its estimated
+finish (a handful of polls whatever its length), retries spread out with full jitter, and a
+server's Retry-After is obeyed to the second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol
+
+from service.aistudios.errors import RetryableError
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Sequence
+
+    from service.model import Job
+
+FULL_PROGRESS = 100.0
+FIRST_POLL_GUESS_S = 5.0
+"""Before any progress is seen: a short render is caught early, a long one costs one extra poll."""
+FINISH_MARGIN = 0.05
+"""Poll this fraction of the estimated remaining time after the estimated finish."""
+_MAX_EXPONENT = 62
+
+Verdict = Literal["deadline", "stalled"]
+
+
+class Clock(Protocol):
+    """Seconds on the clock the job timestamps use; tests pass a clock they advance."""
+
+    def __call__(self) -> float:
+        """Now, in seconds."""
+        ...
+
+
+class Sleep(Protocol):
+    """Waits for some seconds; tests pass one that advances their fake clock instead."""
+
+    def __call__(self, seconds: float, /) -> Awaitable[None]:
+        """Return after `seconds` (or when the caller's scope is cancelled)."""
+        ...
+
+
+class RandomSource(Protocol):
+    """The part of `random.Random` jitter needs, so tests can pin it."""
+
+    def random(self) -> float:
+        """Uniform in [0, 1)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One reading of a render's progress (0-100) at a time; the first is the submit itself."""
+
+    at: float
+    progress: float
+
+
+def _clamp(value: float, floor_s: float, ceiling_s: float) -> float:
+    return max(floor_s, min(ceiling_s, value))
+
+
+def next_poll_delay(
+    observations: Sequence[Observation],
+    now: float,
+    *,
+    floor_s: float,
+    ceiling_s: float,
+    first_guess_s: float = FIRST_POLL_GUESS_S,
+) -> float:
+    """Seconds from `now` to the next progress poll of one render.
+
+    The render's finish is extrapolated from the latest progress rate and the poll lands just
+    after it; while nothing moves, the wait grows with the time already waited (geometric
+    back-off), so a queued or stuck render costs few polls too.
+    """
+    if not observations:
+        return _clamp(first_guess_s, floor_s, ceiling_s)
+    start, last = observations[0], observations[-1]
+    if last.progress <= start.progress:
+        if len(observations) == 1:
+            return _clamp(start.at + first_guess_s - now, floor_s, ceiling_s)
+        return _clamp(now - start.at, floor_s, ceiling_s)
+    changed_at = _last_change_at(observations)
+    previous = _last_lower(observations, last.progress)
+    rate = (last.progress - previous.progress) / max(changed_at - previous.at, 1e-9)
+    remaining_s = max(FULL_PROGRESS - last.progress, 0.0) / rate
+    finish_at = changed_at + remaining_s * (1 + FINISH_MARGIN) + floor_s / 2
+    delay = finish_at - now
+    if last.at > changed_at:
+        # Polled since the last change and saw none: the estimate was too early; back off.
+        delay = max(delay, now - changed_at)
+    return _clamp(delay, floor_s, ceiling_s)
+
+
+def _last_change_at(observations: Sequence[Observation]) -> float:
+    """When the latest progress value was first seen."""
+    latest = observations[-1].progress
+    first_seen = observations[-1].at
+    for observation in reversed(observations):
+        if observation.progress != latest:
+            break
+        first_seen = observation.at
+    return first_seen
+
+
+def _last_lower(observations: Sequence[Observation], progress: float) -> Observation:
+    """Find the latest observation below `progress` (the submit point at worst)."""
+    for observation in reversed(observations):
+        if observation.progress < progress:
+            return observation
+    return observations[0]
+
+
+def backoff_delay(attempt: int, *, base_s: float, cap_s: float, rng: RandomSource) -> float:
+    """Exponential back-off with FULL jitter, so many jobs failing together do not retry together.
+
+    `attempt` counts from 1; the result is uniform in [0, min(cap, base * 2**(attempt-1))).
+    """
+    exponent = min(max(attempt - 1, 0), _MAX_EXPONENT)
+    return rng.random() * min(cap_s, base_s * 2.0**exponent)
+
+
+def retry_delay(
+    error: BaseException, attempt: int, *, base_s: float, cap_s: float, rng: RandomSource
+) -> float:
+    """How long to wait before trying again: the server's Retry-After exactly, else back-off.
+
+    Retry-After is never shortened (a request inside the window is another 429) and never
+    jittered upward past it by this function; spacing after the window is the rate limiter's.
+    """
+    if isinstance(error, RetryableError) and error.retry_after_s is not None:
+        return max(error.retry_after_s, 0.0)
+    return backoff_delay(attempt, base_s=base_s, cap_s=cap_s, rng=rng)
+
+
+def render_verdict(job: Job, now: float, deadline_s: float, stall_s: float) -> Verdict | None:
+    """Whether a render should be given up: the API documents no failure state, so time decides.
+
+    `deadline`: longer than `deadline_s` since submit. `stalled`: no progress change for
+    `stall_s` (counted from submit while nothing moved yet).
+    """
+    if job.submitted_at is None:
+        return None
+    if now - job.submitted_at >= deadline_s:
+        return "deadline"
+    moved_at = job.last_progress_at if job.last_progress_at is not None else job.submitted_at
+    if now - moved_at >= stall_s:
+        return "stalled"
+    return None

@@ -1,0 +1,121 @@
+import anyio
+import pytest
+
+from service.jobs.ratelimit import RenderSlots, RequestGate, TokenBucket
+
+
+def test_bucket_spaces_requests_at_the_rate_after_the_burst():
+    bucket = TokenBucket(rate=4.0, burst=2)
+    waits = [bucket.reserve(10.0) for _ in range(5)]
+    assert waits == pytest.approx([0.0, 0.0, 0.25, 0.5, 0.75])
+
+
+def test_bucket_refills_while_idle_but_never_beyond_the_burst():
+    bucket = TokenBucket(rate=1.0, burst=3)
+    assert [bucket.reserve(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.reserve(100.0) == 0.0
+    assert [bucket.reserve(100.0) for _ in range(3)] == pytest.approx([0.0, 0.0, 1.0])
+
+
+def test_pause_holds_every_slot_and_ends_without_a_burst():
+    bucket = TokenBucket(rate=10.0, burst=5)
+    bucket.pause_until(20.0)
+    waits = [bucket.reserve(15.0) for _ in range(3)]
+    assert waits == pytest.approx([5.0, 5.1, 5.2])
+
+
+def test_an_earlier_pause_never_shortens_a_later_one():
+    bucket = TokenBucket(rate=10.0)
+    bucket.pause_until(30.0)
+    bucket.pause_until(12.0)
+    assert bucket.paused_until == 30.0
+    assert bucket.reserve(10.0) == pytest.approx(20.0)
+
+
+def test_bucket_rejects_nonsense():
+    with pytest.raises(ValueError):
+        TokenBucket(rate=0.0)
+    with pytest.raises(ValueError):
+        TokenBucket(rate=1.0, burst=0)
+
+
+class FakeTime:
+    def __init__(self):
+        self.now = 1000.0
+        self.sent = []
+
+    def __call__(self):
+        return self.now
+
+    async def sleep(self, seconds):
+        self.now += seconds
+        await anyio.lowlevel.checkpoint()
+
+
+@pytest.mark.anyio
+async def test_gate_never_releases_a_request_inside_a_pause():
+    time = FakeTime()
+    gate = RequestGate(rate=2.0, clock=time, burst=3, sleep=time.sleep)
+
+    async def request(name):
+        await gate(name)
+        time.sent.append((time.now, name))
+
+    await request("a")
+    # A 429 arrives: no request before now + 3 s, then spaced at the rate.
+    gate.pause_for(3.0)
+    for name in "bcd":
+        await request(name)
+    assert time.sent[0] == (1000.0, "a")
+    later = [at for at, _ in time.sent[1:]]
+    assert min(later) >= 1003.0
+    assert sorted(later) == pytest.approx([1003.0, 1003.5, 1004.0])
+
+
+@pytest.mark.anyio
+async def test_gate_rechecks_a_pause_that_began_while_waiting():
+    time = FakeTime()
+    gate = RequestGate(rate=1.0, clock=time, sleep=time.sleep)
+    await gate("first")
+    reserved_before_pause = gate("second")  # would be sent at +1 s ...
+
+    async def pause_meanwhile():
+        gate.pause_until(1010.0)  # ... but a 429 pauses everything until +10 s
+        await anyio.lowlevel.checkpoint()
+
+    await pause_meanwhile()
+    await reserved_before_pause
+    assert time.now >= 1010.0
+
+
+@pytest.mark.anyio
+async def test_render_slots_block_at_capacity_and_hand_over_on_release():
+    slots = RenderSlots(2)
+    await slots.acquire("a")
+    await slots.acquire("b")
+    await slots.acquire("a")  # already held: no second slot
+    assert slots.in_flight == 2
+    got = anyio.Event()
+
+    async def third():
+        await slots.acquire("c")
+        got.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(third)
+        await anyio.wait_all_tasks_blocked()
+        assert not got.is_set()
+        slots.release("b")
+        slots.release("b")  # idempotent
+        await got.wait()
+    assert slots.holds("c")
+    assert slots.in_flight == 2
+
+
+def test_adopted_renders_count_even_beyond_capacity():
+    slots = RenderSlots(1)
+    slots.adopt("x")
+    slots.adopt("y")
+    assert slots.in_flight == 2
+    slots.release("x")
+    assert slots.in_flight == 1

@@ -1,0 +1,56 @@
+import itertools
+
+from service.jobs.states import (
+    ALLOWED,
+    IN_FLIGHT,
+    RECOVERY,
+    Recovery,
+    can_transition,
+    sources_of,
+)
+from service.model import TERMINAL_STATES, JobState
+
+S = JobState
+
+
+def test_happy_path_is_allowed_step_by_step():
+    path = [S.RECEIVED, S.MAPPED, S.SUBMITTING, S.SUBMITTED, S.READY, S.NOTIFIED]
+    for current, following in itertools.pairwise(path):
+        assert can_transition(current, following), (current, following)
+
+
+def test_no_state_skips_the_submitting_commit():
+    # The money rule: nothing reaches `submitted` without passing through `submitting` or
+    # `reconcile` (where the export was confirmed to exist).
+    assert sources_of(S.SUBMITTED) == {S.SUBMITTING, S.RECONCILE}
+    assert not can_transition(S.MAPPED, S.SUBMITTED)
+
+
+def test_reconcile_resolves_three_ways_and_never_posts_directly():
+    assert ALLOWED[S.RECONCILE] == {S.SUBMITTED, S.MAPPED, S.FAILED}
+    assert not can_transition(S.RECONCILE, S.SUBMITTING)
+
+
+def test_terminal_states_only_leave_through_admin_retry():
+    assert ALLOWED[S.NOTIFIED] == frozenset()
+    assert ALLOWED[S.IGNORED] == frozenset()
+    assert can_transition(S.FAILED, S.MAPPED)
+    assert can_transition(S.REJECTED, S.MAPPED)
+    assert not can_transition(S.FAILED, S.SUBMITTING)
+
+
+def test_rendering_jobs_cannot_be_sent_back_to_mapped():
+    assert not can_transition(S.SUBMITTED, S.MAPPED)
+    assert not can_transition(S.READY, S.FAILED)
+
+
+def test_every_state_has_a_row_and_every_live_state_a_recovery():
+    assert set(ALLOWED) == set(JobState)
+    assert set(RECOVERY) == set(JobState) - TERMINAL_STATES
+    assert RECOVERY[S.SUBMITTING] is Recovery.RECONCILE
+    assert RECOVERY[S.SUBMITTED] is Recovery.TRACK
+    assert RECOVERY[S.READY] is Recovery.OUTBOX
+
+
+def test_in_flight_states_are_the_ones_holding_a_render():
+    assert {S.SUBMITTING, S.SUBMITTED, S.RECONCILE} == IN_FLIGHT
