@@ -149,6 +149,8 @@ class Job:
     video_path: str | None = None
     video_sha256: str | None = None
     polls: int = 0
+    event_id: str = ""
+    """The originating event's id, carried so announcements never need a second read."""
 
 
 @dataclass(frozen=True, slots=True)
