@@ -1,0 +1,104 @@
+"""The "Events out" contract: what a consumer receives when a video is ready or has failed.
+
+Pure and deterministic, so the bytes written to the outbox are the bytes every retry sends
+(a webhook signature and a consumer's dedupe both depend on that). The field set is a public
+contract: add fields, never rename or drop them.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from service.model import Job, NewOutboxMessage
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from service.config import NotifyConfig
+
+VIDEO_READY = "video.ready"
+VIDEO_FAILED = "video.failed"
+EVENT_TYPES = frozenset({VIDEO_READY, VIDEO_FAILED})
+
+_NO_EXTRA: Mapping[str, Any] = MappingProxyType({})
+
+
+def iso_utc(timestamp: float | None) -> str | None:
+    """Epoch seconds -> `2024-05-01T12:00:00.000Z`, the one time format consumers parse."""
+    if timestamp is None:
+        return None
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _common(job: Job, event_type: str, event_id: str) -> dict[str, Any]:
+    return {
+        "type": event_type,
+        "job_id": job.job_id,
+        "event_id": event_id,
+        "source": job.source,
+        "route": job.route,
+        "project_id": job.project_id,
+    }
+
+
+def _local_video(job: Job) -> dict[str, Any]:
+    """Announce a downloaded copy with the event, so consumers need not fetch it again."""
+    if job.video_path is None:
+        return {}
+    return {"video_path": job.video_path, "video_sha256": job.video_sha256}
+
+
+def ready_payload(job: Job, *, event_id: str, extra: Mapping[str, Any] = _NO_EXTRA) -> bytes:
+    """Build the `video.ready` message; `extra` adds fields, never replaces contract ones."""
+    body = _common(job, VIDEO_READY, event_id)
+    body |= {
+        "download_url": job.download_url,
+        "progress": 100,
+        "submitted_at": iso_utc(job.submitted_at),
+        "ready_at": iso_utc(job.ready_at),
+        "attempts": job.attempts,
+    }
+    body |= _local_video(job)
+    body |= {k: v for k, v in extra.items() if k not in body}
+    return orjson.dumps(body)
+
+
+def failed_payload(job: Job, *, event_id: str) -> bytes:
+    """Build `video.failed`: the same fields, with `error` in place of `download_url`."""
+    body = _common(job, VIDEO_FAILED, event_id)
+    body |= {
+        "progress": round(job.progress),
+        "submitted_at": iso_utc(job.submitted_at),
+        "ready_at": iso_utc(job.ready_at),
+        "attempts": job.attempts,
+        "error": {
+            "code": job.error_code or "failed",
+            "message": job.error_message or "",
+        },
+    }
+    return orjson.dumps(body)
+
+
+def outbox_rows(
+    job: Job, event_type: str, targets: Sequence[NotifyConfig], *, event_id: str
+) -> list[NewOutboxMessage]:
+    """One row per target subscribed to `event_type`, for the terminal transition to insert.
+
+    The payload is built once, so every target announces exactly the same bytes.
+    """
+    if event_type == VIDEO_READY:
+        payload = ready_payload(job, event_id=event_id)
+    elif event_type == VIDEO_FAILED:
+        payload = failed_payload(job, event_id=event_id)
+    else:
+        raise ValueError(f"unknown event type {event_type!r}")
+    return [
+        NewOutboxMessage(target=target.name, event_type=event_type, payload=payload)
+        for target in targets
+        if event_type in target.events
+    ]
