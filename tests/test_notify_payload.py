@@ -109,6 +109,14 @@ def test_outbox_rows_only_for_targets_subscribed_to_the_event_type():
     assert orjson.loads(failed[0].payload)["type"] == "video.failed"
 
 
+def test_event_id_defaults_to_the_one_the_job_carries():
+    job = ready_job(event_id="evt_from_job")
+    assert orjson.loads(ready_payload(job))["event_id"] == "evt_from_job"
+    assert orjson.loads(failed_payload(job))["event_id"] == "evt_from_job"
+    [row] = outbox_rows(job, "video.ready", [NotifyConfig(name="a", kind="mqtt")])
+    assert orjson.loads(row.payload)["event_id"] == "evt_from_job"
+
+
 def test_outbox_rows_reject_an_unknown_event_type():
     with pytest.raises(ValueError, match="unknown event type"):
         outbox_rows(ready_job(), "video.done", [NotifyConfig(name="a", kind="mqtt")], event_id="e")

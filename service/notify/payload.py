@@ -35,11 +35,11 @@ def iso_utc(timestamp: float | None) -> str | None:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _common(job: Job, event_type: str, event_id: str) -> dict[str, Any]:
+def _common(job: Job, event_type: str, event_id: str | None) -> dict[str, Any]:
     return {
         "type": event_type,
         "job_id": job.job_id,
-        "event_id": event_id,
+        "event_id": job.event_id if event_id is None else event_id,
         "source": job.source,
         "route": job.route,
         "project_id": job.project_id,
@@ -53,7 +53,9 @@ def _local_video(job: Job) -> dict[str, Any]:
     return {"video_path": job.video_path, "video_sha256": job.video_sha256}
 
 
-def ready_payload(job: Job, *, event_id: str, extra: Mapping[str, Any] = _NO_EXTRA) -> bytes:
+def ready_payload(
+    job: Job, *, event_id: str | None = None, extra: Mapping[str, Any] = _NO_EXTRA
+) -> bytes:
     """Build the `video.ready` message; `extra` adds fields, never replaces contract ones."""
     body = _common(job, VIDEO_READY, event_id)
     body |= {
@@ -68,7 +70,7 @@ def ready_payload(job: Job, *, event_id: str, extra: Mapping[str, Any] = _NO_EXT
     return orjson.dumps(body)
 
 
-def failed_payload(job: Job, *, event_id: str) -> bytes:
+def failed_payload(job: Job, *, event_id: str | None = None) -> bytes:
     """Build `video.failed`: the same fields, with `error` in place of `download_url`."""
     body = _common(job, VIDEO_FAILED, event_id)
     body |= {
@@ -85,11 +87,12 @@ def failed_payload(job: Job, *, event_id: str) -> bytes:
 
 
 def outbox_rows(
-    job: Job, event_type: str, targets: Sequence[NotifyConfig], *, event_id: str
+    job: Job, event_type: str, targets: Sequence[NotifyConfig], *, event_id: str | None = None
 ) -> list[NewOutboxMessage]:
     """One row per target subscribed to `event_type`, for the terminal transition to insert.
 
-    The payload is built once, so every target announces exactly the same bytes.
+    The payload is built once, so every target announces exactly the same bytes. `event_id`
+    defaults to the one the job carries.
     """
     if event_type == VIDEO_READY:
         payload = ready_payload(job, event_id=event_id)
