@@ -1,0 +1,1 @@
+"""Durable state behind the Store protocol: `base` is the port, `factory` picks the engine."""

@@ -32,6 +32,10 @@ class StaleTransitionError(Exception):
     """The job was not in any of the expected states: another path moved it first."""
 
 
+class UnknownJobError(StaleTransitionError, LookupError):
+    """The job does not exist (never did, or was purged): as stale as a moved job."""
+
+
 class Store(Protocol):
     """Durable state: the inbox, the jobs with their history, and the outbox."""
 

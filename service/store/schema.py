@@ -1,0 +1,100 @@
+"""The SQLite schema, as an ordered list of migrations keyed by PRAGMA user_version.
+
+Kept in Python rather than a .sql file so it ships inside the package without package-data
+configuration. Migration `n` takes a database from user_version `n` to `n + 1`; a released
+migration is never edited, only followed by a new one.
+"""
+
+from __future__ import annotations
+
+_V1 = (
+    """
+    CREATE TABLE events (
+        id          INTEGER PRIMARY KEY,
+        source      TEXT NOT NULL,
+        dedupe_key  TEXT NOT NULL,
+        event_id    TEXT NOT NULL,
+        event_type  TEXT NOT NULL,
+        body        BLOB NOT NULL,
+        headers     BLOB NOT NULL,
+        received_at REAL NOT NULL,
+        status      TEXT NOT NULL,
+        reason      TEXT,
+        UNIQUE (source, dedupe_key)
+    )
+    """,
+    "CREATE INDEX events_received_at ON events (received_at)",
+    """
+    CREATE TABLE jobs (
+        seq              INTEGER PRIMARY KEY,
+        job_id           TEXT NOT NULL UNIQUE,
+        event_row        INTEGER NOT NULL REFERENCES events (id),
+        event_id         TEXT NOT NULL DEFAULT '',
+        source           TEXT NOT NULL,
+        route            TEXT NOT NULL,
+        state            TEXT NOT NULL,
+        export_name      TEXT NOT NULL,
+        created_at       REAL NOT NULL,
+        updated_at       REAL NOT NULL,
+        export_body      BLOB,
+        project_id       TEXT,
+        api              TEXT NOT NULL DEFAULT 'v3',
+        callback_token   TEXT,
+        progress         REAL NOT NULL DEFAULT 0,
+        download_url     TEXT,
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        submitted_at     REAL,
+        ready_at         REAL,
+        last_progress_at REAL,
+        next_attempt_at  REAL,
+        error_code       TEXT,
+        error_message    TEXT,
+        video_path       TEXT,
+        video_sha256     TEXT,
+        polls            INTEGER NOT NULL DEFAULT 0
+    )
+    """,
+    "CREATE INDEX jobs_state ON jobs (state, created_at, seq)",
+    "CREATE INDEX jobs_created ON jobs (created_at, seq)",
+    "CREATE INDEX jobs_event_row ON jobs (event_row)",
+    """
+    CREATE TABLE transitions (
+        id         INTEGER PRIMARY KEY,
+        job_id     TEXT NOT NULL REFERENCES jobs (job_id),
+        from_state TEXT,
+        to_state   TEXT NOT NULL,
+        at         REAL NOT NULL,
+        note       TEXT
+    )
+    """,
+    "CREATE INDEX transitions_job ON transitions (job_id, id)",
+    """
+    CREATE TABLE outbox (
+        id              INTEGER PRIMARY KEY,
+        job_id          TEXT NOT NULL REFERENCES jobs (job_id),
+        target          TEXT NOT NULL,
+        event_type      TEXT NOT NULL,
+        payload         BLOB NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        status          TEXT NOT NULL DEFAULT 'pending'
+                        CHECK (status IN ('pending', 'delivered', 'dead')),
+        last_error      TEXT,
+        created_at      REAL NOT NULL,
+        delivered_at    REAL,
+        UNIQUE (job_id, target, event_type)
+    )
+    """,
+    "CREATE INDEX outbox_due ON outbox (status, next_attempt_at)",
+    """
+    CREATE TABLE heartbeat (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        at REAL NOT NULL
+    )
+    """,
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+"""Statements of each migration; `MIGRATIONS[n]` moves user_version from n to n + 1."""
+
+SCHEMA_VERSION = len(MIGRATIONS)

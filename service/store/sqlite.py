@@ -1,0 +1,350 @@
+"""The embedded store: one SQLite file in WAL mode, durable on every acknowledged commit.
+
+Writes go through one writer thread with group commit (see `writer.py`): `synchronous=FULL`
+costs an fsync per commit, and batching is what lets a burst of webhooks share it. Reads use a
+small pool of read-only connections on worker threads; WAL lets them run while the writer
+commits, so the admin API and the work queues never wait behind an fsync.
+"""
+
+from __future__ import annotations
+
+import functools
+import queue
+import sqlite3
+import time
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import anyio
+
+from service.log import get_logger
+from service.model import (
+    Acceptance,
+    EventStatus,
+    InboundEvent,
+    Job,
+    JobState,
+    JobUpdate,
+    NewJob,
+    NewOutboxMessage,
+    OutboxMessage,
+    StoredEvent,
+    Transition,
+)
+from service.store import sqlite_sql as sql
+from service.store.base import StoreUnavailableError
+from service.store.schema import MIGRATIONS, SCHEMA_VERSION
+from service.store.writer import GroupCommitWriter, is_database_failure
+
+T = TypeVar("T")
+
+_log = get_logger("store.sqlite")
+_PURGE_CHUNK = 500
+
+
+class SQLiteStore:
+    """The Store protocol on one SQLite file; see the module docstring for the threading."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        max_batch: int = 256,
+        readers: int = 2,
+        busy_timeout_s: float = 5.0,
+    ) -> None:
+        self._path = Path(path)
+        self._clock = clock
+        self._max_batch = max_batch
+        self._reader_count = readers
+        self._busy_timeout_s = busy_timeout_s
+        self._writer: GroupCommitWriter | None = None
+        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._read_limiter = anyio.CapacityLimiter(readers)
+        self._closed = False
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    @property
+    def commit_count(self) -> int:
+        """Transactions committed since open: shows group commit at work."""
+        return self._writer.commit_count if self._writer else 0
+
+    @property
+    def write_count(self) -> int:
+        """Write requests committed since open."""
+        return self._writer.write_count if self._writer else 0
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the file and schema (or migrate it) and start the writer thread."""
+        if self._writer is not None or self._closed:
+            raise RuntimeError("a SQLiteStore is opened once")
+        try:
+            connection = await anyio.to_thread.run_sync(self._open_writer_connection)
+            for _ in range(self._reader_count):
+                self._readers.put(await anyio.to_thread.run_sync(self._open_reader_connection))
+        except (sqlite3.Error, OSError) as exc:
+            self._close_readers()
+            raise StoreUnavailableError(f"cannot open {self._path}: {exc}") from exc
+        self._writer = GroupCommitWriter(connection, max_batch=self._max_batch)
+        self._writer.start()
+        _log.info("store_opened", path=str(self._path), schema_version=SCHEMA_VERSION)
+
+    async def close(self) -> None:
+        """Commit what is queued, stop the writer and close every connection."""
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            if self._writer is not None:
+                await self._writer.stop()
+            await anyio.to_thread.run_sync(
+                functools.partial(self._close_readers, wait=self._writer is not None)
+            )
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(
+            self._path,
+            timeout=self._busy_timeout_s,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        connection.row_factory = sqlite3.Row
+        return connection
+
+    def _open_writer_connection(self) -> sqlite3.Connection:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        connection = self._connect()
+        try:
+            _require_wal(connection)
+            connection.execute("PRAGMA synchronous=FULL")
+            connection.execute("PRAGMA foreign_keys=ON")
+            _migrate(connection)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _open_reader_connection(self) -> sqlite3.Connection:
+        connection = self._connect()
+        connection.execute("PRAGMA query_only=ON")
+        return connection
+
+    def _close_readers(self, *, wait: bool = False) -> None:
+        """Take every reader back (waiting for reads in flight if asked) and close it."""
+        for _ in range(self._reader_count):
+            try:
+                if wait:
+                    connection = self._readers.get(timeout=self._busy_timeout_s + 1.0)
+                else:
+                    connection = self._readers.get_nowait()
+            except queue.Empty:
+                return
+            connection.close()
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        if self._writer is None:
+            raise StoreUnavailableError("store is not open")
+        return await self._writer.submit(work)
+
+    async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        async with self._read_limiter:
+            if self._closed or self._writer is None:
+                raise StoreUnavailableError("store is closed")
+            connection = self._readers.get_nowait()
+            try:
+                return await anyio.to_thread.run_sync(_run_read, work, connection)
+            finally:
+                self._readers.put(connection)
+
+    # --- intake ---------------------------------------------------------------------------
+
+    async def accept_event(self, event: InboundEvent, jobs: Sequence[NewJob]) -> Acceptance:
+        """Commit an event and its jobs, or return the original ids of a duplicate."""
+        return await self._write(
+            functools.partial(sql.accept_event, event=event, jobs=jobs, now=self._clock())
+        )
+
+    async def reject_event(self, event: InboundEvent, reason: str) -> Acceptance:
+        """Commit an unusable event as a dead letter; dedupe applies as for accepted ones."""
+        return await self._write(functools.partial(sql.reject_event, event=event, reason=reason))
+
+    async def set_event_status(self, row: int, status: EventStatus, reason: str | None) -> None:
+        """Record what became of an inbox event; LookupError for an unknown row."""
+        await self._write(
+            functools.partial(sql.set_event_status, row=row, status=status, reason=reason)
+        )
+
+    async def get_event(self, row: int) -> StoredEvent | None:
+        """Read one inbox row."""
+        return await self._read(functools.partial(sql.get_event, row=row))
+
+    # --- jobs -----------------------------------------------------------------------------
+
+    async def transition(
+        self,
+        job_id: str,
+        from_states: Collection[JobState],
+        to_state: JobState,
+        update: JobUpdate | None = None,
+        outbox: Sequence[NewOutboxMessage] = (),
+    ) -> Job:
+        """Compare-and-set the state with its history row and outbox rows, atomically.
+
+        Raises StaleTransitionError (UnknownJobError for a missing job); an outbox row that
+        already exists for (job, target, event type) is not inserted again.
+        """
+        work = functools.partial(
+            sql.transition,
+            job_id=job_id,
+            from_states=frozenset(from_states),
+            to_state=to_state,
+            update=update,
+            outbox=tuple(outbox),
+            now=self._clock(),
+        )
+        return await self._write(work)
+
+    async def update_job(self, job_id: str, update: JobUpdate) -> Job:
+        """Change fields without a state change; UnknownJobError for a missing job."""
+        return await self._write(
+            functools.partial(sql.update_job, job_id=job_id, update=update, now=self._clock())
+        )
+
+    async def get_job(self, job_id: str) -> Job | None:
+        """Read one job."""
+        return await self._read(functools.partial(sql.get_job, job_id=job_id))
+
+    async def jobs_in_states(self, states: Collection[JobState], limit: int = 1000) -> list[Job]:
+        """Jobs in any of these states, oldest first."""
+        return await self._read(
+            functools.partial(sql.jobs_in_states, states=frozenset(states), limit=limit)
+        )
+
+    async def list_jobs(
+        self,
+        *,
+        state: JobState | None = None,
+        route: str | None = None,
+        limit: int = 50,
+        after: str | None = None,
+    ) -> list[Job]:
+        """A page of jobs, newest first, continuing after job id `after`."""
+        return await self._read(
+            functools.partial(sql.list_jobs, state=state, route=route, limit=limit, after=after)
+        )
+
+    async def job_history(self, job_id: str) -> list[Transition]:
+        """Every transition of one job, in order."""
+        return await self._read(functools.partial(sql.job_history, job_id=job_id))
+
+    async def count_jobs_by_state(self) -> dict[JobState, int]:
+        """Every state with its job count, zeros included."""
+        return await self._read(sql.count_jobs_by_state)
+
+    # --- outbox ---------------------------------------------------------------------------
+
+    async def due_outbox(self, now: float, limit: int = 100) -> list[OutboxMessage]:
+        """Pending outbox rows due at `now`, oldest first."""
+        return await self._read(functools.partial(sql.due_outbox, now=now, limit=limit))
+
+    async def outbox_delivered(self, message_id: int) -> None:
+        """Mark one outbox row delivered."""
+        await self._write(
+            functools.partial(sql.outbox_delivered, message_id=message_id, now=self._clock())
+        )
+
+    async def outbox_retry(self, message_id: int, next_attempt_at: float, error: str) -> None:
+        """Count a failed attempt and schedule the next one."""
+        await self._write(
+            functools.partial(
+                sql.outbox_retry,
+                message_id=message_id,
+                next_attempt_at=next_attempt_at,
+                error=error,
+            )
+        )
+
+    async def outbox_dead(self, message_id: int, error: str) -> None:
+        """Count the final failed attempt and give up; the row is kept for inspection."""
+        await self._write(functools.partial(sql.outbox_dead, message_id=message_id, error=error))
+
+    async def outbox_pending_for_job(self, job_id: str) -> int:
+        """How many outbox rows of this job are still pending."""
+        return await self._read(functools.partial(sql.count_pending_outbox, job_id=job_id))
+
+    async def outbox_backlog(self) -> int:
+        """How many outbox rows are pending."""
+        return await self._read(functools.partial(sql.count_pending_outbox, job_id=None))
+
+    # --- housekeeping ---------------------------------------------------------------------
+
+    async def purge_dedupe(self, older_than: float) -> int:
+        """Forget events received before `older_than` whose jobs are all finished.
+
+        The caller guarantees `older_than` is at least 7 days ago, longer than any sender
+        retries a delivery. Finished means terminal with every outbox row delivered (a dead
+        row keeps its job and event for inspection). Events without jobs (ignored, rejected)
+        go too. Works in chunks, one commit each, so intake is never stalled behind it.
+        """
+        purged = 0
+        while True:
+            chunk = await self._write(
+                functools.partial(sql.purge_events, older_than=older_than, limit=_PURGE_CHUNK)
+            )
+            purged += chunk
+            if chunk < _PURGE_CHUNK:
+                return purged
+
+    async def ping(self) -> None:
+        """Commit a heartbeat row: proves the database takes durable writes right now."""
+        await self._write(functools.partial(sql.heartbeat, now=self._clock()))
+
+
+def _run_read(work: Callable[[sqlite3.Connection], T], connection: sqlite3.Connection) -> T:
+    try:
+        return work(connection)
+    except sqlite3.Error as exc:
+        if is_database_failure(exc):
+            raise StoreUnavailableError(f"cannot read: {exc}") from exc
+        raise
+
+
+def _migrate(connection: sqlite3.Connection) -> None:
+    """Bring the schema to SCHEMA_VERSION; the version check runs inside the write lock."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        version = _schema_version(connection)
+        for statements in MIGRATIONS[version:]:
+            for statement in statements:
+                connection.execute(statement)
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+
+
+def _require_wal(connection: sqlite3.Connection) -> None:
+    mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if mode != "wal":
+        raise sqlite3.OperationalError(f"journal_mode is {mode}, WAL is required")
+
+
+def _schema_version(connection: sqlite3.Connection) -> int:
+    version = int(connection.execute("PRAGMA user_version").fetchone()[0])
+    if version > SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(
+            f"schema version {version} is newer than this studiohook knows ({SCHEMA_VERSION})"
+        )
+    return version

@@ -1,0 +1,463 @@
+"""The SQL of the SQLite engine: plain functions of a connection, one per store operation.
+
+Write functions run inside the group-commit writer's transaction (and their own SAVEPOINT);
+read functions run on a read-only connection. Timestamps are passed in, taken from the
+store's clock on the caller's side, so tests that move a fake clock see exactly that time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+from collections.abc import Collection, Sequence
+
+import orjson
+
+from service.model import (
+    TERMINAL_STATES,
+    Acceptance,
+    EventStatus,
+    InboundEvent,
+    Job,
+    JobState,
+    JobUpdate,
+    NewJob,
+    NewOutboxMessage,
+    OutboxMessage,
+    StoredEvent,
+    Transition,
+)
+from service.store.base import StaleTransitionError, UnknownJobError
+
+JOB_COLUMNS = tuple(f.name for f in dataclasses.fields(Job))
+UPDATE_COLUMNS = tuple(
+    f.name for f in dataclasses.fields(JobUpdate) if f.name not in {"note", "clear"}
+)
+CLEARABLE_COLUMNS = frozenset(f.name for f in dataclasses.fields(Job) if f.default is None)
+_JOB_SELECT = f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs"  # noqa: S608 - names come from the Job dataclass
+_OUTBOX_SELECT = (
+    "SELECT id, job_id, target, event_type, payload, attempts, next_attempt_at, status, "
+    "last_error FROM outbox"
+)
+_TERMINAL = tuple(sorted(TERMINAL_STATES))
+_TERMINAL_IN = f"({', '.join('?' * len(_TERMINAL))})"
+_PURGE_SELECT = (
+    "SELECT e.id FROM events e WHERE e.received_at < ? AND NOT EXISTS ("  # noqa: S608 - only placeholders are interpolated
+    "  SELECT 1 FROM jobs j WHERE j.event_row = e.id AND ("
+    "   j.state NOT IN " + _TERMINAL_IN + " OR EXISTS ("
+    "     SELECT 1 FROM outbox o WHERE o.job_id = j.job_id AND o.status <> 'delivered')))"
+    " ORDER BY e.id LIMIT ?"
+)
+
+
+def _placeholders(count: int) -> str:
+    return ", ".join("?" * count)
+
+
+# --- rows -> value objects --------------------------------------------------------------
+
+
+def job_from_row(row: sqlite3.Row) -> Job:
+    """Rebuild a Job from a row selected with `_JOB_SELECT`."""
+    values = {name: row[name] for name in JOB_COLUMNS}
+    values["state"] = JobState(values["state"])
+    return Job(**values)
+
+
+def _outbox_from_row(row: sqlite3.Row) -> OutboxMessage:
+    return OutboxMessage(
+        id=row["id"],
+        job_id=row["job_id"],
+        target=row["target"],
+        event_type=row["event_type"],
+        payload=row["payload"],
+        attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"],
+        status=row["status"],
+        last_error=row["last_error"],
+    )
+
+
+# --- intake -----------------------------------------------------------------------------
+
+
+def _existing_acceptance(conn: sqlite3.Connection, event: InboundEvent) -> Acceptance | None:
+    row = conn.execute(
+        "SELECT id, event_id, status FROM events WHERE source = ? AND dedupe_key = ?",
+        (event.source, event.dedupe_key),
+    ).fetchone()
+    if row is None:
+        return None
+    job_ids = conn.execute(
+        "SELECT job_id FROM jobs WHERE event_row = ? ORDER BY seq", (row["id"],)
+    ).fetchall()
+    return Acceptance(
+        event_id=row["event_id"],
+        job_ids=tuple(j["job_id"] for j in job_ids),
+        duplicate=True,
+        status=EventStatus(row["status"]),
+    )
+
+
+def _insert_event(
+    conn: sqlite3.Connection, event: InboundEvent, status: EventStatus, reason: str | None
+) -> int:
+    cursor = conn.execute(
+        "INSERT INTO events (source, dedupe_key, event_id, event_type, body, headers,"
+        " received_at, status, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            event.source,
+            event.dedupe_key,
+            event.event_id,
+            event.event_type,
+            event.body,
+            orjson.dumps(dict(event.headers)),
+            event.received_at,
+            status.value,
+            reason,
+        ),
+    )
+    row = cursor.lastrowid
+    if row is None:
+        raise sqlite3.InternalError("INSERT returned no row id")
+    return row
+
+
+def accept_event(
+    conn: sqlite3.Connection, event: InboundEvent, jobs: Sequence[NewJob], now: float
+) -> Acceptance:
+    """Insert the event and its jobs, or return the original acceptance of a duplicate."""
+    existing = _existing_acceptance(conn, event)
+    if existing is not None:
+        return existing
+    status = EventStatus.ROUTED if jobs else EventStatus.IGNORED
+    event_row = _insert_event(conn, event, status, None)
+    for job in jobs:
+        conn.execute(
+            "INSERT INTO jobs (job_id, event_row, event_id, source, route, state, export_name,"
+            " created_at, updated_at, error_code, error_message)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                job.job_id,
+                event_row,
+                event.event_id,
+                event.source,
+                job.route,
+                job.state.value,
+                job.export_name,
+                now,
+                now,
+                job.error_code,
+                job.error_message,
+            ),
+        )
+        _record_transition(
+            conn, job_id=job.job_id, from_state=None, to_state=job.state, at=now, note=None
+        )
+    return Acceptance(
+        event_id=event.event_id,
+        job_ids=tuple(job.job_id for job in jobs),
+        duplicate=False,
+        status=status,
+    )
+
+
+def reject_event(conn: sqlite3.Connection, event: InboundEvent, reason: str) -> Acceptance:
+    """Insert a dead-lettered event, or return the original acceptance of a duplicate."""
+    existing = _existing_acceptance(conn, event)
+    if existing is not None:
+        return existing
+    _insert_event(conn, event, EventStatus.REJECTED, reason)
+    return Acceptance(
+        event_id=event.event_id, job_ids=(), duplicate=False, status=EventStatus.REJECTED
+    )
+
+
+def set_event_status(
+    conn: sqlite3.Connection, row: int, status: EventStatus, reason: str | None
+) -> None:
+    """Record what became of an inbox event."""
+    cursor = conn.execute(
+        "UPDATE events SET status = ?, reason = ? WHERE id = ?", (status.value, reason, row)
+    )
+    if cursor.rowcount == 0:
+        raise LookupError(f"no inbox event {row}")
+
+
+# --- jobs -------------------------------------------------------------------------------
+
+
+def _record_transition(
+    conn: sqlite3.Connection,
+    *,
+    job_id: str,
+    from_state: JobState | None,
+    to_state: JobState,
+    at: float,
+    note: str | None,
+) -> None:
+    conn.execute(
+        "INSERT INTO transitions (job_id, from_state, to_state, at, note) VALUES (?, ?, ?, ?, ?)",
+        (job_id, from_state.value if from_state else None, to_state.value, at, note),
+    )
+
+
+def _current_state(conn: sqlite3.Connection, job_id: str) -> JobState:
+    row = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise UnknownJobError(f"job {job_id} does not exist")
+    return JobState(row["state"])
+
+
+def _changes(update: JobUpdate) -> list[tuple[str, object]]:
+    """Column assignments of an update: given values, then `clear`ed fields set to NULL."""
+    given = [
+        (name, value) for name in UPDATE_COLUMNS if (value := getattr(update, name)) is not None
+    ]
+    unknown = update.clear - CLEARABLE_COLUMNS
+    if unknown:
+        raise ValueError(f"cannot clear {', '.join(sorted(unknown))}: not a nullable job field")
+    both = update.clear & {name for name, _ in given}
+    if both:
+        raise ValueError(f"{', '.join(sorted(both))} both set and cleared in one update")
+    return given + [(name, None) for name in sorted(update.clear)]
+
+
+def _apply_update(
+    conn: sqlite3.Connection,
+    job_id: str,
+    update: JobUpdate | None,
+    now: float,
+    state: JobState | None,
+) -> Job:
+    changes: list[tuple[str, object]] = [("updated_at", now)]
+    if state is not None:
+        changes.append(("state", state.value))
+    if update is not None:
+        changes += _changes(update)
+    assignments = ", ".join(f"{name} = ?" for name, _ in changes)
+    conn.execute(
+        f"UPDATE jobs SET {assignments} WHERE job_id = ?",  # noqa: S608 - names come from the JobUpdate dataclass
+        (*(value for _, value in changes), job_id),
+    )
+    row = conn.execute(f"{_JOB_SELECT} WHERE job_id = ?", (job_id,)).fetchone()
+    return job_from_row(row)
+
+
+def transition(
+    conn: sqlite3.Connection,
+    *,
+    job_id: str,
+    from_states: Collection[JobState],
+    to_state: JobState,
+    update: JobUpdate | None,
+    outbox: Sequence[NewOutboxMessage],
+    now: float,
+) -> Job:
+    """Compare-and-set the state, record history and enqueue outbox rows together."""
+    current = _current_state(conn, job_id)
+    if current not in from_states:
+        expected = ", ".join(sorted(str(s) for s in from_states)) or "nothing"
+        raise StaleTransitionError(f"job {job_id} is {current}, expected one of: {expected}")
+    job = _apply_update(conn, job_id, update, now, to_state)
+    _record_transition(
+        conn,
+        job_id=job_id,
+        from_state=current,
+        to_state=to_state,
+        at=now,
+        note=update.note if update else None,
+    )
+    for message in outbox:
+        conn.execute(
+            "INSERT INTO outbox (job_id, target, event_type, payload, next_attempt_at, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (job_id, target, event_type) DO NOTHING",
+            (job_id, message.target, message.event_type, message.payload, now, now),
+        )
+    return job
+
+
+def update_job(conn: sqlite3.Connection, job_id: str, update: JobUpdate, now: float) -> Job:
+    """Change fields in place; no state change, so no history row (the note is unused)."""
+    _current_state(conn, job_id)
+    return _apply_update(conn, job_id, update, now, None)
+
+
+def get_job(conn: sqlite3.Connection, job_id: str) -> Job | None:
+    """One job, or None."""
+    row = conn.execute(f"{_JOB_SELECT} WHERE job_id = ?", (job_id,)).fetchone()
+    return job_from_row(row) if row is not None else None
+
+
+def jobs_in_states(conn: sqlite3.Connection, states: Collection[JobState], limit: int) -> list[Job]:
+    """Jobs in any of the states, oldest first."""
+    if not states:
+        return []
+    values = [JobState(s).value for s in states]
+    rows = conn.execute(
+        f"{_JOB_SELECT} WHERE state IN ({_placeholders(len(values))})"
+        " ORDER BY created_at, seq LIMIT ?",
+        (*values, limit),
+    ).fetchall()
+    return [job_from_row(r) for r in rows]
+
+
+def list_jobs(
+    conn: sqlite3.Connection,
+    state: JobState | None,
+    route: str | None,
+    limit: int,
+    after: str | None,
+) -> list[Job]:
+    """A page of jobs, newest first; an unknown `after` id yields an empty page."""
+    clauses: list[str] = []
+    params: list[object] = []
+    if state is not None:
+        clauses.append("state = ?")
+        params.append(JobState(state).value)
+    if route is not None:
+        clauses.append("route = ?")
+        params.append(route)
+    if after is not None:
+        clauses.append("(created_at, seq) < (SELECT created_at, seq FROM jobs WHERE job_id = ?)")
+        params.append(after)
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    rows = conn.execute(
+        f"{_JOB_SELECT}{where} ORDER BY created_at DESC, seq DESC LIMIT ?",
+        (*params, limit),
+    ).fetchall()
+    return [job_from_row(r) for r in rows]
+
+
+def job_history(conn: sqlite3.Connection, job_id: str) -> list[Transition]:
+    """Every transition of a job, in the order they were committed."""
+    rows = conn.execute(
+        "SELECT from_state, to_state, at, note FROM transitions WHERE job_id = ? ORDER BY id",
+        (job_id,),
+    ).fetchall()
+    return [
+        Transition(
+            job_id=job_id,
+            from_state=JobState(r["from_state"]) if r["from_state"] is not None else None,
+            to_state=JobState(r["to_state"]),
+            at=r["at"],
+            note=r["note"],
+        )
+        for r in rows
+    ]
+
+
+def count_jobs_by_state(conn: sqlite3.Connection) -> dict[JobState, int]:
+    """Every state with its count, zero included, so metrics never lose a series."""
+    counts = dict.fromkeys(JobState, 0)
+    for row in conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+        counts[JobState(row["state"])] = row["n"]
+    return counts
+
+
+def get_event(conn: sqlite3.Connection, row: int) -> StoredEvent | None:
+    """One inbox row, or None."""
+    found = conn.execute(
+        "SELECT id, source, dedupe_key, event_id, event_type, body, headers, received_at,"
+        " status, reason FROM events WHERE id = ?",
+        (row,),
+    ).fetchone()
+    if found is None:
+        return None
+    return StoredEvent(
+        id=found["id"],
+        source=found["source"],
+        dedupe_key=found["dedupe_key"],
+        event_id=found["event_id"],
+        event_type=found["event_type"],
+        body=found["body"],
+        headers=orjson.loads(found["headers"]),
+        received_at=found["received_at"],
+        status=EventStatus(found["status"]),
+        reason=found["reason"],
+    )
+
+
+# --- outbox -----------------------------------------------------------------------------
+
+
+def due_outbox(conn: sqlite3.Connection, now: float, limit: int) -> list[OutboxMessage]:
+    """Pending rows due at `now`, oldest first."""
+    rows = conn.execute(
+        f"{_OUTBOX_SELECT} WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+        (now, limit),
+    ).fetchall()
+    return [_outbox_from_row(r) for r in rows]
+
+
+def _update_outbox(
+    conn: sqlite3.Connection, message_id: int, sql: str, params: tuple[object, ...]
+) -> None:
+    cursor = conn.execute(f"UPDATE outbox SET {sql} WHERE id = ?", (*params, message_id))  # noqa: S608 - callers pass constant SQL
+    if cursor.rowcount == 0:
+        raise LookupError(f"no outbox message {message_id}")
+
+
+def outbox_delivered(conn: sqlite3.Connection, message_id: int, now: float) -> None:
+    """Mark a row delivered."""
+    _update_outbox(conn, message_id, "status = 'delivered', delivered_at = ?", (now,))
+
+
+def outbox_retry(
+    conn: sqlite3.Connection, message_id: int, next_attempt_at: float, error: str
+) -> None:
+    """Count a failed attempt and schedule the next one."""
+    _update_outbox(
+        conn,
+        message_id,
+        "attempts = attempts + 1, next_attempt_at = ?, last_error = ?",
+        (next_attempt_at, error),
+    )
+
+
+def outbox_dead(conn: sqlite3.Connection, message_id: int, error: str) -> None:
+    """Count the final failed attempt and stop trying; the row stays for inspection."""
+    _update_outbox(
+        conn, message_id, "status = 'dead', attempts = attempts + 1, last_error = ?", (error,)
+    )
+
+
+def count_pending_outbox(conn: sqlite3.Connection, job_id: str | None) -> int:
+    """Pending rows of one job, or of all jobs when `job_id` is None."""
+    if job_id is None:
+        row = conn.execute("SELECT COUNT(*) FROM outbox WHERE status = 'pending'").fetchone()
+    else:
+        row = conn.execute(
+            "SELECT COUNT(*) FROM outbox WHERE status = 'pending' AND job_id = ?", (job_id,)
+        ).fetchone()
+    return int(row[0])
+
+
+# --- housekeeping -----------------------------------------------------------------------
+
+
+def purge_events(conn: sqlite3.Connection, older_than: float, limit: int) -> int:
+    """Delete up to `limit` old events whose jobs are all finished, with those jobs.
+
+    A job is finished when it is terminal and every outbox row of it is delivered: a pending
+    row is still owed to someone, and a dead one is kept for inspection.
+    """
+    rows = conn.execute(_PURGE_SELECT, (older_than, *_TERMINAL, limit)).fetchall()
+    if not rows:
+        return 0
+    ids = orjson.dumps([r["id"] for r in rows]).decode()
+    jobs_of_events = "SELECT job_id FROM jobs WHERE event_row IN (SELECT value FROM json_each(?))"
+    conn.execute(f"DELETE FROM outbox WHERE job_id IN ({jobs_of_events})", (ids,))  # noqa: S608 - constant SQL
+    conn.execute(f"DELETE FROM transitions WHERE job_id IN ({jobs_of_events})", (ids,))  # noqa: S608 - constant SQL
+    conn.execute("DELETE FROM jobs WHERE event_row IN (SELECT value FROM json_each(?))", (ids,))
+    conn.execute("DELETE FROM events WHERE id IN (SELECT value FROM json_each(?))", (ids,))
+    return len(rows)
+
+
+def heartbeat(conn: sqlite3.Connection, now: float) -> None:
+    """A real write, so `ping` proves the database takes commits, not just reads."""
+    conn.execute(
+        "INSERT INTO heartbeat (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = ?",
+        (now, now),
+    )

@@ -1,0 +1,220 @@
+"""Group commit: one writer thread owns the only write connection and batches callers.
+
+Every write is a function of the connection. Whatever queued up while the previous commit was
+being fsynced is run in ONE `BEGIN IMMEDIATE` transaction, each request inside its own
+SAVEPOINT, so a hundred concurrent intakes pay for one fsync and a request that fails (a stale
+compare-and-set, say) rolls back only itself. A failure of the database itself (I/O error,
+full disk, lock timeout) aborts the whole batch and every caller gets StoreUnavailableError:
+nothing of the batch is committed, so nobody may acknowledge anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+import anyio
+
+from service.log import get_logger
+from service.store.base import StoreUnavailableError
+
+T = TypeVar("T")
+Work = Callable[[sqlite3.Connection], object]
+
+_log = get_logger("store.writer")
+_STOP = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    work: Work
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    value: object = None
+    error: BaseException | None = None
+
+
+def is_database_failure(exc: BaseException) -> bool:
+    """True for errors of the database itself, False for errors of one statement or request.
+
+    Constraint violations and misuse (IntegrityError, ProgrammingError, ...) belong to the
+    request that caused them; I/O errors, a full disk, a lock timeout or a corrupt file belong
+    to the store and make it unavailable.
+    """
+    return isinstance(exc, sqlite3.OperationalError | sqlite3.InternalError) or (
+        type(exc) is sqlite3.DatabaseError
+    )
+
+
+class GroupCommitWriter:
+    """Runs write requests on a dedicated thread, many requests per transaction."""
+
+    def __init__(self, connection: sqlite3.Connection, *, max_batch: int) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self._connection = connection
+        self._max_batch = max_batch
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._commit_count = 0
+        self._write_count = 0
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+
+    @property
+    def commit_count(self) -> int:
+        """Transactions committed so far; far below `write_count` when batching works."""
+        return self._commit_count
+
+    @property
+    def write_count(self) -> int:
+        """Write requests committed so far (including those that failed on their own)."""
+        return self._write_count
+
+    def start(self) -> None:
+        """Start the writer thread; it owns the connection from now on."""
+        self._thread.start()
+
+    async def submit(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` in the next transaction; return once that transaction is durable.
+
+        A cancelled caller does not cancel its write: it may still commit, which the callers
+        handle the way they handle a lost acknowledgement (dedupe, compare-and-set).
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        with self._lock:
+            if self._closed:
+                raise StoreUnavailableError("store is closed")
+            self._queue.put(_Request(work, loop, future))
+        return cast("T", await future)
+
+    async def stop(self) -> None:
+        """Commit what is queued, then join the thread and close the connection."""
+        with self._lock:
+            already_closed = self._closed
+            self._closed = True
+            if not already_closed:
+                self._queue.put(_STOP)
+        if self._thread.is_alive():
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._thread.join)
+
+    # --- the writer thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            stop = False
+            while not stop:
+                batch, stop = self._next_batch()
+                if batch:
+                    self._commit(batch)
+        finally:
+            with self._lock:
+                self._closed = True
+                leftovers = self._drain()
+            self._settle(leftovers, [_Outcome(error=_closed_error()) for _ in leftovers])
+            self._connection.close()
+
+    def _next_batch(self) -> tuple[list[_Request], bool]:
+        first = self._queue.get()
+        if first is _STOP:
+            return [], True
+        batch = [cast("_Request", first)]
+        while len(batch) < self._max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, True
+            batch.append(cast("_Request", item))
+        return batch, False
+
+    def _drain(self) -> list[_Request]:
+        leftovers: list[_Request] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return leftovers
+            if item is not _STOP:
+                leftovers.append(cast("_Request", item))
+
+    def _commit(self, batch: list[_Request]) -> None:
+        try:
+            self._connection.execute("BEGIN IMMEDIATE")
+            outcomes = [self._apply(request) for request in batch]
+            self._connection.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            _log.error("store_commit_failed", error=str(exc), requests=len(batch))
+            outcomes = [
+                _Outcome(error=StoreUnavailableError(f"cannot commit: {exc}")) for _ in batch
+            ]
+        else:
+            self._commit_count += 1
+            self._write_count += len(batch)
+        self._settle(batch, outcomes)
+
+    def _apply(self, request: _Request) -> _Outcome:
+        self._connection.execute("SAVEPOINT request")
+        try:
+            value = request.work(self._connection)
+        except sqlite3.Error as exc:
+            if is_database_failure(exc):
+                raise
+            return self._undo(exc)
+        except Exception as exc:  # noqa: BLE001 - the request's own error goes back to its caller
+            return self._undo(exc)
+        self._connection.execute("RELEASE request")
+        return _Outcome(value=value)
+
+    def _undo(self, exc: Exception) -> _Outcome:
+        self._connection.execute("ROLLBACK TO request")
+        self._connection.execute("RELEASE request")
+        return _Outcome(error=exc)
+
+    def _rollback(self) -> None:
+        if not self._connection.in_transaction:
+            return
+        try:
+            self._connection.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            _log.error("store_rollback_failed", error=str(exc))
+
+    @staticmethod
+    def _settle(batch: list[_Request], outcomes: list[_Outcome]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Request, _Outcome]]]
+        by_loop = defaultdict(list)
+        for request, outcome in zip(batch, outcomes, strict=True):
+            by_loop[request.loop].append((request, outcome))
+        for loop, settled in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, settled)
+            except RuntimeError:
+                _log.warning("store_caller_loop_closed", requests=len(settled))
+
+
+def _resolve(settled: list[tuple[_Request, _Outcome]]) -> None:
+    for request, outcome in settled:
+        if request.future.done():
+            continue
+        if outcome.error is not None:
+            request.future.set_exception(outcome.error)
+        else:
+            request.future.set_result(outcome.value)
+
+
+def _closed_error() -> StoreUnavailableError:
+    return StoreUnavailableError("store is closed")

@@ -1,0 +1,431 @@
+"""The Store contract, written against the Protocol and run on every engine in ENGINES."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import anyio
+import pytest
+
+from service.model import (
+    EventStatus,
+    JobState,
+    JobUpdate,
+    NewOutboxMessage,
+    Transition,
+)
+from service.store.base import StaleTransitionError, StoreUnavailableError, UnknownJobError
+from tests.support.store_fixtures import START_TIME, sample_event, sample_job
+
+pytestmark = pytest.mark.anyio
+
+R, M, S = JobState.RECEIVED, JobState.MAPPED, JobState.SUBMITTING
+
+
+def ready_message(target: str = "mqtt") -> NewOutboxMessage:
+    return NewOutboxMessage(target=target, event_type="video.ready", payload=b'{"type":"ready"}')
+
+
+async def accept(store, key: str, routes: tuple[str, ...] = ("new-product",)):
+    event = sample_event(key)
+    jobs = [sample_job(event, route) for route in routes]
+    acceptance = await store.accept_event(event, jobs)
+    return acceptance, jobs
+
+
+async def walk(store, job_id: str, *states: JobState) -> None:
+    current = (await store.get_job(job_id)).state
+    for state in states:
+        await store.transition(job_id, {current}, state)
+        current = state
+
+
+# --- intake -----------------------------------------------------------------------------
+
+
+async def test_accept_commits_event_jobs_and_first_transition(engine_store):
+    event = sample_event("k1")
+    job = sample_job(event)
+    acceptance = await engine_store.accept_event(event, [job])
+
+    assert acceptance.event_id == "evt-k1"
+    assert acceptance.job_ids == (job.job_id,)
+    assert not acceptance.duplicate
+    assert acceptance.status is EventStatus.ROUTED
+    stored_job = await engine_store.get_job(job.job_id)
+    assert stored_job.state is JobState.RECEIVED
+    assert (stored_job.route, stored_job.export_name) == ("new-product", job.export_name)
+    assert stored_job.created_at == stored_job.updated_at == START_TIME
+    assert stored_job.event_id == "evt-k1"
+    stored_event = await engine_store.get_event(stored_job.event_row)
+    assert stored_event.body == event.body
+    assert dict(stored_event.headers) == {"x-shopify-topic": "products/create"}
+    assert (stored_event.source, stored_event.dedupe_key) == ("shop", "k1")
+    assert stored_event.status is EventStatus.ROUTED
+    assert await engine_store.job_history(job.job_id) == [
+        Transition(job.job_id, None, JobState.RECEIVED, START_TIME)
+    ]
+
+
+async def test_duplicate_returns_original_ids_and_writes_nothing(engine_store):
+    first, jobs = await accept(engine_store, "k1", ("a", "b"))
+    again = sample_event("k1")
+    other_job = sample_job(again, "c")
+    duplicate = await engine_store.accept_event(replace(again, event_id="evt-other"), [other_job])
+
+    assert duplicate.duplicate
+    assert duplicate.event_id == first.event_id == "evt-k1"
+    assert duplicate.job_ids == first.job_ids == tuple(j.job_id for j in jobs)
+    assert await engine_store.get_job(other_job.job_id) is None
+    counts = await engine_store.count_jobs_by_state()
+    assert counts[JobState.RECEIVED] == 2
+
+
+async def test_duplicate_is_recognised_after_restart(engine_store, store_engine):
+    first, _ = await accept(engine_store, "k1")
+    await engine_store.close()
+    reopened = store_engine.make()
+    await reopened.open()
+    try:
+        again, _ = await accept(reopened, "k1")
+    finally:
+        await reopened.close()
+    assert again.duplicate
+    assert again.job_ids == first.job_ids
+
+
+async def test_same_key_from_another_source_is_a_new_event(engine_store):
+    await accept(engine_store, "k1")
+    other = sample_event("k1", source="woo")
+    acceptance = await engine_store.accept_event(other, [sample_job(other)])
+    assert not acceptance.duplicate
+
+
+async def test_event_without_jobs_is_ignored(engine_store):
+    acceptance, _ = await accept(engine_store, "k1", ())
+    assert acceptance.status is EventStatus.IGNORED
+    assert acceptance.job_ids == ()
+    assert not acceptance.duplicate
+
+
+async def test_reject_event_keeps_reason_and_dedupes(engine_store):
+    rejected = await engine_store.reject_event(sample_event("bad"), "body is not JSON")
+    assert rejected.status is EventStatus.REJECTED
+    assert not rejected.duplicate
+
+    again = await engine_store.reject_event(sample_event("bad"), "still not JSON")
+    assert again.duplicate
+    accepted_later, _ = await accept(engine_store, "bad")
+    assert accepted_later.duplicate
+    assert accepted_later.status is EventStatus.REJECTED
+    assert accepted_later.job_ids == ()
+
+
+async def test_set_event_status_records_reason(engine_store):
+    _, jobs = await accept(engine_store, "k1")
+    row = (await engine_store.get_job(jobs[0].job_id)).event_row
+    await engine_store.set_event_status(row, EventStatus.REJECTED, "no template")
+    stored = await engine_store.get_event(row)
+    assert (stored.status, stored.reason) == (EventStatus.REJECTED, "no template")
+    assert await engine_store.get_event(row + 1000) is None
+
+
+# --- transitions ------------------------------------------------------------------------
+
+
+async def test_transition_moves_state_updates_fields_and_records_note(engine_store, store_clock):
+    _, [job] = await accept(engine_store, "k1")
+    store_clock.advance(5)
+    moved = await engine_store.transition(
+        job.job_id, {R}, M, JobUpdate(export_body=b"{}", api="legacy", note="mapped ok")
+    )
+
+    assert moved.state is M
+    assert (moved.export_body, moved.api) == (b"{}", "legacy")
+    assert moved.updated_at == START_TIME + 5
+    assert moved.created_at == START_TIME
+    assert moved.progress == 0.0  # None fields of the update leave columns alone
+    assert await engine_store.get_job(job.job_id) == moved
+    history = await engine_store.job_history(job.job_id)
+    assert history[-1] == Transition(job.job_id, R, M, START_TIME + 5, "mapped ok")
+
+
+async def test_stale_transition_raises_and_changes_nothing(engine_store):
+    _, [job] = await accept(engine_store, "k1")
+    with pytest.raises(StaleTransitionError, match="received"):
+        await engine_store.transition(
+            job.job_id,
+            {JobState.SUBMITTED},
+            JobState.READY,
+            JobUpdate(progress=100.0),
+            [ready_message()],
+        )
+    unchanged = await engine_store.get_job(job.job_id)
+    assert (unchanged.state, unchanged.progress) == (R, 0.0)
+    assert len(await engine_store.job_history(job.job_id)) == 1
+    assert await engine_store.outbox_backlog() == 0
+
+
+async def test_transition_of_unknown_job_is_stale_and_lookup_error(engine_store):
+    with pytest.raises(UnknownJobError, match="does not exist") as caught:
+        await engine_store.transition("job_nope", {R}, M)
+    assert isinstance(caught.value, StaleTransitionError)
+    assert isinstance(caught.value, LookupError)
+
+
+async def test_concurrent_cas_lets_exactly_one_path_win(engine_store):
+    _, [job] = await accept(engine_store, "k1")
+    winners: list[JobState] = []
+
+    async def attempt(target: JobState) -> None:
+        try:
+            await engine_store.transition(job.job_id, {R}, target)
+            winners.append(target)
+        except StaleTransitionError:
+            pass
+
+    async with anyio.create_task_group() as tg:
+        for target in (M, JobState.IGNORED, JobState.REJECTED, M):
+            tg.start_soon(attempt, target)
+    assert len(winners) == 1
+    assert (await engine_store.get_job(job.job_id)).state is winners[0]
+    assert len(await engine_store.job_history(job.job_id)) == 2
+
+
+async def test_failed_cas_does_not_roll_back_concurrent_requests(engine_store):
+    jobs = []
+    for n in range(6):
+        _, [job] = await accept(engine_store, f"k{n}")
+        jobs.append(job)
+    results: dict[str, object] = {}
+
+    async def move(job_id: str, from_state: JobState) -> None:
+        try:
+            results[job_id] = await engine_store.transition(job_id, {from_state}, M)
+        except StaleTransitionError as exc:
+            results[job_id] = exc
+
+    async with anyio.create_task_group() as tg:
+        for n, job in enumerate(jobs):
+            tg.start_soon(move, job.job_id, R if n % 2 == 0 else S)
+    for n, job in enumerate(jobs):
+        state = (await engine_store.get_job(job.job_id)).state
+        if n % 2 == 0:
+            assert state is M
+        else:
+            assert isinstance(results[job.job_id], StaleTransitionError)
+            assert state is R
+
+
+async def test_history_lists_every_transition_in_order(engine_store, store_clock):
+    _, [job] = await accept(engine_store, "k1")
+    path = [M, S, JobState.SUBMITTED, JobState.READY, JobState.NOTIFIED]
+    for state in path:
+        store_clock.advance(1)
+        await walk(engine_store, job.job_id, state)
+    history = await engine_store.job_history(job.job_id)
+    assert [t.to_state for t in history] == [R, *path]
+    assert [t.from_state for t in history] == [None, R, *path[:-1]]
+    assert [t.at for t in history] == [START_TIME + n for n in range(6)]
+    assert await engine_store.job_history("job_nope") == []
+
+
+async def test_update_job_changes_fields_without_history(engine_store, store_clock):
+    _, [job] = await accept(engine_store, "k1")
+    store_clock.advance(3)
+    updated = await engine_store.update_job(job.job_id, JobUpdate(progress=42.5, polls=3))
+    assert (updated.state, updated.progress, updated.polls) == (R, 42.5, 3)
+    assert updated.updated_at == START_TIME + 3
+    assert len(await engine_store.job_history(job.job_id)) == 1
+    with pytest.raises(UnknownJobError):
+        await engine_store.update_job("job_nope", JobUpdate(polls=1))
+
+
+async def test_update_can_rename_and_clear_fields(engine_store):
+    _, [job] = await accept(engine_store, "k1")
+    await engine_store.update_job(
+        job.job_id, JobUpdate(project_id="p1", error_code="boom", error_message="bad")
+    )
+    retried = await engine_store.transition(
+        job.job_id,
+        {R},
+        M,
+        JobUpdate(export_name="renamed/r1", clear=frozenset({"error_code", "error_message"})),
+    )
+    assert retried.export_name == "renamed/r1"
+    assert (retried.error_code, retried.error_message, retried.project_id) == (None, None, "p1")
+
+
+async def test_update_rejects_clearing_required_or_conflicting_fields(engine_store):
+    _, [job] = await accept(engine_store, "k1")
+    with pytest.raises(ValueError, match="polls"):
+        await engine_store.update_job(job.job_id, JobUpdate(clear=frozenset({"polls"})))
+    with pytest.raises(ValueError, match="both set and cleared"):
+        await engine_store.update_job(
+            job.job_id, JobUpdate(error_code="x", clear=frozenset({"error_code"}))
+        )
+    assert await engine_store.get_job(job.job_id) is not None
+
+
+# --- outbox -----------------------------------------------------------------------------
+
+
+async def test_outbox_rows_are_written_with_the_transition(engine_store):
+    _, [job] = await accept(engine_store, "k1")
+    await walk(engine_store, job.job_id, M, S, JobState.SUBMITTED)
+    await engine_store.transition(
+        job.job_id,
+        {JobState.SUBMITTED},
+        JobState.READY,
+        None,
+        [ready_message("mqtt"), ready_message("hook")],
+    )
+    due = await engine_store.due_outbox(START_TIME)
+    assert [(m.job_id, m.target, m.event_type) for m in due] == [
+        (job.job_id, "mqtt", "video.ready"),
+        (job.job_id, "hook", "video.ready"),
+    ]
+    assert due[0].payload == b'{"type":"ready"}'
+    assert (due[0].attempts, due[0].status, due[0].last_error) == (0, "pending", None)
+    assert await engine_store.outbox_pending_for_job(job.job_id) == 2
+
+
+async def test_replayed_terminal_transition_cannot_enqueue_twice(engine_store):
+    _, [job] = await accept(engine_store, "k1")
+    await walk(engine_store, job.job_id, M, S, JobState.SUBMITTED)
+    ready = {JobState.SUBMITTED, JobState.READY}
+    await engine_store.transition(job.job_id, ready, JobState.READY, None, [ready_message()])
+    await engine_store.transition(job.job_id, ready, JobState.READY, None, [ready_message()])
+    assert await engine_store.outbox_backlog() == 1
+    assert len(await engine_store.job_history(job.job_id)) == 6
+
+
+async def test_due_outbox_order_retry_dead_and_delivered(engine_store, store_clock):
+    ids = []
+    for n in range(3):
+        _, [job] = await accept(engine_store, f"k{n}")
+        await engine_store.transition(job.job_id, {R}, JobState.FAILED, None, [ready_message()])
+        ids.append(job.job_id)
+        store_clock.advance(1)
+    assert await engine_store.due_outbox(START_TIME - 1) == []
+    due = await engine_store.due_outbox(START_TIME + 10)
+    assert [m.job_id for m in due] == ids
+    assert [m.job_id for m in await engine_store.due_outbox(START_TIME + 10, limit=2)] == ids[:2]
+
+    first, second, third = due
+    await engine_store.outbox_retry(first.id, START_TIME + 60, "503 from target")
+    await engine_store.outbox_dead(second.id, "410 Gone")
+    await engine_store.outbox_delivered(third.id)
+
+    assert await engine_store.due_outbox(START_TIME + 59) == []
+    [retried] = await engine_store.due_outbox(START_TIME + 60)
+    assert (retried.id, retried.attempts, retried.last_error) == (first.id, 1, "503 from target")
+    assert retried.next_attempt_at == START_TIME + 60
+    assert await engine_store.outbox_backlog() == 1
+    assert await engine_store.outbox_pending_for_job(ids[1]) == 0
+    assert await engine_store.outbox_pending_for_job(ids[0]) == 1
+    with pytest.raises(LookupError):
+        await engine_store.outbox_delivered(99_999)
+
+
+# --- queries ----------------------------------------------------------------------------
+
+
+async def test_list_jobs_filters_and_pages_newest_first(engine_store, store_clock):
+    ids = []
+    for n in range(5):
+        route = "a" if n % 2 == 0 else "b"
+        _, [job] = await accept(engine_store, f"k{n}", (route,))
+        ids.append(job.job_id)
+        store_clock.advance(1)
+    await walk(engine_store, ids[0], M)
+    await walk(engine_store, ids[3], M)
+
+    newest_first = list(reversed(ids))
+    assert [j.job_id for j in await engine_store.list_jobs()] == newest_first
+    page1 = await engine_store.list_jobs(limit=2)
+    page2 = await engine_store.list_jobs(limit=2, after=page1[-1].job_id)
+    page3 = await engine_store.list_jobs(limit=2, after=page2[-1].job_id)
+    assert [j.job_id for j in page1 + page2 + page3] == newest_first
+    assert [j.job_id for j in await engine_store.list_jobs(route="a")] == [ids[4], ids[2], ids[0]]
+    assert [j.job_id for j in await engine_store.list_jobs(state=M)] == [ids[3], ids[0]]
+    assert [j.job_id for j in await engine_store.list_jobs(state=M, route="b")] == [ids[3]]
+    assert await engine_store.list_jobs(after="job_unknown") == []
+
+
+async def test_jobs_in_states_oldest_first(engine_store, store_clock):
+    ids = []
+    for n in range(4):
+        _, [job] = await accept(engine_store, f"k{n}")
+        ids.append(job.job_id)
+        store_clock.advance(1)
+    await walk(engine_store, ids[1], M)
+    assert [j.job_id for j in await engine_store.jobs_in_states({R})] == [ids[0], ids[2], ids[3]]
+    assert [j.job_id for j in await engine_store.jobs_in_states({R, M}, limit=2)] == ids[:2]
+    assert await engine_store.jobs_in_states(set()) == []
+
+
+async def test_count_jobs_by_state_includes_zeros(engine_store):
+    for n in range(3):
+        await accept(engine_store, f"k{n}")
+    _, [job] = await accept(engine_store, "k9")
+    await walk(engine_store, job.job_id, M)
+    counts = await engine_store.count_jobs_by_state()
+    assert set(counts) == set(JobState)
+    assert counts[R] == 3
+    assert counts[M] == 1
+    assert sum(counts.values()) == 4
+
+
+# --- housekeeping -----------------------------------------------------------------------
+
+
+async def test_purge_dedupe_keeps_recent_and_unfinished(engine_store, store_clock):
+    week = 7 * 86400
+    old = START_TIME
+
+    async def old_event(key, final_state, *, outbox=(), received_at=old):
+        event = sample_event(key, received_at=received_at)
+        job = sample_job(event)
+        await engine_store.accept_event(event, [job])
+        if final_state is not R:
+            await engine_store.transition(job.job_id, {R}, final_state, None, outbox)
+        return job
+
+    done = await old_event("done", JobState.FAILED)
+    await old_event("pending-outbox", JobState.FAILED, outbox=[ready_message()])
+    await old_event("running", R)
+    await old_event("recent", JobState.IGNORED, received_at=old + 2 * week)
+    delivered = await old_event("delivered", JobState.NOTIFIED, outbox=[ready_message()])
+    due = await engine_store.due_outbox(old + 10 * week)
+    [row] = [m for m in due if m.job_id == delivered.job_id]
+    await engine_store.outbox_delivered(row.id)
+    await engine_store.reject_event(sample_event("rejected", received_at=old), "bad body")
+
+    purged = await engine_store.purge_dedupe(old + week)
+
+    assert purged == 3  # done, delivered, rejected
+    assert await engine_store.get_job(done.job_id) is None
+    assert await engine_store.job_history(done.job_id) == []
+    assert await engine_store.get_job(delivered.job_id) is None
+    kept = {j.route + ":" + j.export_name for j in await engine_store.list_jobs()}
+    assert len(kept) == 3
+    again, _ = await accept(engine_store, "done")
+    assert not again.duplicate  # the key is forgotten
+    still, _ = await accept(engine_store, "running")
+    assert still.duplicate
+    assert await engine_store.purge_dedupe(old + week) == 0
+
+
+# --- availability -----------------------------------------------------------------------
+
+
+async def test_ping_and_closed_store(engine_store):
+    await engine_store.ping()
+    await engine_store.close()
+    with pytest.raises(StoreUnavailableError):
+        await engine_store.ping()
+    with pytest.raises(StoreUnavailableError):
+        await accept(engine_store, "k1")
+    with pytest.raises(StoreUnavailableError):
+        await engine_store.get_job("job_x")
