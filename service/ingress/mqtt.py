@@ -1,0 +1,342 @@
+"""MQTT ingress: QoS 1 subscriptions whose PUBACK goes out only after the intake committed.
+
+aiomqtt acknowledges a QoS 1 message as soon as paho hands it over, so a crash between that
+PUBACK and the inbox commit would lose a paid event. The wrapped paho client is therefore put
+in manual-ack mode and each message is acknowledged after `Intake.accept`/`dead_letter`
+returned, in arrival order, on the connection it arrived on. A persistent session (fixed client
+id, no clean start, a session expiry) makes the broker keep queued and un-acked messages while
+studiohook is down or reconnecting; the Receive Maximum bounds how many it hands over before
+we acknowledge, which is the back-pressure: nothing is ever dropped on our side.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections import deque
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import aiomqtt
+import anyio
+import anyio.abc
+import orjson
+from paho.mqtt.client import MQTT_ERR_SUCCESS, topic_matches_sub
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from service.ingress.backoff import backoff_delay_s
+from service.log import get_logger
+from service.model import RawEvent
+from service.store.base import StoreUnavailableError
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+
+    from service.config import MqttConfig, SourceConfig
+    from service.ingress.base import Intake
+
+log = get_logger("ingress.mqtt")
+
+_QOS = 1
+_KEEPALIVE_S = 30
+_DISCONNECT_GRACE_S = 2.0
+_SHARED_PREFIX = "$share/"
+_FIRST_FAILURE_CODE = 0x80
+
+T = TypeVar("T")
+
+
+class UnreadablePayloadError(ValueError):
+    """The payload cannot become an event (not UTF-8, not JSON): dead-letter it, then ack."""
+
+
+class SubscriptionRefusedError(Exception):
+    """The broker refused a subscription (ACL, bad filter): retried like a lost connection."""
+
+
+def parse_payload(body: bytes) -> Any:  # noqa: ANN401 - any JSON value is a valid payload
+    """Decode a message body; the reason of a failure is what the dead letter keeps."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UnreadablePayloadError(f"payload is not UTF-8 (invalid byte at {exc.start})") from exc
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise UnreadablePayloadError(f"payload is not JSON: {exc}") from exc
+
+
+def user_properties(properties: Properties | None) -> dict[str, str]:
+    """MQTT v5 user properties as headers with lower-case names (the last of a repeated name)."""
+    pairs: list[tuple[str, str]] = getattr(properties, "UserProperty", None) or []
+    return {name.lower(): value for name, value in pairs}
+
+
+def matches(topic_filter: str, topic: str) -> bool:
+    """Whether a delivery on `topic` belongs to a source subscribed with `topic_filter`.
+
+    A shared subscription (`$share/group/filter`) matches on its filter part.
+    """
+    if topic_filter.startswith(_SHARED_PREFIX):
+        topic_filter = topic_filter[len(_SHARED_PREFIX) :].partition("/")[2]
+    return bool(topic_matches_sub(topic_filter, topic))
+
+
+@dataclass(eq=False, slots=True)
+class Ticket(Generic[T]):
+    """One delivery's place in the arrival order."""
+
+    item: T
+    committed: bool = False
+
+
+class AckSequencer(Generic[T]):
+    """Releases acknowledgements in arrival order while commits finish in any order.
+
+    MQTT requires PUBACKs in the order the PUBLISHes arrived (MQTT 5, 4.6), and acking a later
+    message before an earlier one is committed would let the broker forget the later one while
+    the earlier may still be lost.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: deque[Ticket[T]] = deque()
+
+    def arrived(self, item: T) -> Ticket[T]:
+        """Take a place in line for a delivery that just arrived."""
+        ticket = Ticket(item)
+        self._waiting.append(ticket)
+        return ticket
+
+    def committed(self, ticket: Ticket[T]) -> list[T]:
+        """Mark a delivery committed; return every delivery now ackable, oldest first."""
+        ticket.committed = True
+        ready: list[T] = []
+        while self._waiting and self._waiting[0].committed:
+            ready.append(self._waiting.popleft().item)
+        return ready
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+
+class MqttIngress:
+    """Subscribes every mqtt source's topic and commits each message before acknowledging it.
+
+    `connected` is true while subscribed, for /readyz.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: MqttConfig,
+        sources: Sequence[SourceConfig],
+        intake: Intake,
+        max_in_flight: int = 100,
+        backoff_min_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+    ) -> None:
+        self._config = config
+        self._sources = tuple(s for s in sources if s.kind == "mqtt" and s.topic)
+        self._intake = intake
+        self._max_in_flight = max_in_flight
+        self._backoff_min_s = backoff_min_s
+        self._backoff_max_s = backoff_max_s
+        self._generation = 0
+        self._failures = 0
+        self.connected = False
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Consume until cancelled, reconnecting with backoff; started after the first SUBACK."""
+        started = False
+
+        def subscribed() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
+        if not self._sources:
+            log.warning("mqtt ingress has no mqtt source with a topic; nothing to subscribe")
+            subscribed()
+            await anyio.sleep_forever()
+        while True:
+            connected_at = anyio.current_time()
+            reason = await self._connect_once(subscribed)
+            if anyio.current_time() - connected_at >= self._backoff_max_s:
+                self._failures = 0
+            self._failures += 1
+            delay_s = backoff_delay_s(
+                self._failures, min_s=self._backoff_min_s, max_s=self._backoff_max_s
+            )
+            log.warning(
+                "mqtt reconnecting",
+                attempt=self._failures,
+                delay_s=round(delay_s, 3),
+                reason=reason,
+            )
+            await anyio.sleep(delay_s)
+
+    async def _connect_once(self, subscribed: Callable[[], None]) -> str:
+        """Run one connection to its end and say why it ended (cancellation propagates)."""
+        reason = "connection closed"
+        try:
+            await self._connection(subscribed)
+        except* (aiomqtt.MqttError, SubscriptionRefusedError) as group:
+            reason = f"mqtt: {_first(group)}"
+        except* StoreUnavailableError as group:
+            reason = f"store unavailable, un-acked messages will be redelivered: {_first(group)}"
+        return reason
+
+    async def _connection(self, subscribed: Callable[[], None]) -> None:
+        self._generation += 1
+        generation = self._generation
+        client = self._new_client()
+        log.info(
+            "mqtt connecting",
+            host=self._config.host,
+            port=self._config.port,
+            client_id=self._config.client_id,
+            generation=generation,
+        )
+        async with _connected(client):
+            await self._subscribe(client)
+            self.connected = True
+            subscribed()
+            try:
+                await self._consume(client, generation)
+            finally:
+                self.connected = False
+
+    def _new_client(self) -> aiomqtt.Client:
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = self._config.session_expiry_seconds
+        properties.ReceiveMaximum = self._config.receive_maximum
+        client = aiomqtt.Client(
+            self._config.host,
+            self._config.port,
+            username=self._config.username,
+            password=self._config.password,
+            identifier=self._config.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=properties,
+            keepalive=_KEEPALIVE_S,
+            tls_context=ssl.create_default_context() if self._config.tls else None,
+        )
+        # aiomqtt 2.x has no public manual ack; test_mqtt_ingress checks these internals exist.
+        client._client.manual_ack_set(on=True)  # noqa: SLF001
+        return client
+
+    async def _subscribe(self, client: aiomqtt.Client) -> None:
+        topics = list(dict.fromkeys(s.topic for s in self._sources if s.topic))
+        # Retained messages only on a new subscription: a resubscribe of a persistent session
+        # must not replay them on every reconnect.
+        options = SubscribeOptions(qos=_QOS, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+        codes = await client.subscribe([(topic, options) for topic in topics])
+        granted: list[ReasonCode | int] = list(codes)
+        for topic, code in zip(topics, granted, strict=True):
+            value = code.value if isinstance(code, ReasonCode) else code
+            if value >= _FIRST_FAILURE_CODE:
+                raise SubscriptionRefusedError(f"subscription to {topic!r} refused: {code}")
+            if value < _QOS:
+                log.warning("mqtt broker granted qos 0; deliveries are not guaranteed", topic=topic)
+        log.info("mqtt subscribed", topics=topics)
+
+    async def _consume(self, client: aiomqtt.Client, generation: int) -> None:
+        sequencer: AckSequencer[aiomqtt.Message] = AckSequencer()
+        slots = anyio.Semaphore(self._max_in_flight)
+
+        def ack(message: aiomqtt.Message) -> None:
+            if generation != self._generation:
+                return  # the broker redelivers it on the connection that replaced this one
+            if message.qos == 0:
+                return
+            rc = client._client.ack(message.mid, message.qos)  # noqa: SLF001
+            if rc != MQTT_ERR_SUCCESS:
+                log.warning("mqtt ack not sent; broker will redeliver", mid=message.mid, rc=rc)
+
+        async def commit(ticket: Ticket[aiomqtt.Message]) -> None:
+            try:
+                await self._deliver(ticket.item)
+            finally:
+                slots.release()
+            self._failures = 0
+            for message in sequencer.committed(ticket):
+                ack(message)
+
+        async with anyio.create_task_group() as tg:
+            async for message in client.messages:
+                await slots.acquire()
+                tg.start_soon(commit, sequencer.arrived(message), name="mqtt-commit")
+
+    async def _deliver(self, message: aiomqtt.Message) -> None:
+        topic = str(message.topic)
+        sources = [s for s in self._sources if s.topic and matches(s.topic, topic)]
+        if not sources:
+            log.warning("mqtt message matches no source; acknowledged unstored", topic=topic)
+            return
+        body = bytes(message.payload) if isinstance(message.payload, bytes | bytearray) else b""
+        headers = user_properties(message.properties)
+        try:
+            payload = parse_payload(body)
+        except UnreadablePayloadError as exc:
+            for source in sources:
+                await self._dead_letter(source, body, headers, str(exc), topic)
+            return
+        for source in sources:
+            raw = RawEvent(source=source.name, payload=payload, headers=headers, topic=topic)
+            acceptance = await self._intake.accept(source, raw, body)
+            log.info(
+                "mqtt message accepted",
+                source=source.name,
+                topic=topic,
+                event_id=acceptance.event_id,
+                duplicate=acceptance.duplicate,
+                jobs=len(acceptance.job_ids),
+            )
+
+    async def _dead_letter(
+        self, source: SourceConfig, body: bytes, headers: Mapping[str, str], reason: str, topic: str
+    ) -> None:
+        acceptance = await self._intake.dead_letter(source, body, headers, reason, topic=topic)
+        log.warning(
+            "mqtt message rejected",
+            source=source.name,
+            topic=topic,
+            event_id=acceptance.event_id,
+            reason=reason,
+        )
+
+
+@asynccontextmanager
+async def _connected(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Client]:
+    """Connect; on the way out send DISCONNECT even when cancelled, but never wait long.
+
+    Un-acked messages stay with the broker's session either way; the shielded, bounded exit
+    only keeps the socket from leaking and makes shutdown prompt.
+    """
+    await client.__aenter__()
+    try:
+        yield client
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_DISCONNECT_GRACE_S):
+            await client.__aexit__(None, None, None)
+
+
+def _first(group: BaseExceptionGroup[Any]) -> str:
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    return str(leaves[0]) if leaves else repr(group)

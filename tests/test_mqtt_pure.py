@@ -1,0 +1,89 @@
+from typing import ClassVar
+
+import pytest
+
+from service.ingress.backoff import backoff_delay_s
+from service.ingress.mqtt import (
+    AckSequencer,
+    UnreadablePayloadError,
+    matches,
+    parse_payload,
+    user_properties,
+)
+
+
+def test_sequencer_releases_in_arrival_order_when_commits_finish_out_of_order():
+    seq: AckSequencer[str] = AckSequencer()
+    a, b, c, d = (seq.arrived(x) for x in "abcd")
+    assert seq.committed(c) == []
+    assert seq.committed(b) == []
+    assert seq.committed(a) == ["a", "b", "c"]
+    assert len(seq) == 1
+    assert seq.committed(d) == ["d"]
+    assert len(seq) == 0
+
+
+def test_sequencer_holds_everything_behind_an_uncommitted_head():
+    seq: AckSequencer[int] = AckSequencer()
+    tickets = [seq.arrived(i) for i in range(5)]
+    for ticket in tickets[1:]:
+        assert seq.committed(ticket) == []
+    assert len(seq) == 5
+    assert seq.committed(tickets[0]) == [0, 1, 2, 3, 4]
+
+
+def test_backoff_grows_doubling_up_to_the_cap():
+    ceilings = [
+        backoff_delay_s(n, min_s=0.5, max_s=4.0, uniform=lambda _lo, hi: hi) for n in range(1, 7)
+    ]
+    assert ceilings == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+
+
+def test_backoff_is_full_jitter_from_zero_and_none_before_the_first_retry():
+    draws: list[tuple[float, float]] = []
+
+    def low(lo: float, hi: float) -> float:
+        draws.append((lo, hi))
+        return lo
+
+    assert backoff_delay_s(3, min_s=1.0, max_s=30.0, uniform=low) == 0.0
+    assert draws == [(0.0, 4.0)]
+    assert backoff_delay_s(0, min_s=1.0, max_s=30.0) == 0.0
+    assert backoff_delay_s(10_000, min_s=1.0, max_s=30.0, uniform=lambda _lo, hi: hi) == 30.0
+
+
+def test_parse_payload_accepts_any_json_value():
+    assert parse_payload(b'{"id": "x", "n": [1, 2]}') == {"id": "x", "n": [1, 2]}
+    assert parse_payload(b"42") == 42
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"\xff\xfe{}", "payload is not UTF-8"),
+        (b"{not json", "payload is not JSON"),
+        (b"", "payload is not JSON"),
+    ],
+)
+def test_parse_payload_names_the_reason(body, reason):
+    with pytest.raises(UnreadablePayloadError, match=reason):
+        parse_payload(body)
+
+
+def test_topic_filters_match_including_shared_subscriptions():
+    assert matches("shop/+/orders", "shop/eu/orders")
+    assert matches("shop/#", "shop/eu/orders/1")
+    assert not matches("shop/+/orders", "shop/eu/refunds")
+    assert matches("$share/studiohook/shop/+/orders", "shop/eu/orders")
+    assert not matches("$share/studiohook/shop/+/orders", "shop/eu/refunds")
+
+
+def test_user_properties_become_lower_case_headers():
+    class Props:
+        UserProperty: ClassVar[list[tuple[str, str]]] = [
+            ("X-Event-Id", "e1"),
+            ("Content-Kind", "product"),
+        ]
+
+    assert user_properties(Props()) == {"x-event-id": "e1", "content-kind": "product"}  # type: ignore[arg-type]
+    assert user_properties(None) == {}
