@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from jinja2 import StrictUndefined, TemplateSyntaxError, Undefined, UndefinedError, nodes
 from jinja2.environment import Template, TemplateExpression
 from jinja2.exceptions import SecurityError
-from jinja2.lexer import TokenStream
+from jinja2.lexer import Token, TokenStream
 from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -186,35 +186,59 @@ class Expression:
     chains: tuple[tuple[str | int, ...], ...] = field(default=(), repr=False, compare=False)
 
 
-def _parse(source: str, column_offset: int = 0) -> nodes.Template:
-    """Parse with the position of the failing token, which Jinja itself does not report."""
-    where = [1, 0]
+class _TokenPositions:
+    """Remembers where each token starts; Jinja reports only the line of a syntax error."""
 
-    def tracked() -> Iterator[tuple[int, str, str]]:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.last = (1, 0)  # start of the last raw token read: a lexer error is right after it
+        self.starts: dict[int, tuple[int, int]] = {}
+        self.lexer_failed = False
+
+    def raw(self) -> Iterator[tuple[int, str, str]]:
         line, col = 1, 0
-        for lineno, token, value in _ENV.lexer.tokeniter(source, None):
-            where[:] = [line, col]
-            yield lineno, token, value
-            if "\n" in value:
-                line += value.count("\n")
-                col = len(value) - value.rfind("\n") - 1
-            else:
-                col += len(value)
-        where[:] = [line, col]
+        try:
+            for lineno, token, value in _ENV.lexer.tokeniter(self.source, None):
+                self.last = (line, col)
+                yield lineno, token, value
+                if "\n" in value:
+                    line += value.count("\n")
+                    col = len(value) - value.rfind("\n") - 1
+                else:
+                    col += len(value)
+        except TemplateSyntaxError:
+            self.lexer_failed = True
+            self.last = (line, col)
+            raise
+        self.last = (line, col)
 
+    def tokens(self) -> Iterator[Token]:
+        for token in _ENV.lexer.wrap(self.raw()):
+            self.starts[id(token)] = self.last
+            yield token
+
+    def position_of(self, current: Token) -> tuple[int, int]:
+        """1-based line and column of the failing token (or character, for lexer errors)."""
+        line, col = self.last if self.lexer_failed else self.starts.get(id(current), self.last)
+        lines = self.source.split("\n")
+        text = lines[line - 1] if line <= len(lines) else ""
+        while col < len(text) and text[col].isspace():
+            col += 1
+        return line, col + 1
+
+
+def _parse(source: str, column_offset: int = 0) -> nodes.Template:
+    """Parse, reporting a syntax error with its line and column."""
+    positions = _TokenPositions(source)
     parser = Parser(_ENV, source)
-    parser.stream = TokenStream(_ENV.lexer.wrap(tracked()), None, None)
+    parser.stream = TokenStream(positions.tokens(), None, None)
     try:
         return parser.parse()
     except TemplateSyntaxError as exc:
-        line, col = where
-        text = source.split("\n")[line - 1] if line <= source.count("\n") + 1 else ""
-        while col < len(text) and text[col].isspace():
-            col += 1
-        col = max(col - column_offset, 0) if line == 1 else col
-        raise MappingError(
-            f"syntax error at line {line}, column {col + 1}: {exc.message}"
-        ) from None
+        line, col = positions.position_of(parser.stream.current)
+        if line == 1:
+            col = max(col - column_offset, 1)
+        raise MappingError(f"syntax error at line {line}, column {col}: {exc.message}") from None
 
 
 def _chains(node: nodes.Node) -> set[tuple[str | int, ...]]:

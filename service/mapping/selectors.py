@@ -172,7 +172,7 @@ class _Parser:
         return step
 
     def _closes_at(self, position: int) -> bool:
-        return position < len(self.text) and self.text[position] == "]"
+        return self.text[position : position + 1] in {"]", ""}
 
     def value(self) -> str:
         quote = self.peek()
