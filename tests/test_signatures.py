@@ -1,4 +1,3 @@
-# ruff: noqa: CPY001 - the project carries no per-file copyright notices
 """Signature checks per source kind: known answers, tampering, rotation, replay windows."""
 
 import base64

@@ -1,4 +1,3 @@
-# ruff: noqa: CPY001 - the project carries no per-file copyright notices
 """Webhook signature checks, one per source kind, on the raw body bytes.
 
 Every export is billed, so a delivery nobody can vouch for must never reach the inbox: each
