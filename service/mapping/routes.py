@@ -40,8 +40,12 @@ Handler = Callable[[RawEvent], HandledEvent]
 T = TypeVar("T")
 
 
-class HandlerLoadError(Exception):
-    """A route's `handler` that cannot be imported or is not a function."""
+class HandlerLoadError(ImportError):
+    """A route's `handler` that cannot be imported or is not a function.
+
+    An ImportError, so callers that guard an import catch it; `compile_routes` does not import
+    handlers (that runs user code), the config check does it once with `load_handler`.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,11 +120,6 @@ def _compile_route(
         reason = check_event_filter(entry)
         if reason:
             problems.append(Problem(f"{where}.events[{i}]", reason))
-    if route.handler:
-        try:
-            load_handler(route.handler)
-        except HandlerLoadError as exc:
-            problems.append(Problem(f"{where}.handler", str(exc)))
     if export_name is None:
         return None
     return CompiledRoute(route, when, tuple(patches), export_name)
