@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.store.factory import sqlite_path, store_from_url
+from service.store.sqlite import SQLiteStore
+
+
+def test_absolute_sqlite_url(tmp_path):
+    store = store_from_url(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    assert isinstance(store, SQLiteStore)
+    assert store.path == tmp_path / "db.sqlite"
+
+
+def test_relative_sqlite_url_is_resolved_against_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert sqlite_path("sqlite:///state/db.sqlite") == tmp_path / "state" / "db.sqlite"
+    assert sqlite_path("sqlite:////abs/db.sqlite") == Path("/abs/db.sqlite")
+
+
+@pytest.mark.parametrize("url", ["postgresql://u@h/db", "postgres://h/db"])
+def test_postgresql_is_not_available_yet(url):
+    with pytest.raises(ValueError, match="PostgreSQL engine is not available yet"):
+        store_from_url(url)
+
+
+@pytest.mark.parametrize("url", ["sqlite:///", "mysql://h/db", "sqlite://relative"])
+def test_other_urls_are_refused(url):
+    with pytest.raises(ValueError, match="sqlite:///"):
+        store_from_url(url)

@@ -1,0 +1,234 @@
+"""What only the SQLite engine promises: pragmas, group commit, batch isolation, failures."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import replace
+
+import anyio
+import pytest
+
+from service.model import JobState
+from service.store.base import StaleTransitionError, StoreUnavailableError
+from service.store.schema import SCHEMA_VERSION
+from service.store.sqlite import SQLiteStore
+from tests.support.store_fixtures import sample_event, sample_job
+
+pytestmark = pytest.mark.anyio
+
+
+def writer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "store-writer"]
+
+
+class WriterGate:
+    """Holds the writer thread inside a request so the next requests pile up into one batch."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, _connection: sqlite3.Connection) -> None:
+        self.entered.set()
+        self.release.wait(timeout=10)
+
+    async def hold(self, store: SQLiteStore, tg: anyio.abc.TaskGroup) -> None:
+        tg.start_soon(store._write, self)
+        await anyio.to_thread.run_sync(self.entered.wait)
+
+
+async def test_open_creates_file_with_wal_and_schema(tmp_path):
+    path = tmp_path / "deep" / "dir" / "studiohook.db"
+    store = SQLiteStore(path)
+    await store.open()
+    await store.close()
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"events", "jobs", "transitions", "outbox"} <= tables
+    raw.close()
+
+
+async def test_concurrent_accepts_share_commits_and_are_all_durable(store):
+    async def accept(n: int) -> None:
+        event = sample_event(f"k{n}")
+        await store.accept_event(event, [sample_job(event)])
+
+    async with anyio.create_task_group() as tg:
+        for n in range(200):
+            tg.start_soon(accept, n)
+
+    assert store.write_count == 200
+    assert store.commit_count <= 20, f"{store.commit_count} commits for 200 writes"
+    raw = sqlite3.connect(store.path)
+    try:
+        assert raw.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 200
+        assert raw.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 200
+    finally:
+        raw.close()
+
+
+async def test_failed_cas_in_a_batch_rolls_back_only_itself(store):
+    job_ids = []
+    for n in range(6):
+        event = sample_event(f"k{n}")
+        job = sample_job(event)
+        await store.accept_event(event, [job])
+        job_ids.append(job.job_id)
+    commits_before = store.commit_count
+    outcomes: dict[str, object] = {}
+
+    async def move(job_id: str, expected: JobState) -> None:
+        try:
+            outcomes[job_id] = await store.transition(job_id, {expected}, JobState.MAPPED)
+        except StaleTransitionError as exc:
+            outcomes[job_id] = exc
+
+    gate = WriterGate()
+    async with anyio.create_task_group() as tg:
+        await gate.hold(store, tg)
+        for n, job_id in enumerate(job_ids):
+            expected = JobState.RECEIVED if n % 2 == 0 else JobState.SUBMITTED
+            tg.start_soon(move, job_id, expected)
+        await anyio.wait_all_tasks_blocked()
+        gate.release.set()
+
+    assert store.commit_count == commits_before + 2  # the gate's batch, then all six together
+    for n, job_id in enumerate(job_ids):
+        job = await store.get_job(job_id)
+        if n % 2 == 0:
+            assert job.state is JobState.MAPPED
+            assert len(await store.job_history(job_id)) == 2
+        else:
+            assert isinstance(outcomes[job_id], StaleTransitionError)
+            assert job.state is JobState.RECEIVED
+            assert len(await store.job_history(job_id)) == 1
+
+
+async def test_close_commits_queued_writes_and_stops_the_thread(tmp_path):
+    path = tmp_path / "studiohook.db"
+    store = SQLiteStore(path)
+    await store.open()
+    assert len(writer_threads()) == 1
+    results = []
+
+    async def accept(n: int) -> None:
+        results.append(await store.accept_event(sample_event(f"k{n}"), []))
+
+    gate = WriterGate()
+    async with anyio.create_task_group() as tg:
+        await gate.hold(store, tg)
+        for n in range(10):
+            tg.start_soon(accept, n)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(store.close)
+        await anyio.wait_all_tasks_blocked()
+        gate.release.set()
+
+    assert len(results) == 10
+    assert writer_threads() == []
+    reopened = SQLiteStore(path)
+    await reopened.open()
+    try:
+        again = await reopened.accept_event(sample_event("k9"), [])
+    finally:
+        await reopened.close()
+    assert again.duplicate
+
+
+async def test_cancelled_caller_does_not_break_the_writer(store):
+    gate = WriterGate()
+    async with anyio.create_task_group() as tg:
+        await gate.hold(store, tg)
+        with anyio.move_on_after(0.01) as scope:
+            await store.accept_event(sample_event("cancelled"), [])
+        gate.release.set()
+    assert scope.cancelled_caught
+    later = await store.accept_event(sample_event("cancelled"), [])
+    assert later.duplicate  # the cancelled write still committed
+    await store.ping()
+
+
+async def test_locked_database_is_unavailable_then_recovers(tmp_path):
+    path = tmp_path / "studiohook.db"
+    store = SQLiteStore(path, busy_timeout_s=0.05)
+    await store.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreUnavailableError, match="locked"):
+            await store.accept_event(sample_event("k1"), [])
+        other.execute("ROLLBACK")
+        accepted = await store.accept_event(sample_event("k1"), [])
+        assert not accepted.duplicate
+    finally:
+        other.close()
+        await store.close()
+
+
+async def test_full_disk_fails_the_whole_batch_and_commits_nothing(store):
+    def fill_limit(connection: sqlite3.Connection) -> None:
+        pages = connection.execute("PRAGMA page_count").fetchone()[0]
+        connection.execute(f"PRAGMA max_page_count = {pages}")
+
+    await store._write(fill_limit)
+    big = replace(sample_event("big"), body=b"x" * 200_000)
+
+    outcomes: list[BaseException | None] = []
+
+    async def accept(event) -> None:
+        try:
+            await store.accept_event(event, [])
+            outcomes.append(None)
+        except StoreUnavailableError as exc:
+            outcomes.append(exc)
+
+    gate = WriterGate()
+    async with anyio.create_task_group() as tg:
+        await gate.hold(store, tg)
+        tg.start_soon(accept, sample_event("small"))
+        tg.start_soon(accept, big)
+        await anyio.wait_all_tasks_blocked()
+        gate.release.set()
+
+    assert len(outcomes) == 2
+    assert all(isinstance(o, StoreUnavailableError) for o in outcomes)
+    assert "full" in str(outcomes[0])
+    await store._write(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
+    assert not (await store.accept_event(sample_event("small"), [])).duplicate
+
+
+async def test_open_fails_unavailable_where_no_database_can_be(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where a directory should be")
+    with pytest.raises(StoreUnavailableError):
+        await SQLiteStore(blocker / "studiohook.db").open()
+
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database file at all" * 100)
+    with pytest.raises(StoreUnavailableError):
+        await SQLiteStore(garbage).open()
+    assert writer_threads() == []
+
+
+async def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "studiohook.db"
+    raw = sqlite3.connect(path)
+    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    raw.close()
+    with pytest.raises(StoreUnavailableError, match="newer"):
+        await SQLiteStore(path).open()
+
+
+async def test_reads_run_while_the_writer_is_busy(store):
+    event = sample_event("k1")
+    await store.accept_event(event, [sample_job(event)])
+    gate = WriterGate()
+    async with anyio.create_task_group() as tg:
+        await gate.hold(store, tg)
+        with anyio.fail_after(5):
+            job = await store.get_job(sample_job(event).job_id)
+        gate.release.set()
+    assert job is not None
