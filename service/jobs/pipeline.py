@@ -1,0 +1,224 @@
+"""The render pipeline: preparer, submitter, reconciler and tracker as one supervised unit.
+
+`run` recovers every non-terminal job before starting the loops (so a crash between any two
+commits resumes where it stopped, and a POST that may have happened is reconciled, never
+repeated), then starts each loop as a named child of one task group. A failing job is its
+own problem; a failing loop fails the group, visibly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol
+
+import anyio
+import structlog
+
+from service.jobs.ratelimit import RenderSlots
+from service.jobs.reconcile import LookupApi, Reconciler
+from service.jobs.states import IN_FLIGHT
+from service.jobs.submitter import ExportApi, Submitter
+from service.jobs.tracker import PollTiming, ProgressApi, Tracker
+from service.log import get_logger
+from service.model import Job, JobState, JobUpdate
+from service.store.base import StaleTransitionError, StoreUnavailableError
+
+if TYPE_CHECKING:
+    from service.config import AIStudiosConfig
+    from service.jobs.ratelimit import RequestGate
+    from service.jobs.schedule import Clock, RandomSource, Sleep
+    from service.jobs.submitter import OutboxFor
+    from service.store.base import Store
+
+log = get_logger("jobs.pipeline")
+
+Prepare = Callable[[Job], Awaitable[None]]
+"""The caller's `received -> mapped|rejected` step (template + event -> export body)."""
+
+_RECOVERY_LIMIT = 100_000
+_PREPARE_BATCH = 100
+_DUMMY_TOKEN = "x" * 32
+
+
+class RenderApi(ExportApi, ProgressApi, LookupApi, Protocol):
+    """Everything the pipeline asks of AI Studios (the client, or a fake of the cloud)."""
+
+
+class JobPipeline:
+    """Owns the job loops and the render budget they share."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        api: RenderApi,
+        gate: RequestGate,
+        settings: AIStudiosConfig,
+        prepare: Prepare,
+        outbox_for: OutboxFor,
+        public_url: str | None = None,
+        clock: Clock = time.time,
+        sleep: Sleep = anyio.sleep,
+        rng: RandomSource | None = None,
+    ) -> None:
+        self._store = store
+        self._prepare = prepare
+        self._outbox_for = outbox_for
+        self._clock = clock
+        self.slots = RenderSlots(settings.max_concurrent_exports)
+        rng = rng or random.SystemRandom()
+        self.tracker = Tracker(
+            store=store,
+            api=api,
+            slots=self.slots,
+            gate=gate,
+            outbox_for=outbox_for,
+            clock=clock,
+            sleep=sleep,
+            rng=rng,
+            timing=PollTiming(
+                floor_s=settings.poll_min_interval_s,
+                ceiling_s=settings.poll_max_interval_s,
+                deadline_s=settings.render_deadline_seconds,
+                stall_s=settings.stall_seconds,
+            ),
+        )
+        self.submitter = Submitter(
+            store=store,
+            api=api,
+            slots=self.slots,
+            gate=gate,
+            outbox_for=outbox_for,
+            clock=clock,
+            sleep=sleep,
+            rng=rng,
+            max_retries=settings.max_retries,
+            public_url=public_url,
+            on_submitted=self.tracker.track,
+            on_reconcile=self._reconcile,
+        )
+        self.reconciler = Reconciler(
+            store=store,
+            api=api,
+            slots=self.slots,
+            gate=gate,
+            outbox_for=outbox_for,
+            clock=clock,
+            sleep=sleep,
+            rng=rng,
+            wait_s=settings.reconcile_wait_s,
+            on_adopted=self.tracker.track,
+            on_resubmit=self.submitter.wake,
+        )
+        self._prepare_wakeup = anyio.Event()
+        self._prepare_skip: set[str] = set()
+        """Jobs prepare() already had this round; an intake or operator wake-up clears it."""
+
+    def _reconcile(self, job: Job) -> None:
+        self.reconciler.add(job)
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Recover, start the loops, report started; returns only by cancellation or a bug."""
+        await self.recover()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._prepare_loop, name="jobs.preparer")
+            tg.start_soon(self.submitter.run, name="jobs.submitter")
+            tg.start_soon(self.reconciler.run, name="jobs.reconciler")
+            tg.start_soon(self.tracker.run, name="jobs.tracker")
+            task_status.started()
+
+    async def recover(self) -> None:
+        """Pick up every job a previous process left between two commits."""
+        in_flight = await self._store.jobs_in_states(IN_FLIGHT, limit=_RECOVERY_LIMIT)
+        for job in in_flight:
+            self.slots.adopt(job.job_id)
+            with structlog.contextvars.bound_contextvars(job_id=job.job_id):
+                await self._recover_one(job)
+        log.info("jobs.recovered", in_flight=len(in_flight))
+
+    async def _recover_one(self, job: Job) -> None:
+        if job.state is JobState.SUBMITTED:
+            self.tracker.track(job)
+            return
+        if job.state is JobState.SUBMITTING:
+            note = "restart found the export's outcome unknown"
+            try:
+                job = await self._store.transition(
+                    job.job_id,
+                    {JobState.SUBMITTING},
+                    JobState.RECONCILE,
+                    JobUpdate(error_code="ambiguous", error_message=note, note=note),
+                )
+            except StaleTransitionError:
+                self.slots.release(job.job_id)
+                return
+            log.warning("job.reconcile", reason=note)
+        self.reconciler.add(job)
+
+    def notify_new_jobs(self) -> None:
+        """The intake (or an operator's retry) committed jobs: map and submit them."""
+        self._prepare_skip.clear()
+        self._prepare_wakeup.set()
+        self.submitter.wake()
+
+    async def on_callback(self, job_id: str, token: str) -> bool:
+        """A completion callback: True when its token is the job's; it only brings a poll forward.
+
+        The token is compared in constant time, and an unknown job costs the same comparison,
+        so neither job ids nor tokens can be probed through timing.
+        """
+        job = await self._store.get_job(job_id)
+        expected = job.callback_token if job is not None and job.callback_token else None
+        matches = hmac.compare_digest((expected or _DUMMY_TOKEN).encode(), token.encode())
+        if expected is None or not matches:
+            log.warning("callback.refused", job_id=job_id)
+            return False
+        await self.tracker.wake(job_id)
+        return True
+
+    async def _prepare_loop(self) -> None:
+        """Map received jobs one by one (mapping is cheap and local), then hand them on."""
+        while True:
+            self._prepare_wakeup = anyio.Event()
+            jobs = await self._store.jobs_in_states({JobState.RECEIVED}, limit=_PREPARE_BATCH)
+            fresh = [job for job in jobs if job.job_id not in self._prepare_skip]
+            for job in fresh:
+                self._prepare_skip.add(job.job_id)
+                with structlog.contextvars.bound_contextvars(job_id=job.job_id):
+                    await self._prepare_isolated(job)
+            if fresh:
+                self.submitter.wake()
+            if len(jobs) < _PREPARE_BATCH or not fresh:
+                await self._prepare_wakeup.wait()
+
+    async def _prepare_isolated(self, job: Job) -> None:
+        """Run the caller's mapping; a crash in it rejects the job with the reason."""
+        try:
+            await self._prepare(job)
+        except StoreUnavailableError as exc:
+            log.warning("job.prepare_deferred", error=str(exc))
+        except Exception as exc:
+            log.exception("job.prepare_crashed")
+            await self._reject(job, f"mapping crashed: {exc!r}")
+
+    async def _reject(self, job: Job, reason: str) -> None:
+        rejected = dataclasses.replace(
+            job, state=JobState.REJECTED, error_code="prepare_error", error_message=reason
+        )
+        update = JobUpdate(error_code="prepare_error", error_message=reason, note=reason)
+        try:
+            await self._store.transition(
+                job.job_id,
+                {JobState.RECEIVED},
+                JobState.REJECTED,
+                update,
+                self._outbox_for(rejected, "video.failed"),
+            )
+        except (StaleTransitionError, StoreUnavailableError) as exc:
+            log.warning("job.reject_failed", error=repr(exc))

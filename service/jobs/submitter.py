@@ -1,0 +1,364 @@
+"""`mapped -> submitting -> submitted`: the one place that spends money.
+
+THE MONEY RULE: `submitting` (attempts + 1) is committed BEFORE the POST, so a crash at any
+point leaves a job that says "a POST may have happened" and is reconciled by name instead of
+being posted again. After the POST, only a retryable error (nothing was created) sends the job
+back to `mapped`; anything uncertain goes to `reconcile`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+import orjson
+import structlog
+
+from service.aistudios.errors import AmbiguousError, PermanentError, RetryableError
+from service.jobs.schedule import backoff_delay, retry_delay
+from service.jobs.states import IN_FLIGHT
+from service.log import get_logger
+from service.model import Job, JobState, JobUpdate, NewOutboxMessage
+from service.store.base import StaleTransitionError, StoreUnavailableError
+
+if TYPE_CHECKING:
+    from collections.abc import Collection
+
+    from service.jobs.ratelimit import RenderSlots, RequestGate
+    from service.jobs.schedule import Clock, RandomSource, Sleep
+    from service.store.base import Store
+
+log = get_logger("jobs.submitter")
+
+OutboxFor = Callable[[Job, str], Sequence[NewOutboxMessage]]
+"""The caller's notify targets: the outbox rows committed with a terminal state."""
+
+RETRY_BASE_S = 2.0
+RETRY_CAP_S = 300.0
+_COMMIT_ATTEMPTS = 6
+_SCAN_LIMIT = 500
+
+
+class ExportApi(Protocol):
+    """The billed create calls of both API generations."""
+
+    async def export_v3(
+        self, body: dict[str, Any], *, name: str, webhook_url: str | None = None
+    ) -> str:
+        """Create and export; returns the project id."""
+        ...
+
+    async def export_legacy(self, scenes: list[dict[str, Any]]) -> str:
+        """Export changed scenes of a saved project; returns the key to poll."""
+        ...
+
+
+class UnusableBodyError(ValueError):
+    """The stored export body cannot be sent: nothing to POST, so the job fails before paying."""
+
+
+def callback_url(public_url: str, job_id: str, token: str) -> str:
+    """The per-job callback address AI Studios is given (unguessable through its token)."""
+    return f"{public_url.rstrip('/')}/callbacks/{job_id}/{token}"
+
+
+def decode_body(job: Job) -> dict[str, Any]:
+    """The stored export request; v3 wants an object, legacy an object with `scenes`."""
+    if job.export_body is None:
+        raise UnusableBodyError("job has no export body")
+    try:
+        body = orjson.loads(job.export_body)
+    except orjson.JSONDecodeError as exc:
+        raise UnusableBodyError(f"export body is not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise UnusableBodyError("export body is not a JSON object")
+    if job.api == "legacy" and not isinstance(body.get("scenes"), list):
+        raise UnusableBodyError("legacy export body has no scenes list")
+    return body
+
+
+async def sleep_or_wake(wakeup: anyio.Event, seconds: float, sleep: Sleep) -> None:
+    """Wait `seconds` on the injected sleep, or less when `wakeup` is set."""
+    if wakeup.is_set():
+        return
+    if math.isinf(seconds):
+        await wakeup.wait()
+        return
+    async with anyio.create_task_group() as tg:
+
+        async def sleeper() -> None:
+            await sleep(max(seconds, 0.0))
+            tg.cancel_scope.cancel()
+
+        async def waiter() -> None:
+            await wakeup.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(sleeper)
+        tg.start_soon(waiter)
+
+
+async def commit_failure(
+    store: Store,
+    job: Job,
+    from_states: Collection[JobState],
+    *,
+    code: str,
+    message: str,
+    outbox_for: OutboxFor,
+    now: float,
+) -> Job | None:
+    """Move a job to `failed` with its `video.failed` rows; None when another path moved it."""
+    failed = dataclasses.replace(
+        job, state=JobState.FAILED, error_code=code, error_message=message, updated_at=now
+    )
+    update = JobUpdate(error_code=code, error_message=message, note=message)
+    try:
+        job = await store.transition(
+            job.job_id, from_states, JobState.FAILED, update, outbox_for(failed, "video.failed")
+        )
+    except StaleTransitionError:
+        log.info("job.fail_raced", code=code)
+        return None
+    log.warning("job.failed", code=code, reason=message)
+    return job
+
+
+class Submitter:
+    """Posts due `mapped` jobs, each holding a render slot, and routes every outcome."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        api: ExportApi,
+        slots: RenderSlots,
+        gate: RequestGate,
+        outbox_for: OutboxFor,
+        clock: Clock,
+        sleep: Sleep,
+        rng: RandomSource,
+        max_retries: int,
+        public_url: str | None,
+        on_submitted: Callable[[Job], None],
+        on_reconcile: Callable[[Job], None],
+    ) -> None:
+        self._store = store
+        self._api = api
+        self._slots = slots
+        self._gate = gate
+        self._outbox_for = outbox_for
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng
+        self._max_retries = max_retries
+        self._public_url = public_url
+        self._on_submitted = on_submitted
+        self._on_reconcile = on_reconcile
+        self._active: set[str] = set()
+        self._held_back: dict[str, float] = {}
+        self._wakeup = anyio.Event()
+
+    def wake(self) -> None:
+        """New or returned `mapped` jobs: scan again now."""
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Forever: post every due mapped job as slots allow, then sleep until the next is due."""
+        async with anyio.create_task_group() as tg:
+            while True:
+                self._wakeup = anyio.Event()
+                next_due = await self._dispatch_due(tg)
+                await sleep_or_wake(self._wakeup, next_due - self._clock(), self._sleep)
+
+    async def _dispatch_due(self, tg: anyio.abc.TaskGroup) -> float:
+        """Start a submit task for each due job; return when the next one is due."""
+        jobs = await self._store.jobs_in_states({JobState.MAPPED}, limit=_SCAN_LIMIT)
+        next_due = math.inf
+        for job in jobs:
+            if job.job_id in self._active:
+                continue
+            due = max(job.next_attempt_at or 0.0, self._held_back.get(job.job_id, 0.0))
+            if due > self._clock():
+                next_due = min(next_due, due)
+                continue
+            await self._slots.acquire(job.job_id)
+            self._active.add(job.job_id)
+            tg.start_soon(self._submit_isolated, job.job_id, name=f"submit {job.job_id}")
+        return next_due
+
+    async def _submit_isolated(self, job_id: str) -> None:
+        """One job's submit; its failure is logged and held back, never the loop's."""
+        with structlog.contextvars.bound_contextvars(job_id=job_id):
+            try:
+                await self.submit(job_id)
+            except StoreUnavailableError as exc:
+                log.warning("job.submit_deferred", error=str(exc))
+                self._held_back[job_id] = self._clock() + RETRY_BASE_S
+                await self._release_after_crash(job_id)
+            except Exception as exc:
+                log.exception("job.submit_crashed")
+                await self._fail_if_still_mapped(job_id, f"internal error before export: {exc!r}")
+            finally:
+                self._active.discard(job_id)
+                self.wake()
+
+    async def submit(self, job_id: str) -> None:
+        """Post one mapped job (its slot already held) and commit what happened."""
+        self._held_back.pop(job_id, None)
+        job = await self._store.get_job(job_id)
+        if job is None or job.state is not JobState.MAPPED:
+            self._release_unless_in_flight(job_id, job)
+            return
+        try:
+            body = decode_body(job)
+        except UnusableBodyError as exc:
+            await self._fail(job, {JobState.MAPPED}, "unusable_body", str(exc))
+            return
+        token = secrets.token_urlsafe(24) if self._public_url and job.api == "v3" else None
+        try:
+            job = await self._store.transition(
+                job_id,
+                {JobState.MAPPED},
+                JobState.SUBMITTING,
+                JobUpdate(attempts=job.attempts + 1, callback_token=token),
+            )
+        except StaleTransitionError:
+            self._release_unless_in_flight(job_id, None)
+            return
+        # From here on a billed project may exist: never back to `mapped` unless certain.
+        await self._post_and_record(job, body, token)
+
+    async def _post_and_record(self, job: Job, body: dict[str, Any], token: str | None) -> None:
+        try:
+            project_id = await self._post(job, body, token)
+        except RetryableError as exc:
+            await self._retry_later(job, exc)
+        except PermanentError as exc:
+            await self._fail(job, {JobState.SUBMITTING}, exc.code, exc.message)
+        except AmbiguousError as exc:
+            await self._to_reconcile(job, exc.message)
+        except Exception as exc:
+            log.exception("job.export_crashed")
+            await self._to_reconcile(job, f"unexpected error during export: {exc!r}")
+        else:
+            await self._record_submitted(job, project_id)
+
+    async def _post(self, job: Job, body: dict[str, Any], token: str | None) -> str:
+        log.info("job.exporting", attempt=job.attempts, api=job.api)
+        if job.api == "legacy":
+            return await self._api.export_legacy(body["scenes"])
+        webhook = (
+            callback_url(self._public_url, job.job_id, token)
+            if self._public_url and token
+            else None
+        )
+        return await self._api.export_v3(body, name=job.export_name, webhook_url=webhook)
+
+    async def _record_submitted(self, job: Job, project_id: str) -> None:
+        now = self._clock()
+        update = JobUpdate(
+            project_id=project_id,
+            submitted_at=now,
+            progress=0.0,
+            polls=0,
+            note=f"attempt {job.attempts}: project {project_id}",
+            clear=frozenset({"error_code", "error_message", "next_attempt_at", "last_progress_at"}),
+        )
+        submitted = await self._commit_persistently(job, JobState.SUBMITTED, update)
+        if submitted is not None:
+            log.info("job.submitted", project_id=project_id)
+            self._on_submitted(submitted)
+
+    async def _to_reconcile(self, job: Job, reason: str) -> None:
+        update = JobUpdate(error_code="ambiguous", error_message=reason, note=reason)
+        moved = await self._commit_persistently(job, JobState.RECONCILE, update)
+        if moved is not None:
+            log.warning("job.reconcile", reason=reason)
+            self._on_reconcile(moved)
+
+    async def _commit_persistently(
+        self, job: Job, to_state: JobState, update: JobUpdate
+    ) -> Job | None:
+        """Commit the outcome of a POST, retrying a briefly unavailable store.
+
+        Giving up leaves the job in `submitting`, which a restart reconciles by name.
+        """
+        for attempt in range(1, _COMMIT_ATTEMPTS + 1):
+            try:
+                return await self._store.transition(
+                    job.job_id, {JobState.SUBMITTING}, to_state, update
+                )
+            except StaleTransitionError:
+                log.warning("job.moved_during_export", to_state=to_state)
+                await self._release_after_crash(job.job_id)
+                return None
+            except StoreUnavailableError as exc:
+                log.warning("job.commit_retry", to_state=to_state, attempt=attempt, error=str(exc))
+                await self._sleep(backoff_delay(attempt, base_s=0.5, cap_s=8.0, rng=self._rng))
+        log.error("job.left_submitting", to_state=to_state)
+        return None
+
+    async def _retry_later(self, job: Job, exc: RetryableError) -> None:
+        if exc.retry_after_s is not None:
+            self._gate.pause_for(exc.retry_after_s)
+        if job.attempts >= self._max_retries:
+            message = f"gave up after {job.attempts} attempts: {exc.message}"
+            await self._fail(job, {JobState.SUBMITTING}, "retries_exhausted", message)
+            return
+        delay = retry_delay(
+            exc, job.attempts, base_s=RETRY_BASE_S, cap_s=RETRY_CAP_S, rng=self._rng
+        )
+        update = JobUpdate(
+            next_attempt_at=self._clock() + delay,
+            error_code=exc.code,
+            error_message=exc.message,
+            note=f"nothing created ({exc.message}); retry in {delay:.1f}s",
+        )
+        try:
+            await self._store.transition(job.job_id, {JobState.SUBMITTING}, JobState.MAPPED, update)
+        except StaleTransitionError:
+            log.warning("job.moved_during_export", to_state=JobState.MAPPED)
+            await self._release_after_crash(job.job_id)
+            return
+        log.info("job.retry_scheduled", delay_s=round(delay, 3), error=exc.message)
+        self._slots.release(job.job_id)
+
+    async def _fail(
+        self, job: Job, from_states: Collection[JobState], code: str, message: str
+    ) -> None:
+        await commit_failure(
+            self._store,
+            job,
+            from_states,
+            code=code,
+            message=message,
+            outbox_for=self._outbox_for,
+            now=self._clock(),
+        )
+        self._slots.release(job.job_id)
+
+    async def _fail_if_still_mapped(self, job_id: str, reason: str) -> None:
+        """A bug before the POST fails the job (nothing was paid); after it, restart reconciles."""
+        job = await self._store.get_job(job_id)
+        if job is not None and job.state is JobState.MAPPED:
+            await self._fail(job, {JobState.MAPPED}, "internal_error", reason)
+        else:
+            self._release_unless_in_flight(job_id, job)
+
+    async def _release_after_crash(self, job_id: str) -> None:
+        """Free the slot unless the job, as stored now, is still rendering."""
+        try:
+            job = await self._store.get_job(job_id)
+        except StoreUnavailableError:
+            return
+        self._release_unless_in_flight(job_id, job)
+
+    def _release_unless_in_flight(self, job_id: str, job: Job | None) -> None:
+        """Free a slot taken for a job another path moved, unless it is really rendering."""
+        if job is None or job.state not in IN_FLIGHT:
+            self._slots.release(job_id)

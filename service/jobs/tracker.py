@@ -1,0 +1,352 @@
+"""`submitted -> ready | failed`: one scheduler follows every render.
+
+A heap of due polls and a single loop, instead of a sleeping task per job: thousands of renders
+cost one task and a few polls each (timed from the observed progress rate). Callbacks only
+bring a poll forward; what they say is never trusted. The API documents no failure state, so
+a deadline and a stall watchdog decide when a render is lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import anyio
+import structlog
+
+from service.aistudios.errors import AIStudiosError, AuthError, PermanentError, RetryableError
+from service.jobs.schedule import (
+    Observation,
+    next_poll_delay,
+    render_verdict,
+    retry_delay,
+)
+from service.jobs.states import IN_FLIGHT
+from service.jobs.submitter import commit_failure, sleep_or_wake
+from service.log import get_logger
+from service.model import Job, JobState, JobUpdate
+from service.store.base import StaleTransitionError, StoreUnavailableError
+
+if TYPE_CHECKING:
+    from service.aistudios.responses import Progress
+    from service.jobs.ratelimit import RenderSlots, RequestGate
+    from service.jobs.schedule import Clock, RandomSource, Sleep
+    from service.jobs.submitter import OutboxFor
+    from service.store.base import Store
+
+log = get_logger("jobs.tracker")
+
+POLL_RETRY_BASE_S = 2.0
+POLL_RETRY_CAP_S = 120.0
+MAX_PARALLEL_POLLS = 4
+_KEPT_OBSERVATIONS = 8
+_VERDICT_EPSILON_S = 0.001
+
+
+class ProgressApi(Protocol):
+    """Reading a render's progress in either API generation."""
+
+    async def progress_v3(self, project_id: str) -> Progress:
+        """Progress of a v3 export."""
+        ...
+
+    async def progress_legacy(self, key: str) -> Progress:
+        """Progress of a legacy export."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PollTiming:
+    """The tracker's time budget: poll bounds and when a render counts as lost."""
+
+    floor_s: float
+    ceiling_s: float
+    deadline_s: float
+    stall_s: float
+    first_guess_s: float = 5.0
+
+
+@dataclass(slots=True)
+class _Render:
+    """What the tracker remembers of one render between polls."""
+
+    job_id: str
+    observations: list[Observation]
+    due_at: float = 0.0
+    seq: int = 0
+    polling: bool = False
+    repoll: bool = False
+    last_poll_at: float | None = None
+    errors: int = field(default=0)
+
+
+def verdict_due_at(job: Job, timing: PollTiming) -> float:
+    """The moment a deadline or stall verdict would fall, so a poll lands right then."""
+    if job.submitted_at is None:
+        return math.inf
+    moved_at = job.last_progress_at if job.last_progress_at is not None else job.submitted_at
+    return min(job.submitted_at + timing.deadline_s, moved_at + timing.stall_s)
+
+
+def observations_of(job: Job) -> list[Observation]:
+    """Rebuild the progress history of a job read from the store (after a restart, say)."""
+    start = job.submitted_at if job.submitted_at is not None else job.updated_at
+    observations = [Observation(start, 0.0)]
+    if job.progress > 0 and job.last_progress_at is not None:
+        observations.append(Observation(job.last_progress_at, job.progress))
+    return observations
+
+
+class Tracker:
+    """Polls every submitted render at computed times; commits `ready` or `failed`."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        api: ProgressApi,
+        slots: RenderSlots,
+        gate: RequestGate,
+        outbox_for: OutboxFor,
+        clock: Clock,
+        sleep: Sleep,
+        rng: RandomSource,
+        timing: PollTiming,
+        max_parallel_polls: int = MAX_PARALLEL_POLLS,
+    ) -> None:
+        self._store = store
+        self._api = api
+        self._slots = slots
+        self._gate = gate
+        self._outbox_for = outbox_for
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng
+        self._timing = timing
+        self._poll_permits = anyio.Semaphore(max_parallel_polls)
+        self._renders: dict[str, _Render] = {}
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        self._wakeup = anyio.Event()
+
+    @property
+    def tracked(self) -> int:
+        """How many renders are being followed."""
+        return len(self._renders)
+
+    def track(self, job: Job) -> None:
+        """Follow a `submitted` job; its first poll is timed from what the job already shows."""
+        render = _Render(job.job_id, observations_of(job))
+        self._renders[job.job_id] = render
+        now = self._clock()
+        self._schedule(render, now + self._delay(render), job)
+
+    async def wake(self, job_id: str) -> None:
+        """A callback arrived: poll this render now (no sooner than the poll floor allows)."""
+        render = self._renders.get(job_id)
+        if render is None:
+            return
+        if render.polling:
+            render.repoll = True
+            return
+        now = self._clock()
+        earliest = (
+            now if render.last_poll_at is None else render.last_poll_at + self._timing.floor_s
+        )
+        due_at = max(now, earliest)
+        if due_at < render.due_at:
+            self._schedule(render, due_at)
+
+    def _delay(self, render: _Render) -> float:
+        timing = self._timing
+        return next_poll_delay(
+            render.observations,
+            self._clock(),
+            floor_s=timing.floor_s,
+            ceiling_s=timing.ceiling_s,
+            first_guess_s=timing.first_guess_s,
+        )
+
+    def _schedule(self, render: _Render, due_at: float, job: Job | None = None) -> None:
+        if job is not None:
+            due_at = min(due_at, verdict_due_at(job, self._timing) + _VERDICT_EPSILON_S)
+        render.due_at = due_at
+        render.seq = next(self._seq)
+        heapq.heappush(self._heap, (due_at, render.seq, render.job_id))
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Forever: start the polls that are due (bounded), then sleep until the next one."""
+        async with anyio.create_task_group() as tg:
+            while True:
+                self._wakeup = anyio.Event()
+                while self._heap and self._heap[0][0] <= self._clock():
+                    _, seq, job_id = heapq.heappop(self._heap)
+                    render = self._renders.get(job_id)
+                    if render is None or render.seq != seq or render.polling:
+                        continue
+                    await self._poll_permits.acquire()
+                    render.polling = True
+                    tg.start_soon(self._poll_isolated, render, name=f"poll {job_id}")
+                next_due = self._heap[0][0] if self._heap else math.inf
+                await sleep_or_wake(self._wakeup, next_due - self._clock(), self._sleep)
+
+    async def _poll_isolated(self, render: _Render) -> None:
+        """One poll; its failure is this job's, never the loop's."""
+        with structlog.contextvars.bound_contextvars(job_id=render.job_id):
+            try:
+                await self.poll(render)
+            except StoreUnavailableError as exc:
+                log.warning("job.poll_deferred", error=str(exc))
+                self._retry_later(render, exc)
+            except Exception as exc:
+                log.exception("job.poll_crashed")
+                await self._fail_crashed(render, f"internal error while tracking: {exc!r}")
+            finally:
+                self._poll_permits.release()
+                render.polling = False
+                if render.repoll and self._renders.get(render.job_id) is render:
+                    render.repoll = False
+                    await self.wake(render.job_id)
+
+    async def poll(self, render: _Render) -> None:
+        """Read the render's progress once and commit whatever it means."""
+        job = await self._store.get_job(render.job_id)
+        if job is None or job.state is not JobState.SUBMITTED:
+            self._forget(render.job_id, job)
+            return
+        if job.project_id is None:
+            await self._fail(job, "internal_error", "submitted without a project id")
+            return
+        try:
+            progress = await self._read(job)
+        except AIStudiosError as exc:
+            await self._poll_failed(job, render, exc)
+            return
+        now = self._clock()
+        render.last_poll_at = now
+        render.errors = 0
+        moved = progress.progress != job.progress
+        last_progress_at = now if moved else job.last_progress_at
+        render.observations.append(Observation(now, progress.progress))
+        del render.observations[1:-_KEPT_OBSERVATIONS]
+        if progress.done:
+            await self._ready(job, progress, now, last_progress_at)
+            return
+        job = await self._store.update_job(
+            job.job_id,
+            JobUpdate(
+                progress=progress.progress, polls=job.polls + 1, last_progress_at=last_progress_at
+            ),
+        )
+        verdict = render_verdict(job, now, self._timing.deadline_s, self._timing.stall_s)
+        if verdict is not None:
+            await self._give_up(job, verdict)
+            return
+        self._schedule(render, now + self._delay(render), job)
+
+    async def _read(self, job: Job) -> Progress:
+        project_id = job.project_id or ""
+        if job.api == "legacy":
+            return await self._api.progress_legacy(project_id)
+        return await self._api.progress_v3(project_id)
+
+    async def _ready(
+        self, job: Job, progress: Progress, now: float, last_progress_at: float | None
+    ) -> None:
+        """`ready` and its `video.ready` rows in one transaction: announced exactly with it."""
+        ready = dataclasses.replace(
+            job,
+            state=JobState.READY,
+            progress=progress.progress,
+            download_url=progress.download_url,
+            ready_at=now,
+            polls=job.polls + 1,
+            last_progress_at=last_progress_at,
+            updated_at=now,
+        )
+        update = JobUpdate(
+            progress=progress.progress,
+            download_url=progress.download_url,
+            ready_at=now,
+            polls=ready.polls,
+            last_progress_at=last_progress_at,
+            note=f"ready after {ready.polls} polls",
+        )
+        try:
+            await self._store.transition(
+                job.job_id,
+                {JobState.SUBMITTED},
+                JobState.READY,
+                update,
+                self._outbox_for(ready, "video.ready"),
+            )
+        except StaleTransitionError:
+            log.info("job.ready_raced")
+            self._forget(job.job_id, await self._store.get_job(job.job_id))
+            return
+        log.info("job.ready", polls=ready.polls)
+        self._forget(job.job_id, None)
+
+    async def _poll_failed(self, job: Job, render: _Render, exc: AIStudiosError) -> None:
+        """Reads are repeatable: back off (Retry-After exactly), unless the API refused."""
+        if isinstance(exc, PermanentError) and not isinstance(exc, AuthError):
+            await self._fail(job, "permanent", f"progress check refused: {exc.message}")
+            return
+        if isinstance(exc, RetryableError) and exc.retry_after_s is not None:
+            self._gate.pause_for(exc.retry_after_s)
+        now = self._clock()
+        if render_verdict(job, now, self._timing.deadline_s, math.inf) == "deadline":
+            await self._give_up(job, "deadline")
+            return
+        log.warning("job.poll_failed", error=exc.message)
+        self._retry_later(render, exc, job)
+
+    def _retry_later(self, render: _Render, exc: BaseException, job: Job | None = None) -> None:
+        render.errors += 1
+        delay = retry_delay(
+            exc, render.errors, base_s=POLL_RETRY_BASE_S, cap_s=POLL_RETRY_CAP_S, rng=self._rng
+        )
+        self._schedule(render, self._clock() + delay, job)
+
+    async def _give_up(self, job: Job, verdict: str) -> None:
+        if verdict == "deadline":
+            message = f"render not finished {self._timing.deadline_s:g}s after submit"
+        else:
+            message = (
+                f"render made no progress for {self._timing.stall_s:g}s (at {job.progress:g}%)"
+            )
+        await self._fail(job, verdict, message)
+
+    async def _fail(self, job: Job, code: str, message: str) -> None:
+        await commit_failure(
+            self._store,
+            job,
+            {JobState.SUBMITTED},
+            code=code,
+            message=message,
+            outbox_for=self._outbox_for,
+            now=self._clock(),
+        )
+        self._forget(job.job_id, None)
+
+    async def _fail_crashed(self, render: _Render, reason: str) -> None:
+        """A bug while tracking fails the job with the reason (an operator may retry it)."""
+        try:
+            job = await self._store.get_job(render.job_id)
+            if job is not None and job.state is JobState.SUBMITTED:
+                await self._fail(job, "internal_error", reason)
+            else:
+                self._forget(render.job_id, job)
+        except StoreUnavailableError as exc:
+            self._retry_later(render, exc)
+
+    def _forget(self, job_id: str, job: Job | None) -> None:
+        """Stop following a render; free its slot unless the job is somehow still in flight."""
+        self._renders.pop(job_id, None)
+        if job is None or job.state not in IN_FLIGHT:
+            self._slots.release(job_id)

@@ -1,0 +1,233 @@
+"""The job loops end to end: real SQLite store, real simulator over loopback, real pipeline."""
+
+import time
+
+import anyio
+import pytest
+
+from service.aistudios.simulator import SimulatorKnobs
+from service.jobs.reconcile import LEGACY_UNKNOWN
+from service.model import JobState, JobUpdate
+from tests.support.aistudios_fixtures import v3_body
+from tests.support.jobs_fixtures import jobs_harness, legacy_body
+
+pytestmark = pytest.mark.anyio
+
+S = JobState
+
+
+async def states_of(store, job_id):
+    return [t.to_state for t in await store.job_history(job_id)]
+
+
+async def test_happy_path_reaches_ready_with_its_outbox_row(tmp_path):
+    async with jobs_harness(tmp_path) as h:
+        job = await h.add_job("happy")
+        ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED})
+        assert ready.state is S.READY
+        assert ready.download_url
+        assert ready.attempts == 1
+        assert 1 <= ready.polls <= 6
+        assert ready.ready_at >= ready.submitted_at
+        assert await states_of(h.store, job.job_id) == [
+            S.RECEIVED,
+            S.MAPPED,
+            S.SUBMITTING,
+            S.SUBMITTED,
+            S.READY,
+        ]
+        [row] = await h.outbox(job.job_id)
+        assert row["type"] == "video.ready"
+        assert row["download_url"] == ready.download_url
+        assert h.simulator.export_count == 1
+        assert [p.id for p in h.simulator.exports_named(job.export_name)] == [ready.project_id]
+        assert h.pipeline.slots.in_flight == 0
+
+
+async def test_429_storm_pauses_every_request_for_retry_after_and_still_succeeds(tmp_path):
+    knobs = SimulatorKnobs(render_seconds=0.2, throttle_next=3, retry_after_s=0.3)
+    async with jobs_harness(tmp_path, knobs=knobs, max_requests_per_second=20.0) as h:
+        first = await h.add_job("storm-1")
+        second = await h.add_job("storm-2")
+        for job in (first, second):
+            done = await h.store.wait_for(job.job_id, {S.READY, S.FAILED})
+            assert done.state is S.READY
+        times = sorted(at for at, _, _ in h.simulator.requests)
+        throttled = times[:3]  # the simulator throttles the first three requests it sees
+        for at in throttled:
+            inside = [t for t in times if at < t < at + 0.3]
+            assert not inside, f"request {inside[0] - at:.3f}s after a 429 with Retry-After 0.3"
+        assert h.simulator.export_count == 2
+
+
+async def test_5xx_on_create_is_reconciled_and_adopted_without_a_second_export(tmp_path):
+    knobs = SimulatorKnobs(render_seconds=0.3, fail_5xx_next=1)
+    async with jobs_harness(tmp_path, knobs=knobs) as h:
+        job = await h.add_job("five-hundred")
+        ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED})
+        assert ready.state is S.READY
+        assert S.RECONCILE in await states_of(h.store, job.job_id)
+        assert h.simulator.export_count == 1
+        [project] = h.simulator.exports_named(job.export_name)
+        assert ready.project_id == project.id
+
+
+async def test_lost_response_after_creation_leaves_exactly_one_export(tmp_path):
+    knobs = SimulatorKnobs(render_seconds=0.3, lose_response_next_exports=1)
+    async with jobs_harness(tmp_path, knobs=knobs) as h:
+        job = await h.add_job("lost")
+        ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED})
+        assert ready.state is S.READY
+        assert ready.attempts == 1
+        assert len(h.simulator.exports_named(job.export_name)) == 1
+        assert h.simulator.export_count == 1
+
+
+async def test_permanent_error_fails_the_job_with_the_api_message(tmp_path):
+    async with jobs_harness(tmp_path) as h:
+        job = await h.add_job("bad-body", body={"scenes": []})
+        failed = await h.store.wait_for(job.job_id, {S.FAILED, S.READY})
+        assert failed.state is S.FAILED
+        assert failed.error_code == "permanent"
+        assert "scenes is required" in failed.error_message
+        [row] = await h.outbox(job.job_id)
+        assert row["type"] == "video.failed"
+        assert "scenes is required" in row["error"]
+        assert h.simulator.export_count == 0
+        assert h.pipeline.slots.in_flight == 0
+
+
+async def test_a_stalling_render_fails_as_stalled(tmp_path):
+    knobs = SimulatorKnobs(render_seconds=0.2, failing_renders_next=1, stall_at=40.0)
+    async with jobs_harness(tmp_path, knobs=knobs, stall_seconds=0.4) as h:
+        job = await h.add_job("stall")
+        failed = await h.store.wait_for(job.job_id, {S.FAILED, S.READY})
+        assert failed.state is S.FAILED
+        assert failed.error_code == "stalled"
+        assert failed.progress == 40.0
+        [row] = await h.outbox(job.job_id)
+        assert row["type"] == "video.failed"
+
+
+async def test_a_render_past_its_deadline_fails(tmp_path):
+    knobs = SimulatorKnobs(render_seconds=30.0)
+    async with jobs_harness(tmp_path, knobs=knobs, render_deadline_seconds=0.5) as h:
+        job = await h.add_job("slow")
+        failed = await h.store.wait_for(job.job_id, {S.FAILED, S.READY})
+        assert failed.state is S.FAILED
+        assert failed.error_code == "deadline"
+        assert 0 < failed.progress < 100
+        assert time.time() - failed.submitted_at < 3.0  # noticed at the deadline, not later
+
+
+async def test_never_more_renders_in_flight_than_the_limit(tmp_path):
+    knobs = SimulatorKnobs(render_seconds=0.25)
+    async with jobs_harness(tmp_path, knobs=knobs, max_concurrent_exports=2) as h:
+        jobs = [await h.add_job(f"many-{i}") for i in range(5)]
+        for job in jobs:
+            done = await h.store.wait_for(job.job_id, {S.READY, S.FAILED})
+            assert done.state is S.READY
+        # Simulator side: every render interval [created, created + render_seconds].
+        edges = []
+        for project in h.simulator.projects.values():
+            if project.rendering:
+                edges += [
+                    (project.created_at, 1),
+                    (project.created_at + project.render_seconds, -1),
+                ]
+        running = peak = 0
+        for _, delta in sorted(edges, key=lambda e: (e[0], e[1])):
+            running += delta
+            peak = max(peak, running)
+        assert h.simulator.export_count == 5
+        assert peak == 2
+
+
+async def test_recovery_of_a_crash_before_the_post_exports_exactly_once(tmp_path):
+    async with jobs_harness(tmp_path, start=False) as h:
+        job = await h.add_job("crash-before", notify=False)
+        await h.prepare(job)
+        await h.store.transition(
+            job.job_id, {S.MAPPED}, S.SUBMITTING, JobUpdate(attempts=1)
+        )  # the crash: committed, never posted
+        await h.start()
+        ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED})
+        assert ready.state is S.READY
+        history = await states_of(h.store, job.job_id)
+        assert history[3:] == [S.RECONCILE, S.MAPPED, S.SUBMITTING, S.SUBMITTED, S.READY]
+        assert h.simulator.export_count == 1
+
+
+async def test_recovery_of_a_crash_after_the_post_adopts_the_export(tmp_path):
+    async with jobs_harness(tmp_path, start=False) as h:
+        job = await h.add_job("crash-after", notify=False)
+        await h.prepare(job)
+        await h.store.transition(job.job_id, {S.MAPPED}, S.SUBMITTING, JobUpdate(attempts=1))
+        # The POST happened, then the process died before recording it.
+        project_id = await h.client.export_v3(v3_body(), name=job.export_name)
+        await h.start()
+        ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED})
+        assert ready.state is S.READY
+        assert ready.project_id == project_id
+        assert h.simulator.export_count == 1
+
+
+async def test_an_ambiguous_legacy_export_fails_instead_of_paying_twice(tmp_path):
+    knobs = SimulatorKnobs(render_seconds=0.2, lose_response_next_exports=1)
+    async with jobs_harness(tmp_path, knobs=knobs) as h:
+        job = await h.add_job("legacy-lost", body=legacy_body(), api="legacy")
+        failed = await h.store.wait_for(job.job_id, {S.FAILED, S.READY})
+        assert failed.state is S.FAILED
+        assert failed.error_message == LEGACY_UNKNOWN
+        assert h.simulator.export_count == 1
+
+
+async def test_a_legacy_export_is_tracked_to_ready(tmp_path):
+    async with jobs_harness(tmp_path) as h:
+        job = await h.add_job("legacy-ok", body=legacy_body(), api="legacy")
+        ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED})
+        assert ready.state is S.READY
+        assert ready.download_url
+
+
+async def test_a_callback_brings_the_confirming_poll_forward(tmp_path):
+    knobs = SimulatorKnobs(render_seconds=0.3)
+    # Without the callback the first poll would come 5 s after submit (first guess, ceiling 10).
+    async with jobs_harness(tmp_path, knobs=knobs, callbacks=True, poll_max_interval_s=10.0) as h:
+        job = await h.add_job("callback")
+        ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED})
+        assert ready.state is S.READY
+        assert ready.polls == 1
+        assert ready.ready_at - ready.submitted_at < 2.0
+        assert [status for _, _, status in h.simulator.callbacks] == [204]
+        assert not await h.pipeline.on_callback(job.job_id, "wrong-token")
+        assert not await h.pipeline.on_callback("job_unknown", "whatever")
+
+
+async def test_a_crashing_mapping_rejects_only_its_job(tmp_path):
+    async with jobs_harness(tmp_path) as h:
+        good = await h.add_job("good", notify=False)
+        bad = await h.add_job("bad", notify=False)
+        del h.bodies[bad.job_id]  # prepare() raises KeyError for this one
+        h.pipeline.notify_new_jobs()
+        rejected = await h.store.wait_for(bad.job_id, {S.REJECTED, S.MAPPED})
+        assert rejected.state is S.REJECTED
+        assert "KeyError" in rejected.error_message
+        ready = await h.store.wait_for(good.job_id, {S.READY, S.FAILED})
+        assert ready.state is S.READY
+
+
+async def test_a_bug_in_a_loop_fails_the_pipeline(tmp_path):
+    async with jobs_harness(tmp_path, start=False) as h:
+        real = h.store.inner.jobs_in_states
+
+        async def broken_for_received(states, limit=1000):
+            if S.RECEIVED in states:
+                raise RuntimeError("bug in the loop")
+            return await real(states, limit)
+
+        h.store.inner.jobs_in_states = broken_for_received
+        with pytest.raises(ExceptionGroup) as info, anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                await tg.start(h.pipeline.run)
+        assert info.group_contains(RuntimeError, match="bug in the loop", depth=None)

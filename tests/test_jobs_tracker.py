@@ -1,0 +1,127 @@
+"""The tracker against the simulator on a virtual clock: long renders without waiting for them."""
+
+import random
+
+import anyio
+import orjson
+import pytest
+
+from service.aistudios.simulator import SimulatorKnobs
+from service.jobs.ratelimit import RenderSlots, RequestGate
+from service.jobs.tracker import PollTiming, Tracker
+from service.model import JobState, JobUpdate
+from service.store.sqlite import SQLiteStore
+from tests.support.aistudios_fixtures import client_for, running_simulator, v3_body
+from tests.support.jobs_fixtures import ObservedStore, outbox_for
+from tests.support.store_fixtures import sample_event, sample_job
+
+pytestmark = pytest.mark.anyio
+
+S = JobState
+TIMING = PollTiming(floor_s=2.0, ceiling_s=60.0, deadline_s=1800.0, stall_s=600.0)
+
+
+class VirtualTime:
+    """Shared by simulator, store and tracker; sleeping jumps the clock instead of waiting."""
+
+    def __init__(self):
+        self.now = 1_700_000_000.0
+
+    def __call__(self):
+        return self.now
+
+    async def sleep(self, seconds):
+        self.now += max(seconds, 0.0)
+        await anyio.lowlevel.checkpoint()
+
+
+async def submitted_job(store, client, clock, key):
+    event = sample_event(key)
+    new_job = sample_job(event)
+    await store.accept_event(event, [new_job])
+    body = JobUpdate(export_body=orjson.dumps(v3_body()), api="v3")
+    await store.transition(new_job.job_id, {S.RECEIVED}, S.MAPPED, body)
+    await store.transition(new_job.job_id, {S.MAPPED}, S.SUBMITTING, JobUpdate(attempts=1))
+    project_id = await client.export_v3(v3_body(), name=new_job.export_name)
+    update = JobUpdate(project_id=project_id, submitted_at=clock())
+    return await store.transition(new_job.job_id, {S.SUBMITTING}, S.SUBMITTED, update)
+
+
+@pytest.mark.parametrize("render_s", [10.0, 60.0, 300.0])
+async def test_a_render_costs_a_handful_of_polls_whatever_its_length(tmp_path, render_s):
+    clock = VirtualTime()
+    inner = SQLiteStore(tmp_path / "t.db", clock=clock)
+    await inner.open()
+    store = ObservedStore(inner)
+    knobs = SimulatorKnobs(render_seconds=render_s)
+    try:
+        async with (
+            running_simulator(knobs, clock=clock) as simulator,
+            client_for(simulator) as client,
+        ):
+            job = await submitted_job(store, client, clock, f"long-{render_s}")
+            slots = RenderSlots(1)
+            slots.adopt(job.job_id)
+            tracker = Tracker(
+                store=store,
+                api=client,
+                slots=slots,
+                gate=RequestGate(1000.0, clock=clock, sleep=clock.sleep),
+                outbox_for=outbox_for,
+                clock=clock,
+                sleep=clock.sleep,
+                rng=random.Random(3),  # noqa: S311 - jitter, not cryptography
+                timing=TIMING,
+            )
+            tracker.track(job)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(tracker.run)
+                ready = await store.wait_for(job.job_id, {S.READY, S.FAILED})
+                tg.cancel_scope.cancel()
+            polls = [p for _, _, p in simulator.requests if "/progress/" in p]
+    finally:
+        await inner.close()
+    assert ready.state is S.READY
+    assert ready.polls == len(polls) <= 6
+    lag = ready.ready_at - (ready.submitted_at + render_s)
+    assert 0 <= lag < max(0.1 * render_s, 2.5)
+    assert slots.in_flight == 0
+    assert tracker.tracked == 0
+
+
+async def test_wake_polls_at_once_instead_of_at_the_scheduled_time(tmp_path):
+    clock = VirtualTime()
+    inner = SQLiteStore(tmp_path / "t.db", clock=clock)
+    await inner.open()
+    store = ObservedStore(inner)
+    try:
+        async with (
+            running_simulator(SimulatorKnobs(render_seconds=100.0), clock=clock) as simulator,
+            client_for(simulator) as client,
+        ):
+            job = await submitted_job(store, client, clock, "woken")
+            slots = RenderSlots(1)
+            tracker = Tracker(
+                store=store,
+                api=client,
+                slots=slots,
+                gate=RequestGate(1000.0, clock=clock, sleep=clock.sleep),
+                outbox_for=outbox_for,
+                clock=clock,
+                sleep=clock.sleep,
+                rng=random.Random(3),  # noqa: S311 - jitter, not cryptography
+                timing=TIMING,
+            )
+            tracker.track(job)
+            await tracker.wake("job_not_tracked")  # harmless
+            clock.now += 100.0  # the render finished; the first poll is still ~5 s away
+            await tracker.wake(job.job_id)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(tracker.run)
+                ready = await store.wait_for(job.job_id, {S.READY, S.FAILED})
+                tg.cancel_scope.cancel()
+    finally:
+        await inner.close()
+    assert ready.state is S.READY
+    assert ready.polls == 1
+    assert ready.ready_at == pytest.approx(ready.submitted_at + 100.0)
