@@ -514,7 +514,8 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
 
 def _bad_request(message: str) -> web.HTTPBadRequest:
     return web.HTTPBadRequest(
-        body=orjson.dumps({"success": False, "msg": message}), content_type="application/json"
+        text=orjson.dumps({"success": False, "msg": message}).decode(),
+        content_type="application/json",
     )
 
 
