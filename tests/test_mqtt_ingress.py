@@ -131,7 +131,7 @@ def intake(tmp_path):
 
 def mqtt_config(address: BrokerAddress, client_id: str, **extra: object) -> MqttConfig:
     values: dict[str, object] = {
-        "session_expiry_seconds": 300,
+        "session_expiry_seconds": 60,
         "receive_maximum": 50,
         **extra,
     }
