@@ -42,6 +42,7 @@ class RetryableError(AIStudiosError):
 
     @property
     def code(self) -> str:
+        """Also the `on_call` outcome label, so metrics and job records agree."""
         return "retryable"
 
 
@@ -50,6 +51,7 @@ class PermanentError(AIStudiosError):
 
     @property
     def code(self) -> str:
+        """Also the `on_call` outcome label, so metrics and job records agree."""
         return "permanent"
 
 
@@ -58,6 +60,7 @@ class AuthError(PermanentError):
 
     @property
     def code(self) -> str:
+        """Also the `on_call` outcome label, so metrics and job records agree."""
         return "auth"
 
 
@@ -70,4 +73,5 @@ class AmbiguousError(AIStudiosError):
 
     @property
     def code(self) -> str:
+        """Also the `on_call` outcome label, so metrics and job records agree."""
         return "ambiguous"
