@@ -1,0 +1,1 @@
+"""Ways events come in (webhooks, MQTT): verify, dedupe, commit, and only then acknowledge."""

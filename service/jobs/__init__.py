@@ -1,0 +1,1 @@
+"""The render pipeline: pure state and scheduling rules, and the loops that submit and track."""

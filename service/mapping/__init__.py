@@ -1,0 +1,1 @@
+"""Pure mapping: template + event context -> export body (selectors, sandboxed expressions, routes)."""

@@ -1,0 +1,1 @@
+"""Announcing results: the outbox sender and its MQTT, webhook and file targets."""
