@@ -34,7 +34,9 @@ class JobState(StrEnum):
     RECONCILE = "reconcile"
 
 
-TERMINAL_STATES = frozenset({JobState.NOTIFIED, JobState.IGNORED, JobState.REJECTED, JobState.FAILED})
+TERMINAL_STATES = frozenset(
+    {JobState.NOTIFIED, JobState.IGNORED, JobState.REJECTED, JobState.FAILED}
+)
 
 
 class EventStatus(StrEnum):

@@ -161,6 +161,10 @@ class JobPipeline:
             log.warning("job.reconcile", reason=note)
         self.reconciler.add(job)
 
+    async def drain(self) -> None:
+        """Let exports under way finish and commit; start no new one (graceful shutdown)."""
+        await self.submitter.drain()
+
     def notify_new_jobs(self) -> None:
         """The intake (or an operator's retry) committed jobs: map and submit them."""
         self._prepare_skip.clear()

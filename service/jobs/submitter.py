@@ -162,10 +162,23 @@ class Submitter:
         self._active: set[str] = set()
         self._held_back: dict[str, float] = {}
         self._wakeup = anyio.Event()
+        self._draining = False
+        self._idle = anyio.Event()
+        self._idle.set()
 
     def wake(self) -> None:
         """New or returned `mapped` jobs: scan again now."""
         self._wakeup.set()
+
+    async def drain(self) -> None:
+        """Start no new export, and return once every export under way has its outcome committed.
+
+        Shutdown calls this within its grace period, so a SIGTERM during a POST records the
+        project id instead of leaving the job for reconciliation.
+        """
+        self._draining = True
+        self.wake()
+        await self._idle.wait()
 
     async def run(self) -> None:
         """Forever: post every due mapped job as slots allow, then sleep until the next is due."""
@@ -177,6 +190,8 @@ class Submitter:
 
     async def _dispatch_due(self, tg: anyio.abc.TaskGroup) -> float:
         """Start a submit task for each due job; return when the next one is due."""
+        if self._draining:
+            return math.inf
         jobs = await self._store.jobs_in_states({JobState.MAPPED}, limit=_SCAN_LIMIT)
         next_due = math.inf
         for job in jobs:
@@ -187,7 +202,12 @@ class Submitter:
                 next_due = min(next_due, due)
                 continue
             await self._slots.acquire(job.job_id)
+            if self._draining:
+                self._slots.release(job.job_id)
+                break
             self._active.add(job.job_id)
+            if self._idle.is_set():
+                self._idle = anyio.Event()
             tg.start_soon(self._submit_isolated, job.job_id, name=f"submit {job.job_id}")
         return next_due
 
@@ -205,6 +225,8 @@ class Submitter:
                 await self._fail_if_still_mapped(job_id, f"internal error before export: {exc!r}")
             finally:
                 self._active.discard(job_id)
+                if not self._active:
+                    self._idle.set()
                 self.wake()
 
     async def submit(self, job_id: str) -> None:

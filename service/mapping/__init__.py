@@ -1,1 +1,1 @@
-"""Pure mapping: template + event context -> export body (selectors, sandboxed expressions, routes)."""
+"""Pure mapping: template + event context -> export body (selectors, expressions, routes)."""

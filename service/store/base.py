@@ -6,7 +6,7 @@ one contract test suite, so the jobs code never knows which it talks to.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
 from service.model import (
@@ -89,6 +89,12 @@ class Store(Protocol):
 
         Raises StaleTransitionError when the job is not in `from_states`, so two paths (a
         callback and a poll, say) can never both act on the same move.
+        """
+
+    def add_outbox_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after every commit that inserted outbox rows.
+
+        The sender sleeps until then instead of polling the outbox.
         """
 
     async def update_job(self, job_id: str, update: JobUpdate) -> Job:

@@ -66,6 +66,7 @@ class SQLiteStore:
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._read_limiter = anyio.CapacityLimiter(readers)
         self._closed = False
+        self._outbox_listeners: list[Callable[[], None]] = []
 
     @property
     def path(self) -> Path:
@@ -214,7 +215,15 @@ class SQLiteStore:
             outbox=tuple(outbox),
             now=self._clock(),
         )
-        return await self._write(work)
+        job: Job = await self._write(work)
+        if outbox:
+            for listener in self._outbox_listeners:
+                listener()
+        return job
+
+    def add_outbox_listener(self, listener: Callable[[], None]) -> None:
+        """Called after every commit that inserted outbox rows (the sender's wake-up)."""
+        self._outbox_listeners.append(listener)
 
     async def update_job(self, job_id: str, update: JobUpdate) -> Job:
         """Change fields without a state change; UnknownJobError for a missing job."""

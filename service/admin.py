@@ -1,0 +1,167 @@
+"""Operations over HTTP: health, readiness, metrics, jobs, and the AI Studios callbacks."""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from service.log import get_logger
+from service.metrics import Metrics
+from service.model import Job, JobState
+from service.store.base import StaleTransitionError, Store, StoreUnavailableError
+
+log = get_logger("admin")
+
+ReadinessCheck = Callable[[], Awaitable[str | None]]
+"""Returns None when fine, else the reason the service is not ready."""
+
+RETRYABLE_STATES = frozenset({JobState.FAILED, JobState.REJECTED})
+
+
+def _json(data: Any, status: int = 200) -> web.Response:  # noqa: ANN401 - any JSON value
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    """A job as the admin API shows it: everything but the (large) export body and the token."""
+    data = dataclasses.asdict(job)
+    data.pop("export_body", None)
+    data.pop("callback_token", None)
+    data["state"] = job.state.value
+    return data
+
+
+class AdminApi:
+    """Routes for operators; the admin token (when set) guards everything under /jobs."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        metrics: Metrics,
+        checks: dict[str, ReadinessCheck],
+        on_callback: Callable[[str, str], Awaitable[bool]],
+        on_retry: Callable[[str], None],
+        admin_token: str | None,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._checks = checks
+        self._on_callback = on_callback
+        self._on_retry = on_retry
+        self._admin_token = admin_token
+
+    def routes(self) -> list[web.RouteDef]:
+        """Every admin and callback route."""
+        return [
+            web.get("/healthz", self.healthz),
+            web.get("/readyz", self.readyz),
+            web.get("/metrics", self.metrics),
+            web.get("/jobs", self.list_jobs),
+            web.get("/jobs/{job_id}", self.show_job),
+            web.post("/jobs/{job_id}/retry", self.retry_job),
+            web.get("/callbacks/{job_id}/{token}", self.callback),
+            web.post("/callbacks/{job_id}/{token}", self.callback),
+        ]
+
+    async def healthz(self, _: web.Request) -> web.Response:
+        """The process answers: nothing more (restart it when this fails)."""
+        return _json({"status": "alive"})
+
+    async def readyz(self, _: web.Request) -> web.Response:
+        """Store writable, broker connected, API reachable: else 503 with the reasons."""
+        problems: dict[str, str] = {}
+        for name, check in self._checks.items():
+            reason = await check()
+            if reason is not None:
+                problems[name] = reason
+        if problems:
+            return _json({"status": "not ready", "problems": problems}, status=503)
+        return _json({"status": "ready"})
+
+    async def metrics(self, _: web.Request) -> web.Response:
+        """Prometheus exposition; store-derived gauges are read at scrape time."""
+        try:
+            self._metrics.set_job_counts(await self._store.count_jobs_by_state())
+            self._metrics.outbox_backlog.set(await self._store.outbox_backlog())
+        except StoreUnavailableError:
+            log.warning("metrics.store_unavailable")
+        return web.Response(body=self._metrics.render(), content_type="text/plain")
+
+    def _authorised(self, request: web.Request) -> bool:
+        if not self._admin_token:
+            return True
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        return hmac.compare_digest(given.encode(), self._admin_token.encode())
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        """`GET /jobs?state=&route=&limit=&after=`: newest first, `next` for the next page."""
+        if not self._authorised(request):
+            return _json({"error": "admin token required"}, status=401)
+        query = request.query
+        try:
+            state = JobState(query["state"]) if "state" in query else None
+            limit = max(1, min(500, int(query.get("limit", "50"))))
+        except ValueError as exc:
+            return _json({"error": f"bad query: {exc}"}, status=400)
+        jobs = await self._store.list_jobs(
+            state=state, route=query.get("route"), limit=limit, after=query.get("after")
+        )
+        next_after = jobs[-1].job_id if len(jobs) == limit else None
+        return _json({"jobs": [job_view(j) for j in jobs], "next": next_after})
+
+    async def show_job(self, request: web.Request) -> web.Response:
+        """One job with its history of transitions."""
+        if not self._authorised(request):
+            return _json({"error": "admin token required"}, status=401)
+        job_id = request.match_info["job_id"]
+        job = await self._store.get_job(job_id)
+        if job is None:
+            return _json({"error": f"no job {job_id}"}, status=404)
+        history = [
+            {
+                "from": t.from_state.value if t.from_state else None,
+                "to": t.to_state.value,
+                "at": t.at,
+                "note": t.note,
+            }
+            for t in await self._store.job_history(job_id)
+        ]
+        return _json({**job_view(job), "history": history})
+
+    async def retry_job(self, request: web.Request) -> web.Response:
+        """Replay a failed or rejected job from its stored event (a new, paid export)."""
+        if not self._authorised(request):
+            return _json({"error": "admin token required"}, status=401)
+        job_id = request.match_info["job_id"]
+        job = await self._store.get_job(job_id)
+        if job is None:
+            return _json({"error": f"no job {job_id}"}, status=404)
+        if job.state not in RETRYABLE_STATES:
+            return _json(
+                {"error": f"job is {job.state.value}; only failed or rejected jobs are retried"},
+                status=409,
+            )
+        try:
+            from service.jobs.retry import retry_update  # noqa: PLC0415 - keeps admin import-light
+
+            job = await self._store.transition(
+                job_id, RETRYABLE_STATES, JobState.RECEIVED, retry_update(job)
+            )
+        except StaleTransitionError:
+            return _json({"error": "job changed meanwhile; look again"}, status=409)
+        log.info("job.retry", job_id=job_id)
+        self._on_retry(job_id)
+        return _json(job_view(job), status=202)
+
+    async def callback(self, request: web.Request) -> web.Response:
+        """AI Studios completion callback: only wakes a confirming poll, never trusted itself."""
+        job_id = request.match_info["job_id"]
+        if not await self._on_callback(job_id, request.match_info["token"]):
+            return _json({"error": "unknown callback"}, status=404)
+        return _json({"ok": True})

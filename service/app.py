@@ -1,0 +1,298 @@
+"""Composition root: builds every part, runs them in one task group, stops them in order.
+
+Start order: store -> API client (or the simulator) -> templates -> pipeline and sender -> HTTP
+site bound -> MQTT subscribed -> "ready". Stop order on the shutdown trigger: intake first (no
+new acks), then the pipeline drains within the grace period, then everything is cancelled and
+the store is closed under a shield so the last commits land.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+from aiohttp import web
+
+from service.admin import AdminApi, ReadinessCheck
+from service.aistudios.client import AIStudiosClient
+from service.aistudios.errors import AIStudiosError
+from service.aistudios.simulator import Simulator, SimulatorKnobs
+from service.catalog import Catalog, load_catalog
+from service.config import Config, ConfigError
+from service.ingress.mqtt import MqttIngress
+from service.ingress.webhooks import webhook_routes
+from service.intake import StoreIntake
+from service.jobs.pipeline import JobPipeline
+from service.jobs.prepare import Preparer
+from service.jobs.ratelimit import RequestGate
+from service.log import get_logger
+from service.metrics import Metrics
+from service.model import Job, JobState, NewOutboxMessage
+from service.notify.build import build_notifiers, outbox_rows_for
+from service.notify.sender import Notifier, OutboxSender
+from service.store.base import StaleTransitionError, Store, StoreUnavailableError
+from service.store.factory import store_from_url
+
+log = get_logger("app")
+
+DEDUPE_RETENTION_S = 8 * 24 * 3600  # dedupe keys are kept at least 7 days; one day of margin
+PURGE_INTERVAL_S = 3600
+API_CHECK_TTL_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """What a started service tells its starter (tests use the URLs)."""
+
+    http_url: str
+    api_url: str
+    simulator: Simulator | None
+    store: Store
+    pipeline: JobPipeline
+
+
+@asynccontextmanager
+async def _api(
+    cfg: Config, knobs: SimulatorKnobs | None
+) -> AsyncIterator[tuple[str, str, Simulator | None]]:
+    a = cfg.aistudios
+    if not a.uses_simulator:
+        yield a.base_url, a.legacy_base_url, None
+        return
+    simulator = Simulator(knobs or SimulatorKnobs(render_seconds=a.simulator.render_seconds))
+    url = await simulator.start(port=a.simulator.port)
+    log.warning(
+        "aistudios.simulator",
+        message="no AI Studios credentials configured: exports go to the built-in simulator",
+        url=url,
+    )
+    try:
+        yield url, url, simulator
+    finally:
+        with anyio.CancelScope(shield=True):
+            await simulator.stop()
+
+
+async def _serve_http(
+    cfg: Config,
+    routes: Sequence[web.RouteDef],
+    *,
+    task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    app = web.Application(client_max_size=cfg.http.max_body_bytes + 1)
+    app.add_routes(routes)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=cfg.service.shutdown_grace_s)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.http.host, cfg.http.port)
+    try:
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        url = f"http://{host}:{port}"
+        log.info("http.listening", url=url)
+        task_status.started(url)
+        await anyio.sleep_forever()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await runner.cleanup()
+
+
+async def _purge_dedupe(store: Store) -> None:
+    while True:
+        try:
+            purged = await store.purge_dedupe(time.time() - DEDUPE_RETENTION_S)
+            if purged:
+                log.info("store.purged", events=purged)
+        except StoreUnavailableError as exc:
+            log.warning("store.purge_failed", reason=str(exc))
+        await anyio.sleep(PURGE_INTERVAL_S)
+
+
+async def run_service(
+    cfg: Config,
+    *,
+    shutdown: anyio.Event,
+    simulator_knobs: SimulatorKnobs | None = None,
+    task_status: anyio.abc.TaskStatus[Running] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run until `shutdown` is set (signals in production, an event in tests)."""
+    cfg.service.state_dir.mkdir(parents=True, exist_ok=True)
+    metrics = Metrics()
+    store = store_from_url(cfg.store.url)
+    await store.open()
+    try:
+        async with AsyncExitStack() as stack:
+            api_url, legacy_url, simulator = await stack.enter_async_context(
+                _api(cfg, simulator_knobs)
+            )
+            a = cfg.aistudios
+            gate = RequestGate(a.max_requests_per_second, time.monotonic)
+            client = AIStudiosClient(
+                base_url=api_url,
+                legacy_base_url=legacy_url,
+                api_key=a.api_key or ("simulator" if simulator else None),
+                app_id=a.app_id,
+                user_key=a.user_key,
+                request_timeout_s=a.request_timeout_s,
+                before_request=gate,
+                on_call=metrics.on_api_call,
+            )
+            await stack.enter_async_context(client)
+            catalog, problems = await load_catalog(cfg, client.import_project_legacy)
+            if problems:
+                raise ConfigError(problems)
+            notifiers = await stack.enter_async_context(build_notifiers(cfg))
+            parts = _Parts(cfg, store, client, gate, catalog, notifiers, metrics)
+            await parts.run(simulator, api_url, shutdown, task_status)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await store.close()
+        log.info("service.stopped")
+
+
+def _mark_notified(store: Store) -> Callable[[str], Awaitable[None]]:
+    async def mark(job_id: str) -> None:
+        # A failed job's announcement was delivered too: it stays failed (stale transition).
+        with contextlib.suppress(StaleTransitionError):
+            await store.transition(job_id, {JobState.READY}, JobState.NOTIFIED)
+
+    return mark
+
+
+def _readiness_checks(
+    store: Store, client: AIStudiosClient, ingress: MqttIngress | None
+) -> dict[str, ReadinessCheck]:
+    api_ok_until = 0.0
+
+    async def store_check() -> str | None:
+        try:
+            await store.ping()
+        except StoreUnavailableError as exc:
+            return str(exc) or "store unavailable"
+        return None
+
+    async def api_check() -> str | None:
+        nonlocal api_ok_until
+        if time.monotonic() < api_ok_until:
+            return None
+        try:
+            authenticated = await client.confirm_auth()
+        except AIStudiosError as exc:
+            return f"AI Studios unreachable: {exc.message}"
+        if not authenticated:
+            return "AI Studios refused the credentials"
+        api_ok_until = time.monotonic() + API_CHECK_TTL_S
+        return None
+
+    async def mqtt_check() -> str | None:
+        return None if ingress is None or ingress.connected else "MQTT broker not connected"
+
+    return {"store": store_check, "aistudios": api_check, "mqtt": mqtt_check}
+
+
+@dataclass
+class _Parts:
+    cfg: Config
+    store: Store
+    client: AIStudiosClient
+    gate: RequestGate
+    catalog: Catalog
+    notifiers: Mapping[str, Notifier]
+    metrics: Metrics
+
+    def outbox_for(self, job: Job, event_type: str) -> Sequence[NewOutboxMessage]:
+        return outbox_rows_for(self.cfg, job, event_type)
+
+    def build(self) -> tuple[JobPipeline, OutboxSender, StoreIntake, MqttIngress | None]:
+        cfg, store = self.cfg, self.store
+        pipeline = JobPipeline(
+            store=store,
+            api=self.client,
+            gate=self.gate,
+            settings=cfg.aistudios,
+            prepare=Preparer(cfg, self.catalog, store, self.outbox_for),
+            outbox_for=self.outbox_for,
+            public_url=cfg.http.public_url,
+        )
+        sender = OutboxSender(
+            store,
+            self.notifiers,
+            clock=time.time,
+            rng=random.Random(),  # noqa: S311 - retry jitter, not cryptography
+            on_job_delivered=_mark_notified(store),
+        )
+        store.add_outbox_listener(sender.wake)
+        intake = StoreIntake(
+            store, self.catalog.routes, on_new_jobs=pipeline.notify_new_jobs, metrics=self.metrics
+        )
+        mqtt_sources = [s for s in cfg.sources if s.kind == "mqtt"]
+        ingress = None
+        if mqtt_sources and cfg.mqtt is not None:
+            ingress = MqttIngress(config=cfg.mqtt, sources=mqtt_sources, intake=intake)
+        return pipeline, sender, intake, ingress
+
+    async def run(
+        self,
+        simulator: Simulator | None,
+        api_url: str,
+        shutdown: anyio.Event,
+        task_status: anyio.abc.TaskStatus[Running],
+    ) -> None:
+        cfg = self.cfg
+        pipeline, sender, intake, ingress = self.build()
+        admin = AdminApi(
+            store=self.store,
+            metrics=self.metrics,
+            checks=_readiness_checks(self.store, self.client, ingress),
+            on_callback=pipeline.on_callback,
+            on_retry=lambda _job_id: pipeline.notify_new_jobs(),
+            admin_token=cfg.http.admin_token,
+        )
+        routes = [
+            *webhook_routes(
+                sources={s.name: s for s in cfg.sources},
+                intake=intake,
+                max_body_bytes=cfg.http.max_body_bytes,
+                body_timeout_s=cfg.http.body_timeout_s,
+            ),
+            *admin.routes(),
+        ]
+        async with anyio.create_task_group() as workers:
+            await workers.start(pipeline.run, name="jobs")
+            await workers.start(sender.run, name="outbox")
+            workers.start_soon(_purge_dedupe, self.store, name="dedupe-purge")
+            async with anyio.create_task_group() as intake_group:
+                http_url = await intake_group.start(_serve_http, cfg, routes, name="http")
+                if ingress is not None:
+                    await intake_group.start(ingress.run, name="mqtt-ingress")
+                log.info("service.ready", http=http_url, simulator=simulator is not None)
+                task_status.started(Running(http_url, api_url, simulator, self.store, pipeline))
+                await shutdown.wait()
+                log.info("service.stopping", grace_s=cfg.service.shutdown_grace_s)
+                intake_group.cancel_scope.cancel()
+            with anyio.move_on_after(cfg.service.shutdown_grace_s):
+                await pipeline.drain()
+            workers.cancel_scope.cancel()
+
+
+async def run_until_signalled(cfg: Config) -> None:
+    """`studiohook serve`: SIGTERM or SIGINT is the shutdown trigger."""
+    shutdown = anyio.Event()
+
+    async def wait_for_signal() -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("service.signal", signal=signal.Signals(signum).name)
+                shutdown.set()
+                return
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait_for_signal, name="signals")
+        await run_service(cfg, shutdown=shutdown)
+        tg.cancel_scope.cancel()

@@ -1,0 +1,376 @@
+"""The `studiohook` command line: parsing and printing only; the work lives in the service."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import orjson
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from service.aistudios.client import AIStudiosClient
+from service.aistudios.simulator import Simulator, SimulatorKnobs, run_simulator
+from service.catalog import load_catalog
+from service.config import Config, ConfigError, config_path, load_config
+from service.intake import route_context
+from service.jobs.prepare import export_request, handle_for_route
+from service.log import configure_logging, register_secrets
+from service.mapping.render import MappingError
+from service.mapping.routes import export_name
+from service.model import RawEvent
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+
+
+def _load(args: argparse.Namespace) -> Config:
+    cfg = load_config(config_path(args.config))
+    a = cfg.aistudios
+    register_secrets([a.api_key, a.app_id, a.user_key, cfg.http.admin_token])
+    register_secrets(s for src in cfg.sources for s in src.secrets)
+    register_secrets(n.secret for n in cfg.notify)
+    if cfg.mqtt is not None:
+        register_secrets([cfg.mqtt.password])
+    return cfg
+
+
+def _print_problems(problems: Sequence[object]) -> None:
+    for problem in problems:
+        err.print(f"[red]✗[/red] {problem}", markup=True)
+
+
+# --- check / preview ------------------------------------------------------------------------
+
+
+async def _check(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    catalog, problems = await load_catalog(cfg)
+    if problems:
+        _print_problems(problems)
+        err.print(f"{len(problems)} problem(s) in {cfg.path}")
+        return EXIT_PROBLEMS
+    out.print(
+        f"ok: {cfg.path}: {len(cfg.sources)} sources, {len(catalog.templates)} templates, "
+        f"{len(catalog.routes)} routes, {len(cfg.notify)} notify targets"
+    )
+    return EXIT_OK
+
+
+def _read_event(path: Path, source: str) -> tuple[RawEvent, bytes]:
+    body = path.read_bytes()
+    headers_file = path.with_name(path.name.removesuffix(".json") + ".headers.json")
+    headers: dict[str, str] = {}
+    if headers_file.is_file():
+        headers = {k.lower(): str(v) for k, v in orjson.loads(headers_file.read_bytes()).items()}
+    payload = orjson.loads(body)
+    topic = headers.pop("x-mqtt-topic", None)
+    return RawEvent(source=source, payload=payload, headers=headers, topic=topic), body
+
+
+async def _render(
+    args: argparse.Namespace, cfg: Config, client: AIStudiosClient | None
+) -> tuple[str, dict[str, Any], str, Any]:
+    importer = client.import_project_legacy if client is not None else None
+    catalog, problems = await load_catalog(cfg, importer)
+    if problems:
+        raise ConfigError(list(problems))
+    route = catalog.routes.get(args.route)
+    if route is None:
+        raise SystemExit(f"no route named {args.route!r} (have: {', '.join(catalog.routes)})")
+    source = cfg.source(args.source or route.config.source)
+    if source is None:
+        raise SystemExit(f"no source named {args.source!r}")
+    if route.config.template not in catalog.templates:
+        raise SystemExit(
+            f"template {route.config.template!r} is a saved project: it is fetched from "
+            "AI Studios at start-up, so preview needs `submit` or a running service"
+        )
+    raw, _ = _read_event(Path(args.event), source.name)
+    handled = handle_for_route(route, source.kind, raw)
+    event_id = handled.event_id or Path(args.event).stem
+    context = route_context(
+        handled,
+        route=route.config.name,
+        source=source.name,
+        event_id=event_id,
+        event_type=handled.event_type or raw.topic or "event",
+    )
+    job_id = f"cli_{uuid.uuid4().hex[:12]}"
+    name = export_name(route, context, job_id)
+    api, body = export_request(catalog, route, context, name)
+    return api, body, name, catalog.templates[route.config.template]
+
+
+async def _preview(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    try:
+        api, body, name, template = await _render(args, cfg, None)
+    except MappingError as exc:
+        err.print(f"mapping error: {exc}")
+        return EXIT_PROBLEMS
+    out.print(f"# export request ({api} API), name {name!r}")
+    rendered = orjson.dumps(body, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
+    out.print(rendered, markup=False)
+    before = orjson.dumps(template, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
+    diff = difflib.unified_diff(
+        before.splitlines(), rendered.splitlines(), "template", "export", lineterm="", n=1
+    )
+    out.print("# diff against the template")
+    for line in diff:
+        out.print(line, markup=False)
+    return EXIT_OK
+
+
+# --- submit ------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def api_base_urls(cfg: Config) -> AsyncIterator[tuple[str, str]]:
+    """The real API, or a simulator started for this command when no credentials are set."""
+    if not cfg.aistudios.uses_simulator:
+        yield cfg.aistudios.base_url, cfg.aistudios.legacy_base_url
+        return
+    simulator = Simulator(SimulatorKnobs(render_seconds=cfg.aistudios.simulator.render_seconds))
+    url = await simulator.start()
+    err.print(f"no AI Studios credentials configured: using the built-in simulator at {url}")
+    try:
+        yield url, url
+    finally:
+        await simulator.stop()
+
+
+async def _download(url: str, dest: Path) -> None:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        response.raise_for_status()
+        data = await response.read()
+    target = anyio.Path(dest)
+    await target.parent.mkdir(parents=True, exist_ok=True)
+    await target.write_bytes(data)
+
+
+async def _wait_for(client: AIStudiosClient, api: str, project_id: str, poll_s: float) -> str:
+    poll = client.progress_v3 if api == "v3" else client.progress_legacy
+    columns = (TextColumn("rendering"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"))
+    with Progress(*columns, TimeElapsedColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("render", total=100)
+        while True:
+            state = await poll(project_id)
+            bar.update(task, completed=state.progress)
+            if state.done and state.download_url:
+                return state.download_url
+            await anyio.sleep(poll_s)
+
+
+async def _submit(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    a = cfg.aistudios
+    async with api_base_urls(cfg) as (base_url, legacy_url):
+        client = AIStudiosClient(
+            base_url=base_url,
+            legacy_base_url=legacy_url,
+            api_key=a.api_key or ("simulator" if a.uses_simulator else None),
+            app_id=a.app_id,
+            user_key=a.user_key,
+            request_timeout_s=a.request_timeout_s,
+        )
+        async with client:
+            try:
+                api, body, name, _ = await _render(args, cfg, client)
+            except MappingError as exc:
+                err.print(f"mapping error: {exc}")
+                return EXIT_PROBLEMS
+            if api == "v3":
+                project_id = await client.export_v3(body, name=name)
+            else:
+                project_id = await client.export_legacy(body["scenes"])
+            err.print(f"submitted {name!r}: project {project_id}")
+            if not args.wait:
+                out.print(project_id)
+                return EXIT_OK
+            url = await _wait_for(client, api, project_id, args.poll_seconds)
+            out.print(url)
+            if args.download:
+                await _download(url, Path(args.download))
+                err.print(f"saved {args.download}")
+    return EXIT_OK
+
+
+# --- jobs ----------------------------------------------------------------------------------
+
+
+def _admin_url(cfg: Config) -> str:
+    host = "127.0.0.1" if cfg.http.host in {"0.0.0.0", "::", ""} else cfg.http.host  # noqa: S104 - mapping a wildcard bind to loopback
+    return f"http://{host}:{cfg.http.port}"
+
+
+async def _jobs_request(session: aiohttp.ClientSession, args: argparse.Namespace, base: str) -> int:
+    if args.action == "retry":
+        async with session.post(f"{base}/jobs/{args.job_id}/retry") as response:
+            data = await response.json()
+            if response.status != 202:  # noqa: PLR2004 - the retry contract
+                err.print(f"retry refused ({response.status}): {data.get('error')}")
+                return EXIT_PROBLEMS
+            out.print(f"{args.job_id}: {data['state']}")
+            return EXIT_OK
+    if args.action == "show":
+        url, params = f"{base}/jobs/{args.job_id}", {}
+    else:
+        url, params = f"{base}/jobs", {"limit": str(args.limit)}
+        if args.status:
+            params["state"] = args.status
+    async with session.get(url, params=params) as response:
+        data = await response.json()
+        if response.status != 200:  # noqa: PLR2004 - anything else carries an error
+            err.print(data.get("error", response.reason))
+            return EXIT_PROBLEMS
+    if args.action == "show":
+        _print_job(data)
+    else:
+        _print_jobs(data["jobs"])
+    return EXIT_OK
+
+
+async def _jobs(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    base = args.url or _admin_url(cfg)
+    headers = {"Authorization": f"Bearer {cfg.http.admin_token}"} if cfg.http.admin_token else {}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        try:
+            return await _jobs_request(session, args, base)
+        except aiohttp.ClientConnectionError as exc:
+            err.print(f"cannot reach the service at {base}: {exc}")
+            return EXIT_PROBLEMS
+
+
+def _print_jobs(jobs: list[dict[str, Any]]) -> None:
+    table = Table("job", "route", "state", "progress", "project", "error")
+    for job in jobs:
+        table.add_row(
+            job["job_id"],
+            job["route"],
+            job["state"],
+            f"{job['progress']:.0f}%",
+            job.get("project_id") or "",
+            job.get("error_message") or "",
+        )
+    out.print(table)
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    table = Table("field", "value", show_header=False)
+    for key, value in job.items():
+        if key != "history":
+            table.add_row(key, "" if value is None else str(value))
+    out.print(table)
+    history = Table("from", "to", "at", "note", title="history")
+    for step in job["history"]:
+        history.add_row(step["from"] or "", step["to"], str(step["at"]), step["note"] or "")
+    out.print(history)
+
+
+# --- serve / simulator ------------------------------------------------------------------
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    configure_logging(cfg.service.log_level, cfg.service.log_format)
+    from service.app import run_until_signalled  # noqa: PLC0415 - the daemon's imports are heavy
+
+    await run_until_signalled(cfg)
+    return EXIT_OK
+
+
+async def _simulator(args: argparse.Namespace) -> int:
+    configure_logging("info", "console")
+    knobs = SimulatorKnobs(render_seconds=args.render_seconds)
+    stop = anyio.Event()
+
+    async def stop_on_signal() -> None:
+        import signal  # noqa: PLC0415
+
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                stop.set()
+                return
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stop_on_signal)
+        await run_simulator(args.host, args.port, knobs, stop)
+        tg.cancel_scope.cancel()
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line, as the README documents it."""
+    parser = argparse.ArgumentParser(prog="studiohook", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", help="config file (else $STUDIOHOOK_CONFIG, else ./config.toml)")
+        return p
+
+    command("serve", "run the daemon")
+    command("check", "validate config, templates, selectors and expressions")
+    for name, help_text in (
+        ("preview", "show the export body an event would produce, offline"),
+        ("submit", "run one export from the command line"),
+    ):
+        p = command(name, help_text)
+        p.add_argument("--route", required=True)
+        p.add_argument("--event", required=True, help="a JSON event (+ optional NAME.headers.json)")
+        p.add_argument("--source", help="the source the event came from (default: the route's)")
+        if name == "submit":
+            p.add_argument("--wait", action="store_true", help="follow the render to the end")
+            p.add_argument("--poll-seconds", type=float, default=2.0)
+            p.add_argument("--download", metavar="PATH", help="save the video (with --wait)")
+    jobs = command("jobs", "list, show and retry jobs of a running service")
+    jobs.add_argument("action", nargs="?", choices=["show", "retry"])
+    jobs.add_argument("job_id", nargs="?")
+    jobs.add_argument("--status", help="only jobs in this state")
+    jobs.add_argument("--limit", type=int, default=50)
+    jobs.add_argument("--url", help="the service's admin URL (default: from [http] listen)")
+    sim = sub.add_parser("simulator", help="run the AI Studios simulator on its own")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=9900)
+    sim.add_argument("--render-seconds", type=float, default=5.0)
+    return parser
+
+
+COMMANDS = {
+    "serve": _serve,
+    "check": _check,
+    "preview": _preview,
+    "submit": _submit,
+    "jobs": _jobs,
+    "simulator": _simulator,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `studiohook` console script."""
+    args = build_parser().parse_args(argv)
+    if args.command == "jobs" and args.action and not args.job_id:
+        err.print(f"jobs {args.action} needs a job id")
+        sys.exit(EXIT_USAGE)
+    try:
+        code = anyio.run(COMMANDS[args.command], args, backend="asyncio")
+    except ConfigError as exc:
+        _print_problems(exc.problems)
+        err.print(f"{len(exc.problems)} problem(s) in the configuration")
+        code = EXIT_PROBLEMS
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

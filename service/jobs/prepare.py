@@ -1,0 +1,125 @@
+"""`received -> mapped`: turn a committed event into the exact export request of its job.
+
+Runs after the ack, from the stored event, so it can be replayed after a crash or an
+operator's retry and always produces the same body for the same config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+
+from service.catalog import Catalog
+from service.config import Config
+from service.intake import handler_for, route_context
+from service.log import get_logger
+from service.mapping.render import MappingError
+from service.mapping.routes import CompiledRoute, build_export, load_handler
+from service.model import (
+    HandledEvent,
+    Job,
+    JobState,
+    JobUpdate,
+    NewOutboxMessage,
+    RawEvent,
+    StoredEvent,
+)
+from service.store.base import StaleTransitionError, Store
+
+log = get_logger("prepare")
+
+OutboxFor = Callable[[Job, str], Sequence[NewOutboxMessage]]
+
+
+def raw_event_of(event: StoredEvent, source_kind: str) -> RawEvent:
+    """Rebuild what the handler saw at intake from the inbox row."""
+    payload = orjson.loads(event.body)
+    topic = event.event_type if source_kind == "mqtt" else None
+    return RawEvent(source=event.source, payload=payload, headers=event.headers, topic=topic)
+
+
+def handle_for_route(route: CompiledRoute, source_kind: str, raw: RawEvent) -> HandledEvent:
+    """The route's own handler when it names one, else the source kind's."""
+    handler = (
+        load_handler(route.config.handler) if route.config.handler else handler_for(source_kind)
+    )
+    return handler(raw)
+
+
+def export_request(
+    catalog: Catalog, route: CompiledRoute, context: dict[str, Any], export_name: str
+) -> tuple[str, dict[str, Any]]:
+    """The API generation and body for one job: v3 template export, or the older `{scenes}`."""
+    template_name = route.config.template
+    patched = build_export(route, catalog.templates[template_name], context)
+    if template_name in catalog.legacy:
+        return "legacy", {"scenes": patched["scenes"]}
+    body = dict(patched)
+    body["name"] = export_name
+    return "v3", body
+
+
+class Preparer:
+    """Maps received jobs; a mapping error rejects the job with its reason (replayable)."""
+
+    def __init__(self, cfg: Config, catalog: Catalog, store: Store, outbox_for: OutboxFor) -> None:
+        self._cfg = cfg
+        self._catalog = catalog
+        self._store = store
+        self._outbox_for = outbox_for
+
+    def _body_for(self, job: Job, event: StoredEvent) -> tuple[str, dict[str, Any]]:
+        route = self._catalog.routes.get(job.route)
+        source = self._cfg.source(event.source)
+        if route is None or source is None:
+            raise MappingError(
+                f"route {job.route!r} or source {event.source!r} is no longer configured"
+            )
+        raw = raw_event_of(event, source.kind)
+        handled = handle_for_route(route, source.kind, raw)
+        context = route_context(
+            handled,
+            route=job.route,
+            source=event.source,
+            event_id=event.event_id,
+            event_type=event.event_type,
+        )
+        return export_request(self._catalog, route, context, job.export_name)
+
+    async def __call__(self, job: Job) -> None:
+        """Commit `mapped` with the export body, or `rejected` with the reason."""
+        event = await self._store.get_event(job.event_row)
+        if event is None:
+            raise LookupError(f"job {job.job_id} has no inbox event {job.event_row}")
+        try:
+            api, body = self._body_for(job, event)
+        except (MappingError, ValueError, KeyError, TypeError) as exc:
+            reason = str(exc) or type(exc).__name__
+            log.warning("job.rejected", job_id=job.job_id, route=job.route, reason=reason)
+            update = JobUpdate(error_code="mapping_error", error_message=reason, note=reason)
+            rejected = dataclasses.replace(
+                job, state=JobState.REJECTED, error_code="mapping_error", error_message=reason
+            )
+            try:
+                await self._store.transition(
+                    job.job_id,
+                    {JobState.RECEIVED},
+                    JobState.REJECTED,
+                    update,
+                    self._outbox_for(rejected, "video.failed"),
+                )
+            except StaleTransitionError:
+                log.info("job.prepare_raced", job_id=job.job_id)
+            return
+        try:
+            await self._store.transition(
+                job.job_id,
+                {JobState.RECEIVED},
+                JobState.MAPPED,
+                JobUpdate(export_body=orjson.dumps(body), api=api),
+            )
+        except StaleTransitionError:
+            log.info("job.prepare_raced", job_id=job.job_id)

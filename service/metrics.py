@@ -1,0 +1,72 @@
+"""Prometheus metrics, one registry per running service so tests can run several side by side."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from service.model import JobState
+
+_RENDER_BUCKETS_S = (5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+_LAG_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    """Every figure an operator needs to see intake, spend and delivery at a glance."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.events = Counter(
+            "studiohook_events_total",
+            "Deliveries by source and outcome (accepted, duplicate, rejected).",
+            ["source", "outcome"],
+            registry=r,
+        )
+        self.jobs = Gauge(
+            "studiohook_jobs", "Jobs by state (read from the store).", ["state"], registry=r
+        )
+        self.exports = Counter(
+            "studiohook_exports_submitted_total", "Paid export requests sent.", registry=r
+        )
+        self.api_calls = Counter(
+            "studiohook_api_calls_total",
+            "AI Studios calls by endpoint and outcome class.",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
+        self.polls_per_job = Histogram(
+            "studiohook_polls_per_job",
+            "Progress polls a render cost until it ended.",
+            buckets=(1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 50),
+            registry=r,
+        )
+        self.render_seconds = Histogram(
+            "studiohook_render_seconds",
+            "Submit to ready.",
+            buckets=_RENDER_BUCKETS_S,
+            registry=r,
+        )
+        self.detection_lag_seconds = Histogram(
+            "studiohook_detection_lag_seconds",
+            "Callback arrival to confirmed ready (only where a callback came first).",
+            buckets=_LAG_BUCKETS_S,
+            registry=r,
+        )
+        self.outbox_backlog = Gauge(
+            "studiohook_outbox_backlog", "Outbox messages not yet delivered.", registry=r
+        )
+
+    def set_job_counts(self, counts: dict[JobState, int]) -> None:
+        """Refresh the per-state gauge; every state is exported, zero included."""
+        for state in JobState:
+            self.jobs.labels(state=state.value).set(counts.get(state, 0))
+
+    def on_api_call(self, endpoint: str, outcome: str) -> None:
+        """The client's `on_call` hook."""
+        self.api_calls.labels(endpoint=endpoint, outcome=outcome).inc()
+        if outcome == "ok" and endpoint.endswith("export"):
+            self.exports.inc()
+
+    def render(self) -> bytes:
+        """The exposition text."""
+        return generate_latest(self.registry)
