@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import secrets
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -68,11 +69,7 @@ async def _api(
         return
     simulator = Simulator(knobs or SimulatorKnobs(render_seconds=a.simulator.render_seconds))
     url = await simulator.start(port=a.simulator.port)
-    log.warning(
-        "aistudios.simulator",
-        message="no AI Studios credentials configured: exports go to the built-in simulator",
-        url=url,
-    )
+    log.info("aistudios.simulator_listening", url=url)
     try:
         yield url, url, simulator
     finally:
@@ -122,6 +119,11 @@ async def run_service(
     task_status: anyio.abc.TaskStatus[Running] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until `shutdown` is set (signals in production, an event in tests)."""
+    if cfg.aistudios.uses_simulator:
+        log.warning(
+            "aistudios.simulator",
+            message="no AI Studios credentials configured: exports go to the built-in simulator",
+        )
     cfg.service.state_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics()
     store = store_from_url(cfg.store.url)
@@ -132,11 +134,12 @@ async def run_service(
                 _api(cfg, simulator_knobs)
             )
             a = cfg.aistudios
+            simulator_key = secrets.token_hex(8)
             gate = RequestGate(a.max_requests_per_second, time.monotonic)
             client = AIStudiosClient(
                 base_url=api_url,
                 legacy_base_url=legacy_url,
-                api_key=a.api_key or ("simulator" if simulator else None),
+                api_key=a.api_key or (simulator_key if simulator else None),
                 app_id=a.app_id,
                 user_key=a.user_key,
                 request_timeout_s=a.request_timeout_s,

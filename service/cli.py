@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import secrets
 import sys
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -180,7 +181,7 @@ async def _submit(args: argparse.Namespace) -> int:
         client = AIStudiosClient(
             base_url=base_url,
             legacy_base_url=legacy_url,
-            api_key=a.api_key or ("simulator" if a.uses_simulator else None),
+            api_key=a.api_key or (secrets.token_hex(8) if a.uses_simulator else None),
             app_id=a.app_id,
             user_key=a.user_key,
             request_timeout_s=a.request_timeout_s,
@@ -365,6 +366,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "jobs" and args.action and not args.job_id:
         err.print(f"jobs {args.action} needs a job id")
         sys.exit(EXIT_USAGE)
+    if args.command != "serve":
+        # Only warnings, on stderr: stdout carries the command's result (a URL, a body).
+        configure_logging("warning", "console")
     try:
         code = anyio.run(COMMANDS[args.command], args, backend="asyncio")
     except ConfigError as exc:

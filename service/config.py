@@ -91,6 +91,7 @@ class AIStudiosConfig:
     reconcile_wait_s: float = 120.0
     poll_min_interval_s: float = 2.0
     poll_max_interval_s: float = 60.0
+    first_poll_s: float = 5.0
     max_retries: int = 8
     download_hosts: tuple[str, ...] = ()
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
@@ -391,7 +392,10 @@ def _http(t: _Table) -> HttpConfig:
 
 def _aistudios(t: _Table) -> AIStudiosConfig:
     sim = t.table("simulator")
-    simulator = SimulatorConfig(render_seconds=sim.number("render_seconds", 5.0))
+    simulator = SimulatorConfig(
+        render_seconds=sim.number("render_seconds", 5.0),
+        port=sim.integer("port", 0),
+    )
     sim.finish()
     app_id = t.text("app_id", None) or None
     user_key = t.text("user_key", None) or None
@@ -411,6 +415,7 @@ def _aistudios(t: _Table) -> AIStudiosConfig:
         reconcile_wait_s=t.number("reconcile_wait_seconds", 120.0),
         poll_min_interval_s=t.number("poll_min_interval_seconds", 2.0, minimum=0.01),
         poll_max_interval_s=t.number("poll_max_interval_seconds", 60.0, minimum=0.01),
+        first_poll_s=t.number("first_poll_seconds", 5.0, minimum=0.01),
         max_retries=t.integer("max_retries", 8),
         download_hosts=t.str_list("download_hosts"),
         simulator=simulator,

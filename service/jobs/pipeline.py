@@ -85,6 +85,7 @@ class JobPipeline:
                 ceiling_s=settings.poll_max_interval_s,
                 deadline_s=settings.render_deadline_seconds,
                 stall_s=settings.stall_seconds,
+                first_guess_s=settings.first_poll_s,
             ),
         )
         self.submitter = Submitter(
