@@ -16,13 +16,14 @@ import aiohttp
 import anyio
 import orjson
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from service.aistudios.client import AIStudiosClient
 from service.aistudios.simulator import Simulator, SimulatorKnobs, run_simulator
 from service.catalog import load_catalog
-from service.config import Config, ConfigError, config_path, load_config
+from service.config import Config, ConfigError, config_path, load_config, read_config
 from service.intake import route_context
 from service.jobs.prepare import export_request, handle_for_route
 from service.log import configure_logging, register_secrets
@@ -30,8 +31,8 @@ from service.mapping.render import MappingError
 from service.mapping.routes import export_name
 from service.model import RawEvent
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, markup=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 
@@ -49,15 +50,16 @@ def _load(args: argparse.Namespace) -> Config:
 
 def _print_problems(problems: Sequence[object]) -> None:
     for problem in problems:
-        err.print(f"[red]✗[/red] {problem}", markup=True)
+        err.print(f"[red]✗[/red] {escape(str(problem))}", markup=True)
 
 
 # --- check / preview ------------------------------------------------------------------------
 
 
 async def _check(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    catalog, problems = await load_catalog(cfg)
+    cfg, problems = read_config(config_path(args.config))
+    catalog, catalog_problems = await load_catalog(cfg)
+    problems = [*problems, *catalog_problems]
     if problems:
         _print_problems(problems)
         err.print(f"{len(problems)} problem(s) in {cfg.path}")

@@ -630,8 +630,11 @@ def config_path(explicit: str | None) -> Path:
     return Path(explicit or os.environ.get("STUDIOHOOK_CONFIG") or "config.toml")
 
 
-def load_config(path: Path, env: dict[str, str] | None = None) -> Config:
-    """Read and validate a config file; raise ConfigError listing every problem."""
+def read_config(path: Path, env: dict[str, str] | None = None) -> tuple[Config, list[Problem]]:
+    """Read a config file and return it with its problems (`check` goes on to look deeper).
+
+    Raises ConfigError only when there is nothing to look at: unreadable file, invalid TOML.
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -640,7 +643,12 @@ def load_config(path: Path, env: dict[str, str] | None = None) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([Problem(str(path), f"not valid TOML: {exc}")]) from exc
-    cfg, problems = parse_config(data, path, env)
+    return parse_config(data, path, env)
+
+
+def load_config(path: Path, env: dict[str, str] | None = None) -> Config:
+    """Read and validate a config file; raise ConfigError listing every problem."""
+    cfg, problems = read_config(path, env)
     if problems:
         raise ConfigError(problems)
     return cfg

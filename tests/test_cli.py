@@ -1,0 +1,175 @@
+"""The command line through its real entry point (`python -m service`), as a user runs it."""
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.support.mqtt_fixtures import free_port, port_answers
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.integration
+
+
+def studiohook(*args, cwd=ROOT, timeout=60):
+    env = {**os.environ, "STUDIOHOOK_STATE_DIR": str(cwd / "state-cli-test")}
+    env.pop("AISTUDIOS_API_KEY", None)
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_check_accepts_the_shipped_config():
+    result = studiohook("check")
+    assert result.returncode == 0, result.stderr
+    assert "ok:" in result.stdout
+    assert "2 routes" in result.stdout
+
+
+def test_check_lists_every_problem_with_its_location(tmp_path):
+    (tmp_path / "t.json").write_text('{"scenes": [{"clips": [{"id": "a", "type": "image"}]}]}')
+    (tmp_path / "config.toml").write_text(
+        """
+[[sources]]
+name = "s"
+kind = "json"
+dedupe_key = "items[?"
+
+[[templates]]
+name = "t"
+file = "t.json"
+
+[[routes]]
+name = "r"
+source = "s"
+template = "t"
+colour = "red"
+[routes.patches]
+"scenes[0].clips[id=zzz].source_url" = "{{ product.title }}"
+"scenes[0].clips[id=a].source_url" = "{{ product.title "
+"""
+    )
+    result = studiohook("check", "--config", str(tmp_path / "config.toml"))
+    assert result.returncode == 1
+    err = result.stderr
+    assert "routes[0].colour: unknown key" in err
+    assert "sources[0].dedupe_key" in err
+    assert "scenes[0].clips[id=zzz].source_url" in err
+    assert "zzz" in err
+    assert "scenes[0].clips[id=a].source_url" in err
+    assert "problem(s)" in err
+
+
+def test_preview_prints_the_export_body_and_a_diff_offline():
+    result = studiohook(
+        "preview", "--route", "new-product", "--event", "examples/shopify-product-create.json"
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert '"name": "Ceramic Pour-Over Coffee Set #' in out
+    assert "# diff against the template" in out
+    assert '-            "org": "Hello, This is test video.",' in out
+    assert '+            "org": "Meet Ceramic Pour-Over Coffee Set.' in out
+
+
+def test_preview_reports_a_mapping_error(tmp_path):
+    event = tmp_path / "event.json"
+    event.write_text(
+        '{"id": 1, "title": "No picture", "body_html": "<p>x</p>", "variants": [{"price": "5.00"}]}'
+    )
+    result = studiohook("preview", "--route", "new-product", "--event", str(event))
+    assert result.returncode == 1
+    assert "product.image_url" in result.stderr
+
+
+def test_submit_wait_on_the_shipped_config_uses_the_simulator_and_saves_an_mp4(tmp_path):
+    video = tmp_path / "video.mp4"
+    result = studiohook(
+        "submit",
+        "--route",
+        "new-product",
+        "--event",
+        "examples/shopify-product-create.json",
+        "--wait",
+        "--poll-seconds",
+        "0.5",
+        "--download",
+        str(video),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "using the built-in simulator" in result.stderr
+    url = result.stdout.strip().splitlines()[-1]
+    assert url.startswith("http://127.0.0.1:")
+    assert url.endswith(".mp4")
+    assert video.read_bytes()[4:8] == b"ftyp"
+
+
+def test_submit_against_a_standalone_simulator_prints_a_downloadable_url(tmp_path):
+    port = free_port()
+    simulator = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "simulator",
+            "--port",
+            str(port),
+            "--render-seconds",
+            "0.5",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not port_answers("127.0.0.1", port):
+            assert time.monotonic() < deadline, "simulator did not start"
+            assert simulator.poll() is None, "simulator exited"
+            time.sleep(0.05)
+        config = (ROOT / "config.toml").read_text()
+        config = config.replace(
+            'api_key = "${AISTUDIOS_API_KEY:-}"',
+            f'api_key = "dev-key"\nbase_url = "http://127.0.0.1:{port}"\n'
+            f'legacy_base_url = "http://127.0.0.1:{port}"',
+        )
+        config = config.replace('file = "templates/', f'file = "{ROOT}/templates/')
+        (tmp_path / "config.toml").write_text(config)
+        result = studiohook(
+            "submit",
+            "--config",
+            str(tmp_path / "config.toml"),
+            "--route",
+            "new-product",
+            "--event",
+            str(ROOT / "examples/shopify-product-create.json"),
+            "--wait",
+            "--poll-seconds",
+            "0.2",
+            cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "simulator" not in result.stderr
+        url = result.stdout.strip().splitlines()[-1]
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback
+            assert response.headers["Content-Type"] == "video/mp4"
+            assert response.read()[4:8] == b"ftyp"
+    finally:
+        simulator.terminate()
+        simulator.wait(timeout=10)
+
+
+def test_jobs_command_reports_an_unreachable_service(tmp_path):
+    result = studiohook("jobs", "--url", f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 1
+    assert "cannot reach the service" in result.stderr
