@@ -150,7 +150,9 @@ async def run_service(
             catalog, problems = await load_catalog(cfg, client.import_project_legacy)
             if problems:
                 raise ConfigError(problems)
-            notifiers = await stack.enter_async_context(build_notifiers(cfg))
+            notifiers = await stack.enter_async_context(
+                build_notifiers(cfg, store, (api_url, legacy_url))
+            )
             parts = _Parts(cfg, store, client, gate, catalog, notifiers, metrics)
             await parts.run(simulator, api_url, shutdown, task_status)
     finally:

@@ -1,5 +1,7 @@
 """The whole service in-process: real HTTP, real Mosquitto, real SQLite, the simulator."""
 
+import hashlib
+
 import aiohttp
 import aiomqtt
 import anyio
@@ -252,3 +254,29 @@ async def test_metrics_count_events_exports_and_states(tmp_path, mqtt_broker):
             assert response.status == 200
         async with http.get(f"{svc.http_url}/readyz") as response:
             assert (await response.json()) == {"status": "ready"}
+
+
+async def test_route_with_download_keeps_an_atomic_local_copy_and_announces_it(
+    tmp_path, mqtt_broker
+):
+    cfg = make_config(tmp_path, broker_port=mqtt_broker.port, prefix=unique_prefix(), download=True)
+    async with running_service(cfg) as svc, aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{svc.http_url}/hooks/shop",
+            data=SHOPIFY_BODY,
+            headers=shopify_headers(SHOPIFY_BODY, "dl"),
+        ) as response:
+            job_id = (await response.json())["jobs"][0]
+
+        async def notified():
+            return await job_state(http, svc.http_url, job_id) == "notified"
+
+        await eventually(notified, what="notified")
+    lines = [orjson.loads(x) for x in (tmp_path / "videos.jsonl").read_bytes().splitlines()]
+    (ready,) = lines
+    video = tmp_path / "state" / "videos" / f"{job_id}.mp4"
+    assert ready["video_path"] == str(video)
+    data = video.read_bytes()
+    assert data[4:8] == b"ftyp"
+    assert ready["video_sha256"] == hashlib.sha256(data).hexdigest()
+    assert [p.name for p in video.parent.iterdir()] == [video.name]

@@ -45,6 +45,7 @@ def service_config_text(
     admin_token: str = "",
     first_poll_s: float = 0.2,
     poll_min_s: float = 0.05,
+    download: bool = False,
 ) -> str:
     """A complete config for one test: fast timings, unique topics, every notify kind."""
     webhook = (
@@ -101,6 +102,7 @@ name = "new-product"
 source = "shop"
 events = ["products/create"]
 template = "promo"
+download = {str(download).lower()}
 {PATCHES}
 [[routes]]
 name = "device-product"
