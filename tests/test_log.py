@@ -1,0 +1,57 @@
+import io
+
+import orjson
+import structlog
+
+from service.log import REDACTED, configure_logging, register_secrets
+
+CANARY = "canary-7f3a9c1e-secret"
+
+
+def log_lines(emit):
+    stream = io.StringIO()
+    configure_logging("debug", "json", stream=stream)
+    try:
+        emit(structlog.get_logger("test"))
+    finally:
+        configure_logging("info", "console")
+    return [orjson.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_registered_secret_is_masked_wherever_it_appears():
+    register_secrets([CANARY])
+    (line,) = log_lines(
+        lambda log: log.info(
+            f"failed with {CANARY}", detail={"url": f"https://x/?k={CANARY}"}, items=[CANARY]
+        )
+    )
+    assert CANARY not in orjson.dumps(line).decode()
+    assert line["event"] == f"failed with {REDACTED}"
+    assert line["detail"] == {"url": f"https://x/?k={REDACTED}"}
+    assert line["items"] == [REDACTED]
+
+
+def test_secret_named_keys_are_masked_even_when_unregistered():
+    (line,) = log_lines(
+        lambda log: log.warning(
+            "auth", token="t-1", api_key="k-1", headers={"Authorization": "Bearer z"}, job_id="j"
+        )
+    )
+    assert line["token"] == REDACTED
+    assert line["api_key"] == REDACTED
+    assert line["headers"] == {"Authorization": REDACTED}
+    assert line["job_id"] == "j"
+    assert line["level"] == "warning"
+
+
+def test_bound_context_is_on_every_line():
+    def emit(log):
+        with structlog.contextvars.bound_contextvars(job_id="job_1", event_id="evt_1"):
+            log.info("one")
+            log.info("two")
+
+    lines = log_lines(emit)
+    assert [(x["event"], x["job_id"], x["event_id"]) for x in lines] == [
+        ("one", "job_1", "evt_1"),
+        ("two", "job_1", "evt_1"),
+    ]
