@@ -10,6 +10,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from service.jobs.retry import retry_update
+from service.jobs.states import ADMIN_RETRYABLE
 from service.log import get_logger
 from service.metrics import Metrics
 from service.model import Job, JobState
@@ -19,8 +21,6 @@ log = get_logger("admin")
 
 ReadinessCheck = Callable[[], Awaitable[str | None]]
 """Returns None when fine, else the reason the service is not ready."""
-
-RETRYABLE_STATES = frozenset({JobState.FAILED, JobState.REJECTED})
 
 
 def _json(data: Any, status: int = 200) -> web.Response:  # noqa: ANN401 - any JSON value
@@ -142,16 +142,14 @@ class AdminApi:
         job = await self._store.get_job(job_id)
         if job is None:
             return _json({"error": f"no job {job_id}"}, status=404)
-        if job.state not in RETRYABLE_STATES:
+        if job.state not in ADMIN_RETRYABLE:
             return _json(
                 {"error": f"job is {job.state.value}; only failed or rejected jobs are retried"},
                 status=409,
             )
         try:
-            from service.jobs.retry import retry_update  # noqa: PLC0415 - keeps admin import-light
-
             job = await self._store.transition(
-                job_id, RETRYABLE_STATES, JobState.RECEIVED, retry_update(job)
+                job_id, ADMIN_RETRYABLE, JobState.RECEIVED, retry_update(job)
             )
         except StaleTransitionError:
             return _json({"error": "job changed meanwhile; look again"}, status=409)
