@@ -1,0 +1,227 @@
+"""What every bench shares: the shipped config, signed Shopify deliveries, a store that notices
+`ready` commits, figures and the printed table.
+
+Not a bench itself. Each bench imports it as `_shared` (Python puts `bench/` first on the path
+when a bench is run as `python bench/<name>.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import functools
+import hashlib
+import hmac
+import math
+import os
+import sys
+import time
+import uuid
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+import psutil  # type: ignore[import-untyped]
+
+from service.catalog import Catalog, load_catalog
+from service.config import Config, ConfigError, read_config
+from service.ingress.signatures import SHOPIFY_HEADER
+from service.log import configure_logging
+from service.model import Job, JobState, JobUpdate, NewOutboxMessage, RawEvent
+from service.store.sqlite import SQLiteStore
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_CONFIG = ROOT / "config.toml"
+SHOPIFY_SOURCE = "shopify"
+SHOPIFY_TOPIC = "products/create"
+_SAMPLE_PRODUCT = ROOT / "examples" / "shopify-product-create.json"
+_SAMPLE_HEADERS = ROOT / "examples" / "shopify-product-create.headers.json"
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    """`--quick` for every bench; each bench prints what it means for it."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="a smaller run (well under 20 s)")
+    return parser.parse_args()
+
+
+# --- the service's own configuration -------------------------------------------------------
+
+
+def shipped_config(state_dir: Path, shopify_secret: str) -> Config:
+    """The config.toml users start from, with state in `state_dir` and a fresh Shopify secret.
+
+    Benches change only what they measure (with `dataclasses.replace`) and print it.
+    """
+    env = {"STUDIOHOOK_STATE_DIR": str(state_dir), "SHOPIFY_WEBHOOK_SECRET": shopify_secret}
+    cfg, problems = read_config(SHIPPED_CONFIG, env)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+async def shipped_catalog(cfg: Config) -> Catalog:
+    """Templates and compiled routes of the shipped config (file templates only: no network)."""
+    catalog, problems = await load_catalog(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return catalog
+
+
+def configure_bench_logging(path: Path) -> None:
+    """The service logs at its shipped level (info), as JSON, into a file: the cost is real,
+    the terminal stays readable for the figures."""
+    stream = path.open("a", encoding="utf-8")
+    configure_logging(level="info", fmt="json", stream=stream)
+
+
+# --- Shopify deliveries --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One webhook exactly as Shopify sends it: body bytes and headers, signed."""
+
+    body: bytes
+    headers: dict[str, str]
+
+
+@functools.cache
+def _sample_bytes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def shopify_delivery(index: int, secret: str) -> Delivery:
+    """A distinct `products/create` delivery (own product id, title and webhook id), signed."""
+    product = orjson.loads(_sample_bytes(_SAMPLE_PRODUCT))
+    product["id"] = 9_000_000_000_000 + index
+    product["title"] = f"{product['title']} #{index}"
+    body = orjson.dumps(product)
+    headers: dict[str, str] = orjson.loads(_sample_bytes(_SAMPLE_HEADERS))
+    headers["X-Shopify-Webhook-Id"] = str(uuid.uuid4())
+    headers["X-Shopify-Event-Id"] = str(uuid.uuid4())
+    digest = hmac.new(secret.encode(), body, hashlib.sha256).digest()
+    headers["X-Shopify-Hmac-Sha256"] = base64.b64encode(digest).decode()
+    return Delivery(body, headers)
+
+
+def raw_event_of(delivery: Delivery) -> RawEvent:
+    """What the webhook route hands the intake once the signature checked out."""
+    headers = {k.lower(): v for k, v in delivery.headers.items() if k.lower() != SHOPIFY_HEADER}
+    return RawEvent(source=SHOPIFY_SOURCE, payload=orjson.loads(delivery.body), headers=headers)
+
+
+# --- a store that notices `ready` ----------------------------------------------------------
+
+
+class WatchedStore(SQLiteStore):
+    """The real SQLite store; also remembers when each `ready` commit RETURNED (wall clock),
+    and wakes the bench once `expected` jobs are ready, so nothing polls the database."""
+
+    def __init__(self, path: Path, *, expected: int, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self.expected = expected
+        self.ready_committed_at: dict[str, float] = {}
+        self.all_ready = anyio.Event()
+
+    async def transition(
+        self,
+        job_id: str,
+        from_states: Collection[JobState],
+        to_state: JobState,
+        update: JobUpdate | None = None,
+        outbox: Sequence[NewOutboxMessage] = (),
+    ) -> Job:
+        """The real transition; a `ready` one is timed when its commit is durable."""
+        job = await super().transition(job_id, from_states, to_state, update, outbox)
+        if to_state is JobState.READY:
+            self.ready_committed_at[job_id] = time.time()
+            if len(self.ready_committed_at) >= self.expected:
+                self.all_ready.set()
+        return job
+
+
+# --- figures -------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default), NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * pct / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def ratio(value: float, baseline: float) -> float:
+    """value / baseline, NaN when the baseline is zero."""
+    return value / baseline if baseline else math.nan
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process."""
+    return int(psutil.Process(os.getpid()).memory_info().rss)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """A plain fixed-width table: readable in a terminal and pasteable into the README."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    line = "  ".join("-" * w for w in widths)
+    print()
+    print(title)
+    print(
+        "  ".join(
+            h.ljust(w) if i == 0 else h.rjust(w)
+            for i, (h, w) in enumerate(zip(header, widths, strict=True))
+        )
+    )
+    print(line)
+    for row in cells:
+        print(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    sys.stdout.flush()
+
+
+def emit_result(bench: str, figures: Mapping[str, object]) -> None:
+    """The machine-readable last line: `RESULT {json}`."""
+    data = {"bench": bench, **figures}
+    option = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+    print()
+    print("RESULT " + orjson.dumps(data, option=option).decode(), flush=True)
+
+
+def say(message: str) -> None:
+    """Progress on stderr-free stdout, flushed so a slow phase shows what it waits for."""
+    print(message, flush=True)
+
+
+@contextmanager
+def stopwatch() -> Iterator[list[float]]:
+    """`with stopwatch() as elapsed:` then `elapsed[0]` is the wall time in seconds."""
+    box = [0.0]
+    start = time.perf_counter()
+    try:
+        yield box
+    finally:
+        box[0] = time.perf_counter() - start
