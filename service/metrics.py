@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from service.model import JobState
+from service.model import Job, JobState
 
 _RENDER_BUCKETS_S = (5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 _LAG_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
@@ -60,6 +60,14 @@ class Metrics:
         """Refresh the per-state gauge; every state is exported, zero included."""
         for state in JobState:
             self.jobs.labels(state=state.value).set(counts.get(state, 0))
+
+    def observe_ready(self, job: Job, callback_at: float | None) -> None:
+        """Record a render's cost and timing as it becomes ready."""
+        self.polls_per_job.observe(job.polls)
+        if job.ready_at is not None and job.submitted_at is not None:
+            self.render_seconds.observe(max(0.0, job.ready_at - job.submitted_at))
+        if job.ready_at is not None and callback_at is not None:
+            self.detection_lag_seconds.observe(max(0.0, job.ready_at - callback_at))
 
     def on_api_call(self, endpoint: str, outcome: str) -> None:
         """The client's `on_call` hook."""

@@ -209,6 +209,8 @@ async def test_callback_brings_the_confirming_poll_forward(tmp_path, mqtt_broker
         assert project.webhook_url.startswith(f"http://127.0.0.1:{port}/callbacks/{job_id}/")
         async with http.post(f"{svc.http_url}/callbacks/{job_id}/forged-token") as response:
             assert response.status == 404
+        async with http.get(f"{svc.http_url}/metrics") as response:
+            assert "studiohook_detection_lag_seconds_count 1.0" in await response.text()
 
 
 async def test_store_outage_answers_503_and_commits_nothing(tmp_path, mqtt_broker):
@@ -250,6 +252,9 @@ async def test_metrics_count_events_exports_and_states(tmp_path, mqtt_broker):
         assert "studiohook_exports_submitted_total 1.0" in text
         assert 'studiohook_jobs{state="notified"} 1.0' in text
         assert 'studiohook_api_calls_total{endpoint="v3.export",outcome="ok"} 1.0' in text
+        assert "studiohook_polls_per_job_count 1.0" in text
+        assert "studiohook_render_seconds_count 1.0" in text
+        assert "studiohook_outbox_backlog 0.0" in text
         async with http.get(f"{svc.http_url}/healthz") as response:
             assert response.status == 200
         async with http.get(f"{svc.http_url}/readyz") as response:
