@@ -1,6 +1,7 @@
 """MQTT target against the real Mosquitto broker on 127.0.0.1:1883."""
 
 import socket
+from contextlib import aclosing
 
 import aiomqtt
 import anyio
@@ -56,7 +57,7 @@ async def test_subscriber_receives_the_payload_at_the_default_topic_with_qos1(br
     async with aiomqtt.Client(BROKER[0], BROKER[1], identifier=f"sub-{job_id}") as sub:
         await sub.subscribe(topic, qos=1)
         target = NotifyConfig(name="bus", kind="mqtt")
-        async with MqttNotifier(target, broker) as notifier:
+        async with aclosing(MqttNotifier(target, broker)) as notifier:
             await notifier.deliver(message(job_id))
         with anyio.fail_after(5):
             received = await anext(aiter(sub.messages))
@@ -75,7 +76,7 @@ async def test_reconnects_after_the_connection_is_lost(broker, tmp_path):
     async with aiomqtt.Client(BROKER[0], BROKER[1], identifier=f"sub-{job_id}") as sub:
         await sub.subscribe(f"t/{job_id}", qos=1)
         with capture_logs() as logs:
-            async with MqttNotifier(target, broker) as notifier:
+            async with aclosing(MqttNotifier(target, broker)) as notifier:
                 await notifier.deliver(message(job_id))
                 # Another client taking over the notifier's id makes the broker drop its connection.
                 async with aiomqtt.Client(BROKER[0], BROKER[1], identifier="studiohook-notify-bus"):
@@ -94,7 +95,7 @@ async def test_unreachable_broker_is_a_retryable_delivery_error():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     dead = MqttConfig(url=f"mqtt://127.0.0.1:{port}", host="127.0.0.1", port=port)
-    async with MqttNotifier(NotifyConfig(name="bus", kind="mqtt"), dead) as notifier:
+    async with aclosing(MqttNotifier(NotifyConfig(name="bus", kind="mqtt"), dead)) as notifier:
         with pytest.raises(DeliveryError) as failed:
             await notifier.deliver(message("job_x"))
     assert not failed.value.permanent

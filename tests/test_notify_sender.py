@@ -2,6 +2,7 @@
 
 import random
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import anyio
 import pytest
@@ -139,7 +140,7 @@ async def test_due_rows_reach_every_target_and_the_job_is_done_once(
     rows = await harness.add_ready_job("a", [file_target, hook_target(webhook_receiver)])
     order: list[tuple] = []
     async with (
-        WebhookNotifier(hook_target(webhook_receiver), clock=harness.clock) as hook,
+        aclosing(WebhookNotifier(hook_target(webhook_receiver), clock=harness.clock)) as hook,
         anyio.create_task_group() as tg,
     ):
         await start(tg, harness, {"log": FileNotifier(file_target), "crm": hook})
@@ -167,7 +168,7 @@ async def test_failures_back_off_on_the_schedule_and_keep_the_webhook_id(harness
     jitter = random.Random(7)  # noqa: S311 - retry jitter, not security
     expected = [retry_delay_s(n, jitter.random()) for n in (1, 2, 3)]
     async with (
-        WebhookNotifier(hook_target(webhook_receiver), clock=harness.clock) as hook,
+        aclosing(WebhookNotifier(hook_target(webhook_receiver), clock=harness.clock)) as hook,
         anyio.create_task_group() as tg,
     ):
         await start(tg, harness, {"crm": hook})
@@ -195,7 +196,7 @@ async def test_retry_after_from_a_429_is_honoured(harness, webhook_receiver):
     webhook_receiver.answer(429, {"Retry-After": "90"})
     [row_id] = await harness.add_ready_job("c", [hook_target(webhook_receiver)])
     async with (
-        WebhookNotifier(hook_target(webhook_receiver), clock=harness.clock) as hook,
+        aclosing(WebhookNotifier(hook_target(webhook_receiver), clock=harness.clock)) as hook,
         anyio.create_task_group() as tg,
     ):
         await start(tg, harness, {"crm": hook})
@@ -211,7 +212,7 @@ async def test_gone_kills_the_row_and_it_is_never_sent_again(harness, webhook_re
     webhook_receiver.answer(410)
     [gone_id] = await harness.add_ready_job("d", [hook_target(webhook_receiver)])
     async with (
-        WebhookNotifier(hook_target(webhook_receiver), clock=harness.clock) as hook,
+        aclosing(WebhookNotifier(hook_target(webhook_receiver), clock=harness.clock)) as hook,
         anyio.create_task_group() as tg,
     ):
         await start(tg, harness, {"crm": hook})
@@ -234,7 +235,7 @@ async def test_attempts_exhausted_kills_the_row(harness, webhook_receiver):
         webhook_receiver.answer(500)
     [row_id] = await harness.add_ready_job("f", [hook_target(webhook_receiver)])
     async with (
-        WebhookNotifier(hook_target(webhook_receiver), clock=harness.clock) as hook,
+        aclosing(WebhookNotifier(hook_target(webhook_receiver), clock=harness.clock)) as hook,
         anyio.create_task_group() as tg,
     ):
         await start(tg, harness, {"crm": hook}, max_attempts=2)
@@ -252,7 +253,7 @@ async def test_a_lost_mark_resends_with_the_same_webhook_id(harness, webhook_rec
     [row_id] = await harness.add_ready_job("g", [hook_target(webhook_receiver)])
     harness.store.fail_next_delivered = True
     async with (
-        WebhookNotifier(hook_target(webhook_receiver), clock=harness.clock) as hook,
+        aclosing(WebhookNotifier(hook_target(webhook_receiver), clock=harness.clock)) as hook,
         anyio.create_task_group() as tg,
     ):
         await start(tg, harness, {"crm": hook})

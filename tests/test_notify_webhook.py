@@ -1,6 +1,7 @@
 """Webhook target against a real loopback receiver that verifies Standard Webhooks signatures."""
 
 import socket
+from contextlib import aclosing
 
 import pytest
 
@@ -31,7 +32,7 @@ def notifier(url: str, clock=lambda: 1_700_000_000.0, secret=WEBHOOK_SECRET) -> 
 
 
 async def test_delivers_a_signed_payload(webhook_receiver):
-    async with notifier(webhook_receiver.url) as hook:
+    async with aclosing(notifier(webhook_receiver.url)) as hook:
         await hook.deliver(message())
     [got] = webhook_receiver.received
     assert got.signature_ok
@@ -44,7 +45,7 @@ async def test_delivers_a_signed_payload(webhook_receiver):
 async def test_retries_keep_the_id_and_sign_each_attempt_time(webhook_receiver):
     now = [1_700_000_000.0]
     webhook_receiver.answer(500)
-    async with notifier(webhook_receiver.url, clock=lambda: now[0]) as hook:
+    async with aclosing(notifier(webhook_receiver.url, clock=lambda: now[0])) as hook:
         with pytest.raises(DeliveryError) as failed:
             await hook.deliver(message())
         now[0] += 30
@@ -69,14 +70,14 @@ def test_webhook_id_differs_per_target_and_event_type():
 
 async def test_wrong_secret_fails_the_receivers_check(webhook_receiver):
     other = "whsec_" + "b3RoZXItc2VjcmV0LW90aGVyLXNlY3JldA=="
-    async with notifier(webhook_receiver.url, secret=other) as hook:
+    async with aclosing(notifier(webhook_receiver.url, secret=other)) as hook:
         await hook.deliver(message())
     assert not webhook_receiver.received[0].signature_ok
 
 
 async def test_gone_is_permanent(webhook_receiver):
     webhook_receiver.answer(410)
-    async with notifier(webhook_receiver.url) as hook:
+    async with aclosing(notifier(webhook_receiver.url)) as hook:
         with pytest.raises(DeliveryError) as failed:
             await hook.deliver(message())
     assert failed.value.permanent
@@ -84,7 +85,7 @@ async def test_gone_is_permanent(webhook_receiver):
 
 async def test_too_many_requests_carries_retry_after(webhook_receiver):
     webhook_receiver.answer(429, {"Retry-After": "120"})
-    async with notifier(webhook_receiver.url) as hook:
+    async with aclosing(notifier(webhook_receiver.url)) as hook:
         with pytest.raises(DeliveryError) as failed:
             await hook.deliver(message())
     assert not failed.value.permanent
@@ -94,7 +95,7 @@ async def test_too_many_requests_carries_retry_after(webhook_receiver):
 
 async def test_other_client_errors_get_a_few_attempts(webhook_receiver):
     webhook_receiver.answer(400)
-    async with notifier(webhook_receiver.url) as hook:
+    async with aclosing(notifier(webhook_receiver.url)) as hook:
         with pytest.raises(DeliveryError) as failed:
             await hook.deliver(message())
     assert not failed.value.permanent
@@ -105,7 +106,7 @@ async def test_connection_refused_is_retryable():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed_port = sock.getsockname()[1]
-    async with notifier(f"http://127.0.0.1:{closed_port}/hook") as hook:
+    async with aclosing(notifier(f"http://127.0.0.1:{closed_port}/hook")) as hook:
         with pytest.raises(DeliveryError) as failed:
             await hook.deliver(message())
     assert not failed.value.permanent

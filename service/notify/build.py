@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 
 import aiohttp
 import orjson
@@ -46,9 +46,9 @@ async def build_notifiers(
         for target in cfg.notify:
             notifier: Notifier
             if target.kind == "webhook":
-                notifier = await stack.enter_async_context(WebhookNotifier(target))
+                notifier = await stack.enter_async_context(aclosing(WebhookNotifier(target)))
             elif target.kind == "mqtt" and cfg.mqtt is not None:
-                notifier = await stack.enter_async_context(MqttNotifier(target, cfg.mqtt))
+                notifier = await stack.enter_async_context(aclosing(MqttNotifier(target, cfg.mqtt)))
             else:
                 notifier = FileNotifier(target)
             wanted = _copy_wanted(cfg, target)

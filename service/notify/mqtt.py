@@ -10,7 +10,7 @@ more at once on a fresh connection, then left to the sender's retry schedule.
 from __future__ import annotations
 
 import ssl
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 import aiomqtt
 import anyio
@@ -20,8 +20,6 @@ from service.log import get_logger
 from service.notify.sender import DeliveryError
 
 if TYPE_CHECKING:
-    from types import TracebackType
-
     from service.config import MqttConfig, NotifyConfig
     from service.model import OutboxMessage
 
@@ -86,17 +84,6 @@ class MqttNotifier:
         self._timeout_s = publish_timeout_s
         self._client: aiomqtt.Client | None = None
         self._connect_lock = anyio.Lock()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Disconnect cleanly (the composition root calls this at shutdown)."""

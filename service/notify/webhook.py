@@ -15,7 +15,7 @@ import time
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -24,8 +24,6 @@ from service.log import get_logger
 from service.notify.sender import DeliveryError
 
 if TYPE_CHECKING:
-    from types import TracebackType
-
     from service.config import NotifyConfig
     from service.model import OutboxMessage
     from service.notify.sender import Clock
@@ -87,17 +85,6 @@ class WebhookNotifier:
         self._clock = clock
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Close the HTTP session (the composition root calls this at shutdown)."""
