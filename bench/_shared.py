@@ -8,11 +8,13 @@ when a bench is run as `python bench/<name>.py`).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import functools
 import hashlib
 import hmac
 import math
+import multiprocessing
 import os
 import sys
 import time
@@ -20,6 +22,7 @@ import uuid
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +30,11 @@ import anyio
 import orjson
 import psutil  # type: ignore[import-untyped]
 
+from service.aistudios.simulator import Simulator, SimulatorKnobs
 from service.catalog import Catalog, load_catalog
-from service.config import Config, ConfigError, read_config
+from service.config import Config, ConfigError, SourceConfig, read_config
 from service.ingress.signatures import SHOPIFY_HEADER
+from service.intake import StoreIntake
 from service.log import configure_logging
 from service.model import Job, JobState, JobUpdate, NewOutboxMessage, RawEvent
 from service.store.sqlite import SQLiteStore
@@ -40,6 +45,7 @@ SHOPIFY_SOURCE = "shopify"
 SHOPIFY_TOPIC = "products/create"
 _SAMPLE_PRODUCT = ROOT / "examples" / "shopify-product-create.json"
 _SAMPLE_HEADERS = ROOT / "examples" / "shopify-product-create.headers.json"
+_PROCESS_START_TIMEOUT_S = 30.0
 
 
 def parse_args(description: str) -> argparse.Namespace:
@@ -70,6 +76,14 @@ async def shipped_catalog(cfg: Config) -> Catalog:
     if problems:
         raise ConfigError(problems)
     return catalog
+
+
+def shopify_source(cfg: Config) -> SourceConfig:
+    """The shipped config's Shopify source, which every bench feeds."""
+    source = cfg.source(SHOPIFY_SOURCE)
+    if source is None:
+        raise RuntimeError(f"{cfg.path} has no source named {SHOPIFY_SOURCE!r}")
+    return source
 
 
 def configure_bench_logging(path: Path) -> None:
@@ -127,6 +141,12 @@ class WatchedStore(SQLiteStore):
         self.expected = expected
         self.ready_committed_at: dict[str, float] = {}
         self.all_ready = anyio.Event()
+        self._ready_changed = anyio.Event()
+
+    async def wait_ready(self, job_id: str) -> None:
+        """Return once this job's `ready` commit has returned."""
+        while job_id not in self.ready_committed_at:
+            await self._ready_changed.wait()
 
     async def transition(
         self,
@@ -140,6 +160,8 @@ class WatchedStore(SQLiteStore):
         job = await super().transition(job_id, from_states, to_state, update, outbox)
         if to_state is JobState.READY:
             self.ready_committed_at[job_id] = time.time()
+            self._ready_changed.set()
+            self._ready_changed = anyio.Event()
             if len(self.ready_committed_at) >= self.expected:
                 self.all_ready.set()
         return job
@@ -225,3 +247,59 @@ def stopwatch() -> Iterator[list[float]]:
         yield box
     finally:
         box[0] = time.perf_counter() - start
+
+
+# --- the simulated cloud in its own process ------------------------------------------------
+
+
+def _simulator_main(knobs: SimulatorKnobs, conn: Connection, log_path: Path) -> None:
+    configure_bench_logging(log_path)
+    asyncio.run(_serve_simulator(knobs, conn))
+
+
+async def _serve_simulator(knobs: SimulatorKnobs, conn: Connection) -> None:
+    simulator = Simulator(knobs, clock=time.time)
+    conn.send(await simulator.start())
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+    finally:
+        await simulator.stop()
+
+
+@contextmanager
+def simulator_process(knobs: SimulatorKnobs, log_path: Path) -> Iterator[str]:
+    """The simulator in a process of its own (its CPU is the cloud's, not the daemon's).
+
+    Yields its base URL; stopped (then killed if need be) on exit. It logs into `log_path`.
+    """
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    process = context.Process(target=_simulator_main, args=(knobs, theirs, log_path), daemon=True)
+    process.start()
+    try:
+        if not ours.poll(_PROCESS_START_TIMEOUT_S):
+            raise RuntimeError("the simulator process did not start")
+        yield str(ours.recv())
+    finally:
+        ours.send("stop")
+        process.join(timeout=5)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+async def seed_events(
+    intake: StoreIntake, source: SourceConfig, count: int, secret: str, *, concurrency: int = 128
+) -> None:
+    """Commit `count` distinct Shopify events through the real intake (no HTTP), many at once
+    so group commit batches them; each becomes one `received` job."""
+    limiter = anyio.CapacityLimiter(concurrency)
+
+    async def one(index: int) -> None:
+        async with limiter:
+            delivery = shopify_delivery(index, secret)
+            await intake.accept(source, raw_event_of(delivery), delivery.body)
+
+    async with anyio.create_task_group() as tg:
+        for index in range(count):
+            tg.start_soon(one, index)
