@@ -7,6 +7,7 @@ import orjson
 import pytest
 
 from service.aistudios.simulator import SimulatorKnobs
+from service.jobs.context import JobLoopContext
 from service.jobs.ratelimit import RenderSlots, RequestGate
 from service.jobs.tracker import PollTiming, Tracker
 from service.model import JobState, JobUpdate
@@ -33,6 +34,21 @@ class VirtualTime:
     async def sleep(self, seconds):
         self.now += max(seconds, 0.0)
         await anyio.lowlevel.checkpoint()
+
+
+def tracker_on(store, client, slots, clock):
+    """A tracker sharing the test's store, simulator client, slots and virtual clock."""
+    ctx = JobLoopContext(
+        store=store,
+        api=client,
+        slots=slots,
+        gate=RequestGate(1000.0, clock=clock, sleep=clock.sleep),
+        outbox_for=outbox_for,
+        clock=clock,
+        sleep=clock.sleep,
+        rng=random.Random(3),  # noqa: S311 - jitter, not cryptography
+    )
+    return Tracker(ctx, timing=TIMING)
 
 
 async def submitted_job(store, client, clock, key):
@@ -62,17 +78,7 @@ async def test_a_render_costs_a_handful_of_polls_whatever_its_length(tmp_path, r
             job = await submitted_job(store, client, clock, f"long-{render_s}")
             slots = RenderSlots(1)
             slots.adopt(job.job_id)
-            tracker = Tracker(
-                store=store,
-                api=client,
-                slots=slots,
-                gate=RequestGate(1000.0, clock=clock, sleep=clock.sleep),
-                outbox_for=outbox_for,
-                clock=clock,
-                sleep=clock.sleep,
-                rng=random.Random(3),  # noqa: S311 - jitter, not cryptography
-                timing=TIMING,
-            )
+            tracker = tracker_on(store, client, slots, clock)
             tracker.track(job)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(tracker.run)
@@ -101,17 +107,7 @@ async def test_wake_polls_at_once_instead_of_at_the_scheduled_time(tmp_path):
         ):
             job = await submitted_job(store, client, clock, "woken")
             slots = RenderSlots(1)
-            tracker = Tracker(
-                store=store,
-                api=client,
-                slots=slots,
-                gate=RequestGate(1000.0, clock=clock, sleep=clock.sleep),
-                outbox_for=outbox_for,
-                clock=clock,
-                sleep=clock.sleep,
-                rng=random.Random(3),  # noqa: S311 - jitter, not cryptography
-                timing=TIMING,
-            )
+            tracker = tracker_on(store, client, slots, clock)
             tracker.track(job)
             await tracker.wake("job_not_tracked")  # harmless
             clock.now += 100.0  # the render finished; the first poll is still ~5 s away

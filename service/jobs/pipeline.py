@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 import anyio
 import structlog
 
+from service.jobs.context import JobLoopContext
 from service.jobs.ratelimit import RenderSlots
 from service.jobs.reconcile import LookupApi, Reconciler
 from service.jobs.states import IN_FLIGHT
@@ -29,9 +30,9 @@ from service.store.base import StaleTransitionError, StoreUnavailableError
 
 if TYPE_CHECKING:
     from service.config import AIStudiosConfig
+    from service.jobs.context import OutboxFor
     from service.jobs.ratelimit import RequestGate
     from service.jobs.schedule import Clock, RandomSource, Sleep
-    from service.jobs.submitter import OutboxFor
     from service.store.base import Store
 
 log = get_logger("jobs.pipeline")
@@ -65,13 +66,9 @@ class JobPipeline:
         sleep: Sleep = anyio.sleep,
         rng: RandomSource | None = None,
     ) -> None:
-        self._store = store
         self._prepare = prepare
-        self._outbox_for = outbox_for
-        self._clock = clock
         self.slots = RenderSlots(settings.max_concurrent_exports)
-        rng = rng or random.SystemRandom()
-        self.tracker = Tracker(
+        self._ctx = ctx = JobLoopContext[RenderApi](
             store=store,
             api=api,
             slots=self.slots,
@@ -79,7 +76,10 @@ class JobPipeline:
             outbox_for=outbox_for,
             clock=clock,
             sleep=sleep,
-            rng=rng,
+            rng=rng or random.SystemRandom(),
+        )
+        self.tracker = Tracker(
+            ctx,
             timing=PollTiming(
                 floor_s=settings.poll_min_interval_s,
                 ceiling_s=settings.poll_max_interval_s,
@@ -89,28 +89,14 @@ class JobPipeline:
             ),
         )
         self.submitter = Submitter(
-            store=store,
-            api=api,
-            slots=self.slots,
-            gate=gate,
-            outbox_for=outbox_for,
-            clock=clock,
-            sleep=sleep,
-            rng=rng,
+            ctx,
             max_retries=settings.max_retries,
             public_url=public_url,
             on_submitted=self.tracker.track,
             on_reconcile=self._reconcile,
         )
         self.reconciler = Reconciler(
-            store=store,
-            api=api,
-            slots=self.slots,
-            gate=gate,
-            outbox_for=outbox_for,
-            clock=clock,
-            sleep=sleep,
-            rng=rng,
+            ctx,
             wait_s=settings.reconcile_wait_s,
             on_adopted=self.tracker.track,
             on_resubmit=self.submitter.wake,
@@ -136,7 +122,7 @@ class JobPipeline:
 
     async def recover(self) -> None:
         """Pick up every job a previous process left between two commits."""
-        in_flight = await self._store.jobs_in_states(IN_FLIGHT, limit=_RECOVERY_LIMIT)
+        in_flight = await self._ctx.store.jobs_in_states(IN_FLIGHT, limit=_RECOVERY_LIMIT)
         for job in in_flight:
             self.slots.adopt(job.job_id)
             with structlog.contextvars.bound_contextvars(job_id=job.job_id):
@@ -150,7 +136,7 @@ class JobPipeline:
         if job.state is JobState.SUBMITTING:
             note = "restart found the export's outcome unknown"
             try:
-                job = await self._store.transition(
+                job = await self._ctx.store.transition(
                     job.job_id,
                     {JobState.SUBMITTING},
                     JobState.RECONCILE,
@@ -178,7 +164,7 @@ class JobPipeline:
         The token is compared in constant time, and an unknown job costs the same comparison,
         so neither job ids nor tokens can be probed through timing.
         """
-        job = await self._store.get_job(job_id)
+        job = await self._ctx.store.get_job(job_id)
         expected = job.callback_token if job is not None and job.callback_token else None
         matches = hmac.compare_digest((expected or _DUMMY_TOKEN).encode(), token.encode())
         if expected is None or not matches:
@@ -191,7 +177,7 @@ class JobPipeline:
         """Map received jobs one by one (mapping is cheap and local), then hand them on."""
         while True:
             self._prepare_wakeup = anyio.Event()
-            jobs = await self._store.jobs_in_states({JobState.RECEIVED}, limit=_PREPARE_BATCH)
+            jobs = await self._ctx.store.jobs_in_states({JobState.RECEIVED}, limit=_PREPARE_BATCH)
             fresh = [job for job in jobs if job.job_id not in self._prepare_skip]
             for job in fresh:
                 self._prepare_skip.add(job.job_id)
@@ -218,12 +204,12 @@ class JobPipeline:
         )
         update = JobUpdate(error_code="prepare_error", error_message=reason, note=reason)
         try:
-            await self._store.transition(
+            await self._ctx.store.transition(
                 job.job_id,
                 {JobState.RECEIVED},
                 JobState.REJECTED,
                 update,
-                self._outbox_for(rejected, "video.failed"),
+                self._ctx.outbox_for(rejected, "video.failed"),
             )
         except (StaleTransitionError, StoreUnavailableError) as exc:
             log.warning("job.reject_failed", error=repr(exc))

@@ -8,9 +8,6 @@ uncertain legacy create cannot be checked and fails instead of risking a second 
 
 from __future__ import annotations
 
-import heapq
-import itertools
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -18,9 +15,9 @@ import anyio
 import structlog
 
 from service.aistudios.errors import AIStudiosError, RetryableError
+from service.jobs.context import DueHeap
 from service.jobs.schedule import backoff_delay, retry_delay
-from service.jobs.states import IN_FLIGHT
-from service.jobs.submitter import commit_failure, sleep_or_wake
+from service.jobs.submitter import sleep_or_wake
 from service.log import get_logger
 from service.model import Job, JobState, JobUpdate
 from service.store.base import StaleTransitionError, StoreUnavailableError
@@ -29,10 +26,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from service.aistudios.responses import ProjectSummary
-    from service.jobs.ratelimit import RenderSlots, RequestGate
-    from service.jobs.schedule import Clock, RandomSource, Sleep
-    from service.jobs.submitter import OutboxFor
-    from service.store.base import Store
+    from service.jobs.context import JobLoopContext
 
 log = get_logger("jobs.reconcile")
 
@@ -64,33 +58,18 @@ class Reconciler:
 
     def __init__(
         self,
+        ctx: JobLoopContext[LookupApi],
         *,
-        store: Store,
-        api: LookupApi,
-        slots: RenderSlots,
-        gate: RequestGate,
-        outbox_for: OutboxFor,
-        clock: Clock,
-        sleep: Sleep,
-        rng: RandomSource,
         wait_s: float,
         on_adopted: Callable[[Job], None],
         on_resubmit: Callable[[], None],
     ) -> None:
-        self._store = store
-        self._api = api
-        self._slots = slots
-        self._gate = gate
-        self._outbox_for = outbox_for
-        self._clock = clock
-        self._sleep = sleep
-        self._rng = rng
+        self._ctx = ctx
         self._wait_s = wait_s
         self._on_adopted = on_adopted
         self._on_resubmit = on_resubmit
         self._pending: dict[str, _Pending] = {}
-        self._heap: list[tuple[float, int, str]] = []
-        self._seq = itertools.count()
+        self._due = DueHeap()
         self._wakeup = anyio.Event()
 
     @property
@@ -102,27 +81,25 @@ class Reconciler:
         """Reconcile a job now in `reconcile` (its `updated_at` is when it entered)."""
         pending = _Pending(job.job_id, entered_at=job.updated_at)
         self._pending[job.job_id] = pending
-        self._schedule(pending, self._clock())
+        self._schedule(pending, self._ctx.clock())
 
     def _schedule(self, pending: _Pending, due_at: float) -> None:
-        pending.seq = next(self._seq)
-        heapq.heappush(self._heap, (due_at, pending.seq, pending.job_id))
+        pending.seq = self._due.push(pending.job_id, due_at)
         self._wakeup.set()
 
     async def run(self) -> None:
         """Forever: look up each due job in turn, then sleep until the next is due."""
         while True:
             self._wakeup = anyio.Event()
-            now = self._clock()
-            while self._heap and self._heap[0][0] <= now:
-                _, seq, job_id = heapq.heappop(self._heap)
+            now = self._ctx.clock()
+            while (entry := self._due.pop_due(now)) is not None:
+                seq, job_id = entry
                 pending = self._pending.get(job_id)
                 if pending is not None and pending.seq == seq:
                     with structlog.contextvars.bound_contextvars(job_id=job_id):
                         await self._check_isolated(pending)
-                now = self._clock()
-            next_due = self._heap[0][0] if self._heap else math.inf
-            await sleep_or_wake(self._wakeup, next_due - now, self._sleep)
+                now = self._ctx.clock()
+            await sleep_or_wake(self._wakeup, self._due.next_due() - now, self._ctx.sleep)
 
     async def _check_isolated(self, pending: _Pending) -> None:
         """One lookup; a store outage or a bug is this job's problem, retried later."""
@@ -140,14 +117,14 @@ class Reconciler:
         pending.errors += 1
         base_s, cap_s = LOOKUP_RETRY_BASE_S, LOOKUP_RETRY_CAP_S
         if exc is None:
-            delay = backoff_delay(pending.errors, base_s=base_s, cap_s=cap_s, rng=self._rng)
+            delay = backoff_delay(pending.errors, base_s=base_s, cap_s=cap_s, rng=self._ctx.rng)
         else:
-            delay = retry_delay(exc, pending.errors, base_s=base_s, cap_s=cap_s, rng=self._rng)
-        self._schedule(pending, self._clock() + delay)
+            delay = retry_delay(exc, pending.errors, base_s=base_s, cap_s=cap_s, rng=self._ctx.rng)
+        self._schedule(pending, self._ctx.clock() + delay)
 
     async def check(self, pending: _Pending) -> None:
         """Look the export up once and act on the answer."""
-        job = await self._store.get_job(pending.job_id)
+        job = await self._ctx.store.get_job(pending.job_id)
         if job is None or job.state is not JobState.RECONCILE:
             self._forget(pending.job_id, job)
             return
@@ -155,15 +132,15 @@ class Reconciler:
             await self._fail(job, LEGACY_UNKNOWN)
             return
         try:
-            found = await self._api.find_project_by_name(job.export_name)
+            found = await self._ctx.api.find_project_by_name(job.export_name)
         except AIStudiosError as exc:
             # Not knowing is no reason to post again: keep looking with back-off.
             if isinstance(exc, RetryableError) and exc.retry_after_s is not None:
-                self._gate.pause_for(exc.retry_after_s)
+                self._ctx.gate.pause_for(exc.retry_after_s)
             log.warning("job.reconcile_lookup_failed", error=exc.message)
             self._retry_later(pending, exc)
             return
-        now = self._clock()
+        now = self._ctx.clock()
         if found is not None:
             await self._adopt(job, pending, found.id)
         elif now - pending.entered_at >= self._wait_s:
@@ -183,11 +160,11 @@ class Reconciler:
             clear=frozenset({"error_code", "error_message", "last_progress_at"}),
         )
         try:
-            adopted = await self._store.transition(
+            adopted = await self._ctx.store.transition(
                 job.job_id, {JobState.RECONCILE}, JobState.SUBMITTED, update
             )
         except StaleTransitionError:
-            self._forget(job.job_id, await self._store.get_job(job.job_id))
+            self._forget(job.job_id, await self._ctx.store.get_job(job.job_id))
             return
         self._pending.pop(job.job_id, None)
         log.info("job.adopted", project_id=project_id)
@@ -200,28 +177,21 @@ class Reconciler:
             note=f"no export named {job.export_name!r} after {waited:.0f}s; submitting again",
         )
         try:
-            await self._store.transition(job.job_id, {JobState.RECONCILE}, JobState.MAPPED, update)
+            await self._ctx.store.transition(
+                job.job_id, {JobState.RECONCILE}, JobState.MAPPED, update
+            )
         except StaleTransitionError:
-            self._forget(job.job_id, await self._store.get_job(job.job_id))
+            self._forget(job.job_id, await self._ctx.store.get_job(job.job_id))
             return
         log.warning("job.reconcile_not_found", waited_s=round(waited, 3))
         self._forget(job.job_id, None)
         self._on_resubmit()
 
     async def _fail(self, job: Job, reason: str) -> None:
-        await commit_failure(
-            self._store,
-            job,
-            {JobState.RECONCILE},
-            code="ambiguous",
-            message=reason,
-            outbox_for=self._outbox_for,
-            now=self._clock(),
-        )
+        await self._ctx.fail(job, {JobState.RECONCILE}, code="ambiguous", message=reason)
         self._forget(job.job_id, None)
 
     def _forget(self, job_id: str, job: Job | None) -> None:
         """Stop reconciling; free the render slot unless the job is still rendering."""
         self._pending.pop(job_id, None)
-        if job is None or job.state not in IN_FLIGHT:
-            self._slots.release(job_id)
+        self._ctx.release_unless_in_flight(job_id, job)

@@ -8,10 +8,9 @@ back to `mapped`; anything uncertain goes to `reconcile`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -20,22 +19,17 @@ import structlog
 
 from service.aistudios.errors import AmbiguousError, PermanentError, RetryableError
 from service.jobs.schedule import backoff_delay, retry_delay
-from service.jobs.states import IN_FLIGHT
 from service.log import get_logger
-from service.model import Job, JobState, JobUpdate, NewOutboxMessage
+from service.model import Job, JobState, JobUpdate
 from service.store.base import StaleTransitionError, StoreUnavailableError
 
 if TYPE_CHECKING:
     from collections.abc import Collection
 
-    from service.jobs.ratelimit import RenderSlots, RequestGate
-    from service.jobs.schedule import Clock, RandomSource, Sleep
-    from service.store.base import Store
+    from service.jobs.context import JobLoopContext
+    from service.jobs.schedule import Sleep
 
 log = get_logger("jobs.submitter")
-
-OutboxFor = Callable[[Job, str], Sequence[NewOutboxMessage]]
-"""The caller's notify targets: the outbox rows committed with a terminal state."""
 
 RETRY_BASE_S = 2.0
 RETRY_CAP_S = 300.0
@@ -102,59 +96,19 @@ async def sleep_or_wake(wakeup: anyio.Event, seconds: float, sleep: Sleep) -> No
         tg.start_soon(waiter)
 
 
-async def commit_failure(
-    store: Store,
-    job: Job,
-    from_states: Collection[JobState],
-    *,
-    code: str,
-    message: str,
-    outbox_for: OutboxFor,
-    now: float,
-) -> Job | None:
-    """Move a job to `failed` with its `video.failed` rows; None when another path moved it."""
-    failed = dataclasses.replace(
-        job, state=JobState.FAILED, error_code=code, error_message=message, updated_at=now
-    )
-    update = JobUpdate(error_code=code, error_message=message, note=message)
-    try:
-        job = await store.transition(
-            job.job_id, from_states, JobState.FAILED, update, outbox_for(failed, "video.failed")
-        )
-    except StaleTransitionError:
-        log.info("job.fail_raced", code=code)
-        return None
-    log.warning("job.failed", code=code, reason=message)
-    return job
-
-
 class Submitter:
     """Posts due `mapped` jobs, each holding a render slot, and routes every outcome."""
 
     def __init__(
         self,
+        ctx: JobLoopContext[ExportApi],
         *,
-        store: Store,
-        api: ExportApi,
-        slots: RenderSlots,
-        gate: RequestGate,
-        outbox_for: OutboxFor,
-        clock: Clock,
-        sleep: Sleep,
-        rng: RandomSource,
         max_retries: int,
         public_url: str | None,
         on_submitted: Callable[[Job], None],
         on_reconcile: Callable[[Job], None],
     ) -> None:
-        self._store = store
-        self._api = api
-        self._slots = slots
-        self._gate = gate
-        self._outbox_for = outbox_for
-        self._clock = clock
-        self._sleep = sleep
-        self._rng = rng
+        self._ctx = ctx
         self._max_retries = max_retries
         self._public_url = public_url
         self._on_submitted = on_submitted
@@ -186,24 +140,24 @@ class Submitter:
             while True:
                 self._wakeup = anyio.Event()
                 next_due = await self._dispatch_due(tg)
-                await sleep_or_wake(self._wakeup, next_due - self._clock(), self._sleep)
+                await sleep_or_wake(self._wakeup, next_due - self._ctx.clock(), self._ctx.sleep)
 
     async def _dispatch_due(self, tg: anyio.abc.TaskGroup) -> float:
         """Start a submit task for each due job; return when the next one is due."""
         if self._draining:
             return math.inf
-        jobs = await self._store.jobs_in_states({JobState.MAPPED}, limit=_SCAN_LIMIT)
+        jobs = await self._ctx.store.jobs_in_states({JobState.MAPPED}, limit=_SCAN_LIMIT)
         next_due = math.inf
         for job in jobs:
             if job.job_id in self._active:
                 continue
             due = max(job.next_attempt_at or 0.0, self._held_back.get(job.job_id, 0.0))
-            if due > self._clock():
+            if due > self._ctx.clock():
                 next_due = min(next_due, due)
                 continue
-            await self._slots.acquire(job.job_id)
+            await self._ctx.slots.acquire(job.job_id)
             if self._draining:
-                self._slots.release(job.job_id)
+                self._ctx.slots.release(job.job_id)
                 break
             self._active.add(job.job_id)
             if self._idle.is_set():
@@ -218,7 +172,7 @@ class Submitter:
                 await self.submit(job_id)
             except StoreUnavailableError as exc:
                 log.warning("job.submit_deferred", error=str(exc))
-                self._held_back[job_id] = self._clock() + RETRY_BASE_S
+                self._held_back[job_id] = self._ctx.clock() + RETRY_BASE_S
                 await self._release_after_crash(job_id)
             except Exception as exc:
                 log.exception("job.submit_crashed")
@@ -232,9 +186,9 @@ class Submitter:
     async def submit(self, job_id: str) -> None:
         """Post one mapped job (its slot already held) and commit what happened."""
         self._held_back.pop(job_id, None)
-        job = await self._store.get_job(job_id)
+        job = await self._ctx.store.get_job(job_id)
         if job is None or job.state is not JobState.MAPPED:
-            self._release_unless_in_flight(job_id, job)
+            self._ctx.release_unless_in_flight(job_id, job)
             return
         try:
             body = decode_body(job)
@@ -243,14 +197,14 @@ class Submitter:
             return
         token = secrets.token_urlsafe(24) if self._public_url and job.api == "v3" else None
         try:
-            job = await self._store.transition(
+            job = await self._ctx.store.transition(
                 job_id,
                 {JobState.MAPPED},
                 JobState.SUBMITTING,
                 JobUpdate(attempts=job.attempts + 1, callback_token=token),
             )
         except StaleTransitionError:
-            self._release_unless_in_flight(job_id, None)
+            self._ctx.release_unless_in_flight(job_id, None)
             return
         # From here on a billed project may exist: never back to `mapped` unless certain.
         await self._post_and_record(job, body, token)
@@ -273,16 +227,16 @@ class Submitter:
     async def _post(self, job: Job, body: dict[str, Any], token: str | None) -> str:
         log.info("job.exporting", attempt=job.attempts, api=job.api)
         if job.api == "legacy":
-            return await self._api.export_legacy(body["scenes"])
+            return await self._ctx.api.export_legacy(body["scenes"])
         webhook = (
             callback_url(self._public_url, job.job_id, token)
             if self._public_url and token
             else None
         )
-        return await self._api.export_v3(body, name=job.export_name, webhook_url=webhook)
+        return await self._ctx.api.export_v3(body, name=job.export_name, webhook_url=webhook)
 
     async def _record_submitted(self, job: Job, project_id: str) -> None:
-        now = self._clock()
+        now = self._ctx.clock()
         update = JobUpdate(
             project_id=project_id,
             submitted_at=now,
@@ -312,7 +266,7 @@ class Submitter:
         """
         for attempt in range(1, _COMMIT_ATTEMPTS + 1):
             try:
-                return await self._store.transition(
+                return await self._ctx.store.transition(
                     job.job_id, {JobState.SUBMITTING}, to_state, update
                 )
             except StaleTransitionError:
@@ -321,66 +275,57 @@ class Submitter:
                 return None
             except StoreUnavailableError as exc:
                 log.warning("job.commit_retry", to_state=to_state, attempt=attempt, error=str(exc))
-                await self._sleep(backoff_delay(attempt, base_s=0.5, cap_s=8.0, rng=self._rng))
+                await self._ctx.sleep(
+                    backoff_delay(attempt, base_s=0.5, cap_s=8.0, rng=self._ctx.rng)
+                )
         log.error("job.left_submitting", to_state=to_state)
         return None
 
     async def _retry_later(self, job: Job, exc: RetryableError) -> None:
         if exc.retry_after_s is not None:
-            self._gate.pause_for(exc.retry_after_s)
+            self._ctx.gate.pause_for(exc.retry_after_s)
         if job.attempts >= self._max_retries:
             message = f"gave up after {job.attempts} attempts: {exc.message}"
             await self._fail(job, {JobState.SUBMITTING}, "retries_exhausted", message)
             return
         delay = retry_delay(
-            exc, job.attempts, base_s=RETRY_BASE_S, cap_s=RETRY_CAP_S, rng=self._rng
+            exc, job.attempts, base_s=RETRY_BASE_S, cap_s=RETRY_CAP_S, rng=self._ctx.rng
         )
         update = JobUpdate(
-            next_attempt_at=self._clock() + delay,
+            next_attempt_at=self._ctx.clock() + delay,
             error_code=exc.code,
             error_message=exc.message,
             note=f"nothing created ({exc.message}); retry in {delay:.1f}s",
         )
         try:
-            await self._store.transition(job.job_id, {JobState.SUBMITTING}, JobState.MAPPED, update)
+            await self._ctx.store.transition(
+                job.job_id, {JobState.SUBMITTING}, JobState.MAPPED, update
+            )
         except StaleTransitionError:
             log.warning("job.moved_during_export", to_state=JobState.MAPPED)
             await self._release_after_crash(job.job_id)
             return
         log.info("job.retry_scheduled", delay_s=round(delay, 3), error=exc.message)
-        self._slots.release(job.job_id)
+        self._ctx.slots.release(job.job_id)
 
     async def _fail(
         self, job: Job, from_states: Collection[JobState], code: str, message: str
     ) -> None:
-        await commit_failure(
-            self._store,
-            job,
-            from_states,
-            code=code,
-            message=message,
-            outbox_for=self._outbox_for,
-            now=self._clock(),
-        )
-        self._slots.release(job.job_id)
+        await self._ctx.fail(job, from_states, code=code, message=message)
+        self._ctx.slots.release(job.job_id)
 
     async def _fail_if_still_mapped(self, job_id: str, reason: str) -> None:
         """A bug before the POST fails the job (nothing was paid); after it, restart reconciles."""
-        job = await self._store.get_job(job_id)
+        job = await self._ctx.store.get_job(job_id)
         if job is not None and job.state is JobState.MAPPED:
             await self._fail(job, {JobState.MAPPED}, "internal_error", reason)
         else:
-            self._release_unless_in_flight(job_id, job)
+            self._ctx.release_unless_in_flight(job_id, job)
 
     async def _release_after_crash(self, job_id: str) -> None:
         """Free the slot unless the job, as stored now, is still rendering."""
         try:
-            job = await self._store.get_job(job_id)
+            job = await self._ctx.store.get_job(job_id)
         except StoreUnavailableError:
             return
-        self._release_unless_in_flight(job_id, job)
-
-    def _release_unless_in_flight(self, job_id: str, job: Job | None) -> None:
-        """Free a slot taken for a job another path moved, unless it is really rendering."""
-        if job is None or job.state not in IN_FLIGHT:
-            self._slots.release(job_id)
+        self._ctx.release_unless_in_flight(job_id, job)

@@ -9,8 +9,6 @@ a deadline and a stall watchdog decide when a render is lost.
 from __future__ import annotations
 
 import dataclasses
-import heapq
-import itertools
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -19,24 +17,21 @@ import anyio
 import structlog
 
 from service.aistudios.errors import AIStudiosError, AuthError, PermanentError, RetryableError
+from service.jobs.context import DueHeap
 from service.jobs.schedule import (
     Observation,
     next_poll_delay,
     render_verdict,
     retry_delay,
 )
-from service.jobs.states import IN_FLIGHT
-from service.jobs.submitter import commit_failure, sleep_or_wake
+from service.jobs.submitter import sleep_or_wake
 from service.log import get_logger
 from service.model import Job, JobState, JobUpdate
 from service.store.base import StaleTransitionError, StoreUnavailableError
 
 if TYPE_CHECKING:
     from service.aistudios.responses import Progress
-    from service.jobs.ratelimit import RenderSlots, RequestGate
-    from service.jobs.schedule import Clock, RandomSource, Sleep
-    from service.jobs.submitter import OutboxFor
-    from service.store.base import Store
+    from service.jobs.context import JobLoopContext
 
 log = get_logger("jobs.tracker")
 
@@ -106,31 +101,16 @@ class Tracker:
 
     def __init__(
         self,
+        ctx: JobLoopContext[ProgressApi],
         *,
-        store: Store,
-        api: ProgressApi,
-        slots: RenderSlots,
-        gate: RequestGate,
-        outbox_for: OutboxFor,
-        clock: Clock,
-        sleep: Sleep,
-        rng: RandomSource,
         timing: PollTiming,
         max_parallel_polls: int = MAX_PARALLEL_POLLS,
     ) -> None:
-        self._store = store
-        self._api = api
-        self._slots = slots
-        self._gate = gate
-        self._outbox_for = outbox_for
-        self._clock = clock
-        self._sleep = sleep
-        self._rng = rng
+        self._ctx = ctx
         self._timing = timing
         self._poll_permits = anyio.Semaphore(max_parallel_polls)
         self._renders: dict[str, _Render] = {}
-        self._heap: list[tuple[float, int, str]] = []
-        self._seq = itertools.count()
+        self._due = DueHeap()
         self._wakeup = anyio.Event()
 
     @property
@@ -142,7 +122,7 @@ class Tracker:
         """Follow a `submitted` job; its first poll is timed from what the job already shows."""
         render = _Render(job.job_id, observations_of(job))
         self._renders[job.job_id] = render
-        now = self._clock()
+        now = self._ctx.clock()
         self._schedule(render, now + self._delay(render), job)
 
     async def wake(self, job_id: str) -> None:
@@ -153,7 +133,7 @@ class Tracker:
         if render.polling:
             render.repoll = True
             return
-        now = self._clock()
+        now = self._ctx.clock()
         earliest = (
             now if render.last_poll_at is None else render.last_poll_at + self._timing.floor_s
         )
@@ -165,7 +145,7 @@ class Tracker:
         timing = self._timing
         return next_poll_delay(
             render.observations,
-            self._clock(),
+            self._ctx.clock(),
             floor_s=timing.floor_s,
             ceiling_s=timing.ceiling_s,
             first_guess_s=timing.first_guess_s,
@@ -175,8 +155,7 @@ class Tracker:
         if job is not None:
             due_at = min(due_at, verdict_due_at(job, self._timing) + _VERDICT_EPSILON_S)
         render.due_at = due_at
-        render.seq = next(self._seq)
-        heapq.heappush(self._heap, (due_at, render.seq, render.job_id))
+        render.seq = self._due.push(render.job_id, due_at)
         self._wakeup.set()
 
     async def run(self) -> None:
@@ -184,16 +163,16 @@ class Tracker:
         async with anyio.create_task_group() as tg:
             while True:
                 self._wakeup = anyio.Event()
-                while self._heap and self._heap[0][0] <= self._clock():
-                    _, seq, job_id = heapq.heappop(self._heap)
+                while (entry := self._due.pop_due(self._ctx.clock())) is not None:
+                    seq, job_id = entry
                     render = self._renders.get(job_id)
                     if render is None or render.seq != seq or render.polling:
                         continue
                     await self._poll_permits.acquire()
                     render.polling = True
                     tg.start_soon(self._poll_isolated, render, name=f"poll {job_id}")
-                next_due = self._heap[0][0] if self._heap else math.inf
-                await sleep_or_wake(self._wakeup, next_due - self._clock(), self._sleep)
+                next_due = self._due.next_due()
+                await sleep_or_wake(self._wakeup, next_due - self._ctx.clock(), self._ctx.sleep)
 
     async def _poll_isolated(self, render: _Render) -> None:
         """One poll; its failure is this job's, never the loop's."""
@@ -215,7 +194,7 @@ class Tracker:
 
     async def poll(self, render: _Render) -> None:
         """Read the render's progress once and commit whatever it means."""
-        job = await self._store.get_job(render.job_id)
+        job = await self._ctx.store.get_job(render.job_id)
         if job is None or job.state is not JobState.SUBMITTED:
             self._forget(render.job_id, job)
             return
@@ -227,7 +206,7 @@ class Tracker:
         except AIStudiosError as exc:
             await self._poll_failed(job, render, exc)
             return
-        now = self._clock()
+        now = self._ctx.clock()
         render.last_poll_at = now
         render.errors = 0
         moved = progress.progress != job.progress
@@ -237,7 +216,7 @@ class Tracker:
         if progress.done:
             await self._ready(job, progress, now, last_progress_at)
             return
-        job = await self._store.update_job(
+        job = await self._ctx.store.update_job(
             job.job_id,
             JobUpdate(
                 progress=progress.progress, polls=job.polls + 1, last_progress_at=last_progress_at
@@ -252,8 +231,8 @@ class Tracker:
     async def _read(self, job: Job) -> Progress:
         project_id = job.project_id or ""
         if job.api == "legacy":
-            return await self._api.progress_legacy(project_id)
-        return await self._api.progress_v3(project_id)
+            return await self._ctx.api.progress_legacy(project_id)
+        return await self._ctx.api.progress_v3(project_id)
 
     async def _ready(
         self, job: Job, progress: Progress, now: float, last_progress_at: float | None
@@ -278,16 +257,16 @@ class Tracker:
             note=f"ready after {ready.polls} polls",
         )
         try:
-            await self._store.transition(
+            await self._ctx.store.transition(
                 job.job_id,
                 {JobState.SUBMITTED},
                 JobState.READY,
                 update,
-                self._outbox_for(ready, "video.ready"),
+                self._ctx.outbox_for(ready, "video.ready"),
             )
         except StaleTransitionError:
             log.info("job.ready_raced")
-            self._forget(job.job_id, await self._store.get_job(job.job_id))
+            self._forget(job.job_id, await self._ctx.store.get_job(job.job_id))
             return
         log.info("job.ready", polls=ready.polls)
         self._forget(job.job_id, None)
@@ -298,8 +277,8 @@ class Tracker:
             await self._fail(job, "permanent", f"progress check refused: {exc.message}")
             return
         if isinstance(exc, RetryableError) and exc.retry_after_s is not None:
-            self._gate.pause_for(exc.retry_after_s)
-        now = self._clock()
+            self._ctx.gate.pause_for(exc.retry_after_s)
+        now = self._ctx.clock()
         if render_verdict(job, now, self._timing.deadline_s, math.inf) == "deadline":
             await self._give_up(job, "deadline")
             return
@@ -309,9 +288,9 @@ class Tracker:
     def _retry_later(self, render: _Render, exc: BaseException, job: Job | None = None) -> None:
         render.errors += 1
         delay = retry_delay(
-            exc, render.errors, base_s=POLL_RETRY_BASE_S, cap_s=POLL_RETRY_CAP_S, rng=self._rng
+            exc, render.errors, base_s=POLL_RETRY_BASE_S, cap_s=POLL_RETRY_CAP_S, rng=self._ctx.rng
         )
-        self._schedule(render, self._clock() + delay, job)
+        self._schedule(render, self._ctx.clock() + delay, job)
 
     async def _give_up(self, job: Job, verdict: str) -> None:
         if verdict == "deadline":
@@ -323,21 +302,13 @@ class Tracker:
         await self._fail(job, verdict, message)
 
     async def _fail(self, job: Job, code: str, message: str) -> None:
-        await commit_failure(
-            self._store,
-            job,
-            {JobState.SUBMITTED},
-            code=code,
-            message=message,
-            outbox_for=self._outbox_for,
-            now=self._clock(),
-        )
+        await self._ctx.fail(job, {JobState.SUBMITTED}, code=code, message=message)
         self._forget(job.job_id, None)
 
     async def _fail_crashed(self, render: _Render, reason: str) -> None:
         """A bug while tracking fails the job with the reason (an operator may retry it)."""
         try:
-            job = await self._store.get_job(render.job_id)
+            job = await self._ctx.store.get_job(render.job_id)
             if job is not None and job.state is JobState.SUBMITTED:
                 await self._fail(job, "internal_error", reason)
             else:
@@ -348,5 +319,4 @@ class Tracker:
     def _forget(self, job_id: str, job: Job | None) -> None:
         """Stop following a render; free its slot unless the job is somehow still in flight."""
         self._renders.pop(job_id, None)
-        if job is None or job.state not in IN_FLIGHT:
-            self._slots.release(job_id)
+        self._ctx.release_unless_in_flight(job_id, job)

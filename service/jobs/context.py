@@ -1,0 +1,118 @@
+"""What the submitter, reconciler and tracker share, and the steps they all take with it.
+
+The three loops move the same jobs through one store, spend one render budget, call one API
+through one request gate, and read one clock. Each used to take and keep its own copy of those
+eight collaborators; one frozen context makes "the same ones" a fact of construction, and the
+failure commit and slot release every loop performs live here once. `DueHeap` is the timer
+heap the reconciler and tracker both schedule on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+from service.jobs.states import IN_FLIGHT
+from service.log import get_logger
+from service.model import Job, JobState, JobUpdate, NewOutboxMessage
+from service.store.base import StaleTransitionError
+
+if TYPE_CHECKING:
+    from collections.abc import Collection
+
+    from service.jobs.ratelimit import RenderSlots, RequestGate
+    from service.jobs.schedule import Clock, RandomSource, Sleep
+    from service.store.base import Store
+
+log = get_logger("jobs")
+
+OutboxFor = Callable[[Job, str], Sequence[NewOutboxMessage]]
+"""The caller's notify targets: the outbox rows committed with a terminal state."""
+
+ApiT_co = TypeVar("ApiT_co", covariant=True)
+
+
+@dataclass(frozen=True)
+class JobLoopContext(Generic[ApiT_co]):
+    """The collaborators every job loop shares; `api` is typed as the part a loop calls.
+
+    One instance serves all three loops, so a slot taken by one is released by another and a
+    Retry-After seen by one pauses them all.
+    """
+
+    store: Store
+    api: ApiT_co
+    slots: RenderSlots
+    gate: RequestGate
+    outbox_for: OutboxFor
+    clock: Clock
+    sleep: Sleep
+    rng: RandomSource
+
+    async def fail(
+        self, job: Job, from_states: Collection[JobState], *, code: str, message: str
+    ) -> Job | None:
+        """Move a job to `failed` with its `video.failed` rows; None when another path moved it.
+
+        The slot is not released here: each loop decides that with what it knows of the job.
+        """
+        failed = dataclasses.replace(
+            job,
+            state=JobState.FAILED,
+            error_code=code,
+            error_message=message,
+            updated_at=self.clock(),
+        )
+        update = JobUpdate(error_code=code, error_message=message, note=message)
+        try:
+            moved = await self.store.transition(
+                job.job_id,
+                from_states,
+                JobState.FAILED,
+                update,
+                self.outbox_for(failed, "video.failed"),
+            )
+        except StaleTransitionError:
+            log.info("job.fail_raced", code=code)
+            return None
+        log.warning("job.failed", code=code, reason=message)
+        return moved
+
+    def release_unless_in_flight(self, job_id: str, job: Job | None) -> None:
+        """Free a job's render slot unless the job, as last read, is still rendering."""
+        if job is None or job.state not in IN_FLIGHT:
+            self.slots.release(job_id)
+
+
+class DueHeap:
+    """Keyed timers on one heap; each push gets a sequence number that supersedes older ones.
+
+    Rescheduling pushes again instead of re-sorting: a loop drops a popped entry whose number
+    is no longer the key's latest.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+
+    def push(self, key: str, due_at: float) -> int:
+        """Schedule `key` at `due_at`; returns the entry's number."""
+        seq = next(self._seq)
+        heapq.heappush(self._heap, (due_at, seq, key))
+        return seq
+
+    def pop_due(self, now: float) -> tuple[int, str] | None:
+        """The earliest entry due by `now` as (number, key), or None."""
+        if not self._heap or self._heap[0][0] > now:
+            return None
+        _, seq, key = heapq.heappop(self._heap)
+        return seq, key
+
+    def next_due(self) -> float:
+        """When the earliest entry falls due; infinity when there is none."""
+        return self._heap[0][0] if self._heap else math.inf
