@@ -18,7 +18,7 @@ import orjson
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from service.aistudios.client import AIStudiosClient
 from service.aistudios.simulator import Simulator, SimulatorKnobs, run_simulator
@@ -258,7 +258,8 @@ async def _jobs(args: argparse.Namespace) -> int:
 
 
 def _print_jobs(jobs: list[dict[str, Any]]) -> None:
-    table = Table("job", "route", "state", "progress", "project", "error")
+    job_column = Column("job", no_wrap=True, min_width=len("job_") + 24)
+    table = Table(job_column, "route", "state", "progress", "project", "error")
     for job in jobs:
         table.add_row(
             job["job_id"],

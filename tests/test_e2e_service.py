@@ -285,3 +285,41 @@ async def test_route_with_download_keeps_an_atomic_local_copy_and_announces_it(
     assert data[4:8] == b"ftyp"
     assert ready["video_sha256"] == hashlib.sha256(data).hexdigest()
     assert [p.name for p in video.parent.iterdir()] == [video.name]
+
+
+async def test_jobs_commands_list_show_and_retry_through_the_admin_api(tmp_path, mqtt_broker):
+    import sys  # noqa: PLC0415
+
+    cfg = make_config(tmp_path, broker_port=mqtt_broker.port, prefix=unique_prefix(), admin_token="t0k")
+    body = orjson.dumps({"id": 5, "title": "No image"})
+    async with running_service(cfg) as svc, aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{svc.http_url}/hooks/shop", data=body, headers=shopify_headers(body, "cli-jobs")
+        ) as response:
+            job_id = (await response.json())["jobs"][0]
+
+        async def rejected():
+            job = await svc.store.get_job(job_id)
+            return job is not None and job.state is JobState.REJECTED
+
+        await eventually(rejected, what="rejected")
+
+        async def cli(*args):
+            return await anyio.run_process(
+                [sys.executable, "-m", "service", "jobs", *args, "--config", str(cfg.path), "--url", svc.http_url],
+                check=False,
+            )
+
+        listing = await cli("--status", "rejected")
+        assert listing.returncode == 0, listing.stderr
+        assert job_id in listing.stdout.decode()
+        shown = await cli("show", job_id)
+        assert shown.returncode == 0
+        assert "mapping_error" in shown.stdout.decode()
+        assert "history" in shown.stdout.decode()
+        retried = await cli("retry", job_id)
+        assert retried.returncode == 0, retried.stderr
+        assert f"{job_id}: received" in retried.stdout.decode()
+        missing = await cli("show", "job_missing")
+        assert missing.returncode == 1
+        assert "no job job_missing" in missing.stderr.decode()

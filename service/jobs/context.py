@@ -37,6 +37,38 @@ OutboxFor = Callable[[Job, str], Sequence[NewOutboxMessage]]
 ApiT_co = TypeVar("ApiT_co", covariant=True)
 
 
+async def end_with_error(
+    store: Store,
+    outbox_for: OutboxFor,
+    job: Job,
+    from_states: Collection[JobState],
+    to_state: JobState,
+    *,
+    code: str,
+    message: str,
+    now: float,
+) -> Job | None:
+    """End a job as `failed` or `rejected` with its reason and its `video.failed` rows.
+
+    One transaction, so the announcement exists exactly when the verdict does; None when
+    another path moved the job first.
+    """
+    ended = dataclasses.replace(
+        job, state=to_state, error_code=code, error_message=message, updated_at=now
+    )
+    update = JobUpdate(error_code=code, error_message=message, note=message)
+    try:
+        moved = await store.transition(
+            job.job_id, from_states, to_state, update, outbox_for(ended, "video.failed")
+        )
+    except StaleTransitionError:
+        log.info("job.end_raced", code=code, state=to_state.value)
+        return None
+    event = "job.failed" if to_state is JobState.FAILED else "job.rejected"
+    log.warning(event, code=code, reason=message)
+    return moved
+
+
 @dataclass(frozen=True)
 class JobLoopContext(Generic[ApiT_co]):
     """The collaborators every job loop shares; `api` is typed as the part a loop calls.
@@ -61,27 +93,16 @@ class JobLoopContext(Generic[ApiT_co]):
 
         The slot is not released here: each loop decides that with what it knows of the job.
         """
-        failed = dataclasses.replace(
+        return await end_with_error(
+            self.store,
+            self.outbox_for,
             job,
-            state=JobState.FAILED,
-            error_code=code,
-            error_message=message,
-            updated_at=self.clock(),
+            from_states,
+            JobState.FAILED,
+            code=code,
+            message=message,
+            now=self.clock(),
         )
-        update = JobUpdate(error_code=code, error_message=message, note=message)
-        try:
-            moved = await self.store.transition(
-                job.job_id,
-                from_states,
-                JobState.FAILED,
-                update,
-                self.outbox_for(failed, "video.failed"),
-            )
-        except StaleTransitionError:
-            log.info("job.fail_raced", code=code)
-            return None
-        log.warning("job.failed", code=code, reason=message)
-        return moved
 
     def release_unless_in_flight(self, job_id: str, job: Job | None) -> None:
         """Free a job's render slot unless the job, as last read, is still rendering."""

@@ -8,7 +8,6 @@ own problem; a failing loop fails the group, visibly.
 
 from __future__ import annotations
 
-import dataclasses
 import hmac
 import random
 import time
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 import anyio
 import structlog
 
-from service.jobs.context import JobLoopContext
+from service.jobs.context import JobLoopContext, end_with_error
 from service.jobs.ratelimit import RenderSlots
 from service.jobs.reconcile import LookupApi, Reconciler
 from service.jobs.states import IN_FLIGHT
@@ -199,17 +198,16 @@ class JobPipeline:
             await self._reject(job, f"mapping crashed: {exc!r}")
 
     async def _reject(self, job: Job, reason: str) -> None:
-        rejected = dataclasses.replace(
-            job, state=JobState.REJECTED, error_code="prepare_error", error_message=reason
-        )
-        update = JobUpdate(error_code="prepare_error", error_message=reason, note=reason)
         try:
-            await self._ctx.store.transition(
-                job.job_id,
+            await end_with_error(
+                self._ctx.store,
+                self._ctx.outbox_for,
+                job,
                 {JobState.RECEIVED},
                 JobState.REJECTED,
-                update,
-                self._ctx.outbox_for(rejected, "video.failed"),
+                code="prepare_error",
+                message=reason,
+                now=self._ctx.clock(),
             )
-        except (StaleTransitionError, StoreUnavailableError) as exc:
+        except StoreUnavailableError as exc:
             log.warning("job.reject_failed", error=repr(exc))

@@ -6,8 +6,7 @@ operator's retry and always produces the same body for the same config.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Sequence
+import time
 from typing import Any
 
 import orjson
@@ -15,6 +14,7 @@ import orjson
 from service.catalog import Catalog
 from service.config import Config
 from service.intake import handler_for, route_context
+from service.jobs.context import OutboxFor, end_with_error
 from service.log import get_logger
 from service.mapping.render import MappingError
 from service.mapping.routes import CompiledRoute, build_export, load_handler
@@ -23,15 +23,12 @@ from service.model import (
     Job,
     JobState,
     JobUpdate,
-    NewOutboxMessage,
     RawEvent,
     StoredEvent,
 )
 from service.store.base import StaleTransitionError, Store
 
 log = get_logger("prepare")
-
-OutboxFor = Callable[[Job, str], Sequence[NewOutboxMessage]]
 
 
 def raw_event_of(event: StoredEvent, source_kind: str) -> RawEvent:
@@ -97,22 +94,16 @@ class Preparer:
         try:
             api, body = self._body_for(job, event)
         except (MappingError, ValueError, KeyError, TypeError) as exc:
-            reason = str(exc) or type(exc).__name__
-            log.warning("job.rejected", job_id=job.job_id, route=job.route, reason=reason)
-            update = JobUpdate(error_code="mapping_error", error_message=reason, note=reason)
-            rejected = dataclasses.replace(
-                job, state=JobState.REJECTED, error_code="mapping_error", error_message=reason
+            await end_with_error(
+                self._store,
+                self._outbox_for,
+                job,
+                {JobState.RECEIVED},
+                JobState.REJECTED,
+                code="mapping_error",
+                message=str(exc) or type(exc).__name__,
+                now=time.time(),
             )
-            try:
-                await self._store.transition(
-                    job.job_id,
-                    {JobState.RECEIVED},
-                    JobState.REJECTED,
-                    update,
-                    self._outbox_for(rejected, "video.failed"),
-                )
-            except StaleTransitionError:
-                log.info("job.prepare_raced", job_id=job.job_id)
             return
         try:
             await self._store.transition(
