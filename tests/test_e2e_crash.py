@@ -1,0 +1,259 @@
+"""Crash and shutdown of the daemon as a real process: nothing acknowledged is lost, nothing
+is exported twice.
+
+Each test runs `python -m service serve` on a real SQLite file; the MQTT test uses a private
+Mosquitto, and the pipeline tests an AI Studios simulator in its own process so renders go on
+while the daemon is dead. Kills are sent by the log reader the moment the named line appears.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import aiohttp
+import anyio
+import anyio.to_thread
+import orjson
+import pytest
+from paho.mqtt import client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.support.daemon_fixtures import (
+    DEVICE_SOURCE,
+    SHOP_SOURCE,
+    Daemon,
+    SimulatorProcess,
+    daemon_config,
+    inbox_keys,
+    job_states,
+    post_delivery,
+    ready_lines,
+    shop_job_id,
+    shopify_delivery,
+    wait_until,
+)
+from tests.support.mqtt_fixtures import PrivateBroker
+
+pytestmark = pytest.mark.integration
+
+ACCEPTED = {200, 202}
+DaemonFactory = Callable[[str], Daemon]
+
+
+def _explain(daemon: Daemon) -> str:
+    return f"jobs: {job_states(daemon.db_path)}\n{daemon.current.tail()}"
+
+
+def _send_until_refused(url: str | None, pending: list[str]) -> list[str]:
+    """Deliver in order until the daemon stops answering; return what is still unacknowledged."""
+    if url is None:
+        return pending
+    for i, webhook_id in enumerate(pending):
+        status = post_delivery(url, webhook_id, f"Product {webhook_id}")
+        if status is None:
+            return pending[i:]
+        assert status in ACCEPTED, f"{webhook_id}: {status}"
+    return []
+
+
+# --- 1. webhook intake --------------------------------------------------------------------
+
+
+async def _post(
+    session: aiohttp.ClientSession,
+    url: str,
+    webhook_id: str,
+    *,
+    hold: anyio.Event | None = None,
+) -> int | None:
+    """POST a delivery; with `hold`, the end of the body is sent only once `hold` is set."""
+    body, headers = shopify_delivery(webhook_id, f"Mug {webhook_id}")
+
+    async def held_body() -> AsyncIterator[bytes]:
+        yield body[:8]
+        assert hold is not None
+        await hold.wait()
+        yield body[8:]
+
+    try:
+        data = body if hold is None else held_body()
+        async with session.post(f"{url}/hooks/{SHOP_SOURCE}", data=data, headers=headers) as r:
+            await r.read()
+            return r.status
+    except aiohttp.ClientError:
+        return None
+
+
+@pytest.mark.anyio
+async def test_webhook_burst_killed_mid_flight_keeps_every_acknowledged_delivery_once(
+    tmp_path: Path, daemon_factory: DaemonFactory
+) -> None:
+    daemon = daemon_factory(daemon_config(tmp_path))
+    started = await anyio.to_thread.run_sync(daemon.start)
+    assert started is not None
+    url: str = started
+    run = daemon.current
+    # Ten complete deliveries race to the first answer; twenty more are mid-body at the kill.
+    ids = [f"burst-{i:02d}-{uuid.uuid4().hex[:8]}" for i in range(30)]
+    complete, held = ids[:10], ids[10:]
+    killed = anyio.Event()
+    answers: dict[str, int | None] = {}
+
+    async def deliver(session: aiohttp.ClientSession, webhook_id: str) -> None:
+        hold = killed if webhook_id in held else None
+        answers[webhook_id] = status = await _post(session, url, webhook_id, hold=hold)
+        if status in ACCEPTED and run.signalled_at is None:
+            run.send(signal.SIGKILL)
+            await anyio.to_thread.run_sync(run.wait_exit)
+            killed.set()
+
+    with anyio.fail_after(15):
+        async with aiohttp.ClientSession() as session, anyio.create_task_group() as tg:
+            for webhook_id in held + complete:
+                tg.start_soon(deliver, session, webhook_id)
+    assert run.wait_exit() == -signal.SIGKILL
+
+    acknowledged = {i for i, status in answers.items() if status in ACCEPTED}
+    stored = inbox_keys(daemon.db_path, SHOP_SOURCE)
+    assert acknowledged, answers
+    assert acknowledged <= set(complete), answers
+    assert all(count == 1 for count in stored.values()), stored
+    missing = [i for i in acknowledged if f"h:{i}" not in stored]
+    assert not missing, f"acknowledged but not in the inbox: {missing}"
+    assert not [i for i in held if f"h:{i}" in stored], "a half-read body reached the inbox"
+
+    restarted = await anyio.to_thread.run_sync(daemon.start)
+    assert restarted is not None
+    async with aiohttp.ClientSession() as session:
+        again = {i: await _post(session, restarted, i) for i in ids}
+    expected = {i: 200 if f"h:{i}" in stored else 202 for i in ids}
+    assert again == expected
+    assert inbox_keys(daemon.db_path, SHOP_SOURCE) == {f"h:{i}": 1 for i in ids}
+
+
+# --- 2. MQTT intake -----------------------------------------------------------------------
+
+
+@contextmanager
+def _publisher(broker: PrivateBroker, client_id: str) -> Iterator[mqtt.Client]:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        yield client
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _publish(client: mqtt.Client, topic: str, ids: list[str]) -> None:
+    """Publish QoS 1 and return once the broker acknowledged every message (it owns them)."""
+    infos = [
+        client.publish(topic, orjson.dumps({"id": i, "product": {"title": i}}), qos=1) for i in ids
+    ]
+    for info in infos:
+        info.wait_for_publish(timeout=5)
+        assert info.is_published()
+
+
+def test_mqtt_messages_survive_kill_9_and_downtime_each_stored_once(
+    tmp_path: Path,
+    daemon_factory: DaemonFactory,
+    private_broker: Callable[[], PrivateBroker],
+) -> None:
+    broker = private_broker()
+    prefix = f"crash-{uuid.uuid4().hex[:8]}"
+    daemon = daemon_factory(daemon_config(tmp_path, mqtt_port=broker.port, mqtt_prefix=prefix))
+    assert daemon.start(signal_on={"mqtt message accepted": signal.SIGKILL}) is not None
+    before = [f"before-{i:02d}" for i in range(20)]
+    during = [f"during-{i:02d}" for i in range(10)]
+    topic = f"{prefix}/in/products"
+    with _publisher(broker, f"{prefix}-publisher") as client:
+        _publish(client, topic, before)
+        killed = daemon.current
+        assert killed.wait_exit() == -signal.SIGKILL
+        assert killed.signalled[0][1]["event"] == "mqtt message accepted"
+        _publish(client, topic, during)
+
+    assert daemon.start() is not None
+    expected = {f"j:{i}": 1 for i in before + during}
+    wait_until(
+        lambda: len(inbox_keys(daemon.db_path, DEVICE_SOURCE)) == len(expected),
+        what="every published message in the inbox",
+        explain=lambda: f"{inbox_keys(daemon.db_path, DEVICE_SOURCE)}\n{daemon.current.tail()}",
+    )
+    assert inbox_keys(daemon.db_path, DEVICE_SOURCE) == expected
+
+
+# --- 3. pipeline --------------------------------------------------------------------------
+
+
+def test_pipeline_killed_while_submitting_tracking_and_notifying_exports_each_job_once(
+    tmp_path: Path,
+    daemon_factory: DaemonFactory,
+    simulator_process: Callable[[float], SimulatorProcess],
+) -> None:
+    simulator = simulator_process(0.8)
+    daemon = daemon_factory(
+        daemon_config(tmp_path, api_url=simulator.url, max_concurrent_exports=2)
+    )
+    ids = [f"pipe-{i}-{uuid.uuid4().hex[:8]}" for i in range(6)]
+    jobs = [shop_job_id(i) for i in ids]
+    pending = list(ids)
+    for moment in ("job.exporting", "job.submitted", "job.ready"):
+        url = daemon.start(signal_on={moment: signal.SIGKILL})
+        pending = _send_until_refused(url, pending)
+        run = daemon.current
+        assert run.wait_exit() == -signal.SIGKILL, run.tail()
+        assert [record["event"] for _, record in run.signalled] == [moment]
+
+    url = daemon.start()
+    assert _send_until_refused(url, pending) == []
+    wait_until(
+        lambda: job_states(daemon.db_path) == dict.fromkeys(jobs, "notified"),
+        what="every job notified",
+        explain=lambda: _explain(daemon),
+    )
+    assert simulator.exports_per_job(jobs) == dict.fromkeys(jobs, 1)
+    announced = ready_lines(tmp_path / "videos.jsonl")
+    assert all(announced.get(job, 0) >= 1 for job in jobs), announced
+    assert inbox_keys(daemon.db_path, SHOP_SOURCE) == {f"h:{i}": 1 for i in ids}
+
+
+# --- 4. graceful stop ---------------------------------------------------------------------
+
+
+def test_sigterm_during_an_export_lets_it_commit_exits_0_and_the_job_resumes(
+    tmp_path: Path,
+    daemon_factory: DaemonFactory,
+    simulator_process: Callable[[float], SimulatorProcess],
+) -> None:
+    simulator = simulator_process(1.0)
+    daemon = daemon_factory(daemon_config(tmp_path, api_url=simulator.url))
+    url = daemon.start(signal_on={"job.exporting": signal.SIGTERM})
+    assert url is not None
+    webhook_id = f"term-{uuid.uuid4().hex[:8]}"
+    job = shop_job_id(webhook_id)
+    assert post_delivery(url, webhook_id, "Oak Desk Lamp") == 202
+
+    run = daemon.current
+    assert run.wait_exit() == 0, run.tail()
+    assert run.signalled_at is not None
+    assert time.monotonic() - run.signalled_at < 2.0 + 1.0  # grace + interpreter exit
+    assert run.events("service.stopped"), run.tail()
+    # The POST under way was allowed to finish and its outcome committed: nothing to reconcile.
+    assert job_states(daemon.db_path) == {job: "submitted"}
+
+    assert daemon.start() is not None
+    wait_until(
+        lambda: job_states(daemon.db_path) == {job: "notified"},
+        what="the job notified after the restart",
+        explain=lambda: _explain(daemon),
+    )
+    assert simulator.exports_per_job([job]) == {job: 1}
+    assert ready_lines(tmp_path / "videos.jsonl").get(job, 0) >= 1
