@@ -62,6 +62,7 @@ class ChildProcess:
         self.signalled: list[tuple[signal.Signals, Record]] = []
         self.signalled_at: float | None = None
         self._triggers = dict(signal_on or {})
+        self._line_actions: list[tuple[str, Callable[[], None]]] = []
         self._changed = threading.Condition()
         self._eof = False
         self.process = subprocess.Popen(
@@ -80,6 +81,7 @@ class ChildProcess:
                 if record is not None:
                     self._maybe_signal(record)
                     self.records.append(record)
+                self._maybe_act(line)
                 self.lines.append(line)
                 self._changed.notify_all()
         with self._changed:
@@ -95,6 +97,16 @@ class ChildProcess:
             os.kill(self.process.pid, sig)
         self.signalled_at = time.monotonic()
         self.signalled.append((sig, record))
+
+    def when_line(self, text: str, action: Callable[[], None]) -> None:
+        """Run `action` (once) from the reader when a later line contains `text`."""
+        with self._changed:
+            self._line_actions.append((text, action))
+
+    def _maybe_act(self, line: str) -> None:
+        for armed in [a for a in self._line_actions if a[0] in line]:
+            self._line_actions.remove(armed)
+            armed[1]()
 
     def wait_for(
         self, match: Callable[[Record], bool], *, what: str, timeout_s: float = READY_TIMEOUT_S
