@@ -1,7 +1,7 @@
 """Crash and shutdown of the daemon as a real process: nothing acknowledged is lost, nothing
 is exported twice.
 
-Each test runs `python -m service serve` on a real SQLite file; the MQTT test uses a private
+Each test runs `python -m service serve` on a real SQLite file; MQTT runs on a private
 Mosquitto, and the pipeline tests an AI Studios simulator in its own process so renders go on
 while the daemon is dead. Kills are sent by the log reader the moment the named line appears.
 """
@@ -240,9 +240,15 @@ def test_sigterm_during_an_export_lets_it_commit_exits_0_and_the_job_resumes(
     tmp_path: Path,
     daemon_factory: DaemonFactory,
     simulator_process: Callable[[float], SimulatorProcess],
+    private_broker: Callable[[], PrivateBroker],
 ) -> None:
     simulator = simulator_process(1.0)
-    daemon = daemon_factory(daemon_config(tmp_path, api_url=simulator.url))
+    broker = private_broker()  # a subscribed MQTT ingress must not hold up the stop either
+    prefix = f"term-{uuid.uuid4().hex[:8]}"
+    config = daemon_config(
+        tmp_path, api_url=simulator.url, mqtt_port=broker.port, mqtt_prefix=prefix
+    )
+    daemon = daemon_factory(config)
     url = daemon.start(signal_on={"job.exporting": signal.SIGTERM})
     assert url is not None
     webhook_id = f"term-{uuid.uuid4().hex[:8]}"
