@@ -204,6 +204,25 @@ async def test_a_callback_brings_the_confirming_poll_forward(tmp_path):
         assert not await h.pipeline.on_callback("job_unknown", "whatever")
 
 
+async def test_a_callback_right_after_a_poll_is_not_held_back_by_the_poll_floor(tmp_path):
+    knobs = SimulatorKnobs(render_seconds=2.0)
+    # First poll at 1.5 s (75 %); the 1.5 s floor would hold the next one until 3.0 s, but the
+    # render finishes at 2.0 s and its callback must be confirmed right away.
+    async with jobs_harness(
+        tmp_path,
+        knobs=knobs,
+        callbacks=True,
+        first_poll_s=1.5,
+        poll_min_interval_s=1.5,
+        poll_max_interval_s=10.0,
+    ) as h:
+        job = await h.add_job("callback-after-poll")
+        ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED})
+        assert ready.state is S.READY
+        assert ready.polls == 2
+        assert ready.ready_at - ready.submitted_at < 2.7
+
+
 async def test_a_crashing_mapping_rejects_only_its_job(tmp_path):
     async with jobs_harness(tmp_path) as h:
         good = await h.add_job("good", notify=False)

@@ -77,6 +77,7 @@ class _Render:
     repoll: bool = False
     last_poll_at: float | None = None
     errors: int = field(default=0)
+    callback_seen: bool = False
 
 
 def verdict_due_at(job: Job, timing: PollTiming) -> float:
@@ -126,7 +127,12 @@ class Tracker:
         self._schedule(render, now + self._delay(render), job)
 
     async def wake(self, job_id: str) -> None:
-        """A callback arrived: poll this render now (no sooner than the poll floor allows)."""
+        """A callback arrived: poll this render now to confirm it.
+
+        The first callback of a render skips the poll floor (AI Studios calls back when the
+        render is done, so waiting would only add lag); later ones respect it, so a chatty
+        sender can cost at most one extra poll per floor interval.
+        """
         render = self._renders.get(job_id)
         if render is None:
             return
@@ -134,8 +140,12 @@ class Tracker:
             render.repoll = True
             return
         now = self._ctx.clock()
+        first_callback = not render.callback_seen
+        render.callback_seen = True
         earliest = (
-            now if render.last_poll_at is None else render.last_poll_at + self._timing.floor_s
+            now
+            if render.last_poll_at is None or first_callback
+            else render.last_poll_at + self._timing.floor_s
         )
         due_at = max(now, earliest)
         if due_at < render.due_at:
