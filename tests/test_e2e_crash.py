@@ -278,11 +278,6 @@ def test_sigterm_during_an_export_lets_it_commit_exits_0_and_the_job_resumes(
 # --- 5. a crash between the last announcement and the job's "notified" -------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="OutboxSender._settle marks the row delivered and the job notified in two commits; "
-    "nothing at start-up finishes a ready job whose rows are all delivered",
-)
 def test_job_whose_announcements_were_all_delivered_is_notified_after_a_restart(
     tmp_path: Path,
     daemon_factory: DaemonFactory,

@@ -290,7 +290,9 @@ async def test_route_with_download_keeps_an_atomic_local_copy_and_announces_it(
 async def test_jobs_commands_list_show_and_retry_through_the_admin_api(tmp_path, mqtt_broker):
     import sys  # noqa: PLC0415
 
-    cfg = make_config(tmp_path, broker_port=mqtt_broker.port, prefix=unique_prefix(), admin_token="t0k")
+    cfg = make_config(
+        tmp_path, broker_port=mqtt_broker.port, prefix=unique_prefix(), admin_token="t0k"
+    )
     body = orjson.dumps({"id": 5, "title": "No image"})
     async with running_service(cfg) as svc, aiohttp.ClientSession() as http:
         async with http.post(
@@ -306,7 +308,17 @@ async def test_jobs_commands_list_show_and_retry_through_the_admin_api(tmp_path,
 
         async def cli(*args):
             return await anyio.run_process(
-                [sys.executable, "-m", "service", "jobs", *args, "--config", str(cfg.path), "--url", svc.http_url],
+                [
+                    sys.executable,
+                    "-m",
+                    "service",
+                    "jobs",
+                    *args,
+                    "--config",
+                    str(cfg.path),
+                    "--url",
+                    svc.http_url,
+                ],
                 check=False,
             )
 
@@ -323,3 +335,20 @@ async def test_jobs_commands_list_show_and_retry_through_the_admin_api(tmp_path,
         missing = await cli("show", "job_missing")
         assert missing.returncode == 1
         assert "no job job_missing" in missing.stderr.decode()
+
+
+async def test_with_no_notify_target_a_ready_job_is_done(tmp_path, mqtt_broker):
+    cfg = make_config(tmp_path, broker_port=mqtt_broker.port, prefix=unique_prefix(), notify=False)
+    assert cfg.notify == ()
+    async with running_service(cfg) as svc, aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{svc.http_url}/hooks/shop",
+            data=SHOPIFY_BODY,
+            headers=shopify_headers(SHOPIFY_BODY, "nt"),
+        ) as response:
+            job_id = (await response.json())["jobs"][0]
+
+        async def notified():
+            return await job_state(http, svc.http_url, job_id) == "notified"
+
+        await eventually(notified, what="notified without targets")

@@ -8,6 +8,7 @@ a deadline and a stall watchdog decide when a render is lost.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -266,13 +267,10 @@ class Tracker:
             last_progress_at=last_progress_at,
             note=f"ready after {ready.polls} polls",
         )
+        announcements = self._ctx.outbox_for(ready, "video.ready")
         try:
             await self._ctx.store.transition(
-                job.job_id,
-                {JobState.SUBMITTED},
-                JobState.READY,
-                update,
-                self._ctx.outbox_for(ready, "video.ready"),
+                job.job_id, {JobState.SUBMITTED}, JobState.READY, update, announcements
             )
         except StaleTransitionError:
             log.info("job.ready_raced")
@@ -280,6 +278,15 @@ class Tracker:
             return
         log.info("job.ready", polls=ready.polls)
         self._forget(job.job_id, None)
+        if not announcements:
+            # Nobody subscribed to video.ready: there is nothing to deliver, so it is done.
+            with contextlib.suppress(StaleTransitionError):
+                await self._ctx.store.transition(
+                    job.job_id,
+                    {JobState.READY},
+                    JobState.NOTIFIED,
+                    JobUpdate(note="no notify target takes video.ready"),
+                )
 
     async def _poll_failed(self, job: Job, render: _Render, exc: AIStudiosError) -> None:
         """Reads are repeatable: back off (Retry-After exactly), unless the API refused."""

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 import anyio
 
 from service.log import get_logger
+from service.model import JobState
 from service.store.base import StaleTransitionError, StoreUnavailableError
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ JITTER = 0.2
 """Retries spread +-20% so targets that came back are not hit by every row in one instant."""
 
 DEFAULT_MAX_ATTEMPTS = 12
+_SETTLE_SCAN_LIMIT = 100_000
 STORE_RETRY_S = 5.0
 
 
@@ -111,6 +113,7 @@ class OutboxSender:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Deliver due rows until cancelled; started means the first scan is under way."""
+        await self._settle_finished_jobs()
         async with anyio.create_task_group() as tg:
             task_status.started()
             while True:
@@ -118,6 +121,16 @@ class OutboxSender:
                 wait_s = await self._start_due(tg)
                 with anyio.move_on_after(wait_s):
                     await self._wake.wait()
+
+    async def _settle_finished_jobs(self) -> None:
+        """Finish `ready` jobs that have nothing left to deliver.
+
+        A crash between the last row's `delivered` commit and the job's `notified` commit
+        leaves such a job behind; nothing else would ever look at it again.
+        """
+        for job in await self._store.jobs_in_states({JobState.READY}, limit=_SETTLE_SCAN_LIMIT):
+            if await self._store.outbox_pending_for_job(job.job_id) == 0:
+                await self._on_job_delivered(job.job_id)
 
     async def _start_due(self, tg: TaskGroup) -> float:
         """Start deliveries for due rows; return how long to wait before looking again."""

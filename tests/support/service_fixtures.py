@@ -46,6 +46,7 @@ def service_config_text(
     first_poll_s: float = 0.2,
     poll_min_s: float = 0.05,
     download: bool = False,
+    notify: bool = True,
 ) -> str:
     """A complete config for one test: fast timings, unique topics, every notify kind."""
     webhook = (
@@ -55,6 +56,17 @@ def service_config_text(
         else ""
     )
     public = f'public_url = "{public_url}"' if public_url else ""
+    targets = f"""
+[[notify]]
+name = "file"
+kind = "file"
+path = "{tmp_path / "videos.jsonl"}"
+
+[[notify]]
+name = "bus"
+kind = "mqtt"
+topic = "{prefix}/videos/{{route}}/{{job_id}}"
+{webhook}"""
     return f"""
 [service]
 state_dir = "{tmp_path / "state"}"
@@ -110,16 +122,7 @@ source = "devices"
 events = ["{prefix}/in/#"]
 template = "promo"
 {PATCHES}
-[[notify]]
-name = "file"
-kind = "file"
-path = "{tmp_path / "videos.jsonl"}"
-
-[[notify]]
-name = "bus"
-kind = "mqtt"
-topic = "{prefix}/videos/{{route}}/{{job_id}}"
-{webhook}"""
+{targets if notify else ""}"""
 
 
 def make_config(tmp_path: Path, **kwargs: Any) -> Config:
