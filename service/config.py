@@ -88,7 +88,10 @@ class AIStudiosConfig:
     render_deadline_seconds: float = 1800.0
     stall_seconds: float = 600.0
     request_timeout_s: float = 30.0
-    reconcile_wait_s: float = 120.0
+    reconcile_wait_s: float = 1800.0
+    """The documented project list may show only finished exports: an export whose response
+    was lost may not appear until its render is done, so the default waits a whole render
+    deadline before concluding that a create never happened."""
     poll_min_interval_s: float = 2.0
     poll_max_interval_s: float = 60.0
     first_poll_s: float = 5.0
@@ -412,7 +415,7 @@ def _aistudios(t: _Table) -> AIStudiosConfig:
         render_deadline_seconds=t.number("render_deadline_seconds", 1800.0, minimum=1),
         stall_seconds=t.number("stall_seconds", 600.0, minimum=1),
         request_timeout_s=t.number("request_timeout_seconds", 30.0, minimum=0.1),
-        reconcile_wait_s=t.number("reconcile_wait_seconds", 120.0),
+        reconcile_wait_s=t.number("reconcile_wait_seconds", 1800.0),
         poll_min_interval_s=t.number("poll_min_interval_seconds", 2.0, minimum=0.01),
         poll_max_interval_s=t.number("poll_max_interval_seconds", 60.0, minimum=0.01),
         first_poll_s=t.number("first_poll_seconds", 5.0, minimum=0.01),

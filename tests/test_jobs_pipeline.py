@@ -83,6 +83,24 @@ async def test_lost_response_after_creation_leaves_exactly_one_export(tmp_path):
         assert h.simulator.export_count == 1
 
 
+async def test_lost_export_listed_only_once_finished_is_adopted_not_paid_twice(tmp_path):
+    # The project list may show only finished exports: the lost project stays invisible for
+    # the whole render, which is longer than a naive reconcile wait would be.
+    knobs = SimulatorKnobs(
+        render_seconds=1.2, lose_response_next_exports=1, list_only_exported=True
+    )
+    async with jobs_harness(
+        tmp_path, knobs=knobs, reconcile_wait_s=30.0, poll_max_interval_s=0.2
+    ) as h:
+        job = await h.add_job("lost-until-exported")
+        ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED})
+        history = [(t.to_state, t.note) for t in await h.store.job_history(job.job_id)]
+        assert ready.state is S.READY, history
+        assert h.simulator.export_count == 1
+        history = [t.note or "" for t in await h.store.job_history(job.job_id)]
+        assert any("adopted project" in note for note in history)
+
+
 async def test_permanent_error_fails_the_job_with_the_api_message(tmp_path):
     async with jobs_harness(tmp_path) as h:
         job = await h.add_job("bad-body", body={"scenes": []})

@@ -60,6 +60,8 @@ class SimulatorKnobs:
     stall_at: float = 40.0
     callback_delay_s: float = 0.0
     app_credentials: dict[str, str] | None = None
+    list_only_exported: bool = False
+    """The strict reading of the project-list page: only finished exports are listed."""
 
 
 @dataclass
@@ -272,6 +274,8 @@ class Simulator:
             for p in newest_first
             if p.api == "v3" and p.rendering
         ]
+        if self.knobs.list_only_exported:
+            entries = [e for e in entries if e["state"] == "exported"]
         return _success(entries)
 
     async def _get_v3(self, request: web.Request) -> web.Response:

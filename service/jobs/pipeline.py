@@ -97,6 +97,7 @@ class JobPipeline:
         self.reconciler = Reconciler(
             ctx,
             wait_s=settings.reconcile_wait_s,
+            look_every_s=settings.poll_max_interval_s,
             on_adopted=self.tracker.track,
             on_resubmit=self.submitter.wake,
         )

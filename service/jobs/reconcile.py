@@ -1,8 +1,9 @@
 """`reconcile`: a create whose outcome is unknown is resolved by looking, never by posting again.
 
-The export is looked up by its name at once; when it is missing, the lookup is repeated once
-`reconcile_wait_s` has passed since the job entered `reconcile` (a project list may lag the
-create), and only then is the job sent back to `mapped`. Legacy exports carry no name, so an
+The export is looked up by its name at once; while it is missing the lookup is repeated every
+`look_every_s` (a project list may lag the create, or show only finished exports), and only
+once `reconcile_wait_s` has passed since the job entered `reconcile` is the job sent back to
+`mapped`. Legacy exports carry no name, so an
 uncertain legacy create cannot be checked and fails instead of risking a second payment.
 """
 
@@ -61,11 +62,13 @@ class Reconciler:
         ctx: JobLoopContext[LookupApi],
         *,
         wait_s: float,
+        look_every_s: float,
         on_adopted: Callable[[Job], None],
         on_resubmit: Callable[[], None],
     ) -> None:
         self._ctx = ctx
         self._wait_s = wait_s
+        self._look_every_s = look_every_s
         self._on_adopted = on_adopted
         self._on_resubmit = on_resubmit
         self._pending: dict[str, _Pending] = {}
@@ -149,7 +152,8 @@ class Reconciler:
             log.info(
                 "job.reconcile_waiting", until_s=round(pending.entered_at + self._wait_s - now, 3)
             )
-            self._schedule(pending, pending.entered_at + self._wait_s)
+            next_look = min(pending.entered_at + self._wait_s, now + self._look_every_s)
+            self._schedule(pending, next_look)
 
     async def _adopt(self, job: Job, pending: _Pending, project_id: str) -> None:
         update = JobUpdate(
