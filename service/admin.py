@@ -99,6 +99,16 @@ class AdminApi:
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         return hmac.compare_digest(given.encode(), self._admin_token.encode())
 
+    async def _job_or_error(self, request: web.Request) -> Job | web.Response:
+        """The job the URL names, or the 401/404 answer to send instead."""
+        if not self._authorised(request):
+            return _json({"error": "admin token required"}, status=401)
+        job_id = request.match_info["job_id"]
+        job = await self._store.get_job(job_id)
+        if job is None:
+            return _json({"error": f"no job {job_id}"}, status=404)
+        return job
+
     async def list_jobs(self, request: web.Request) -> web.Response:
         """`GET /jobs?state=&route=&limit=&after=`: newest first, `next` for the next page."""
         if not self._authorised(request):
@@ -117,12 +127,9 @@ class AdminApi:
 
     async def show_job(self, request: web.Request) -> web.Response:
         """One job with its history of transitions."""
-        if not self._authorised(request):
-            return _json({"error": "admin token required"}, status=401)
-        job_id = request.match_info["job_id"]
-        job = await self._store.get_job(job_id)
-        if job is None:
-            return _json({"error": f"no job {job_id}"}, status=404)
+        job = await self._job_or_error(request)
+        if isinstance(job, web.Response):
+            return job
         history = [
             {
                 "from": t.from_state.value if t.from_state else None,
@@ -130,18 +137,16 @@ class AdminApi:
                 "at": t.at,
                 "note": t.note,
             }
-            for t in await self._store.job_history(job_id)
+            for t in await self._store.job_history(job.job_id)
         ]
         return _json({**job_view(job), "history": history})
 
     async def retry_job(self, request: web.Request) -> web.Response:
         """Replay a failed or rejected job from its stored event (a new, paid export)."""
-        if not self._authorised(request):
-            return _json({"error": "admin token required"}, status=401)
-        job_id = request.match_info["job_id"]
-        job = await self._store.get_job(job_id)
-        if job is None:
-            return _json({"error": f"no job {job_id}"}, status=404)
+        job = await self._job_or_error(request)
+        if isinstance(job, web.Response):
+            return job
+        job_id = job.job_id
         if job.state not in ADMIN_RETRYABLE:
             return _json(
                 {"error": f"job is {job.state.value}; only failed or rejected jobs are retried"},

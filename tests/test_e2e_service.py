@@ -31,6 +31,27 @@ async def job_state(session, base, job_id):
         return (await response.json())["state"]
 
 
+async def post_shop(http, svc, delivery, body=SHOPIFY_BODY, topic="products/create"):
+    async with http.post(
+        f"{svc.http_url}/hooks/shop", data=body, headers=shopify_headers(body, delivery, topic)
+    ) as response:
+        return response.status, await response.json()
+
+
+async def job_of(http, svc, delivery, body=SHOPIFY_BODY):
+    status, answer = await post_shop(http, svc, delivery, body)
+    assert status == 202, answer
+    return answer["jobs"][0]
+
+
+async def wait_until_state(svc, job_id, *states, timeout_s=15.0):
+    async def reached():
+        job = await svc.store.get_job(job_id)
+        return job is not None and job.state.value in states
+
+    await eventually(reached, timeout_s=timeout_s, what=f"{job_id} in {states}")
+
+
 async def test_webhook_and_mqtt_events_become_videos_announced_everywhere(tmp_path, mqtt_broker):
     prefix = unique_prefix()
     async with webhook_receiver() as (hook_url, receiver):
@@ -98,22 +119,12 @@ async def test_webhook_and_mqtt_events_become_videos_announced_everywhere(tmp_pa
 async def test_redelivered_webhook_is_one_job_and_one_export(tmp_path, mqtt_broker):
     cfg = make_config(tmp_path, broker_port=mqtt_broker.port, prefix=unique_prefix())
     async with running_service(cfg) as svc, aiohttp.ClientSession() as http:
-        answers = []
-        for _ in range(3):
-            async with http.post(
-                f"{svc.http_url}/hooks/shop",
-                data=SHOPIFY_BODY,
-                headers=shopify_headers(SHOPIFY_BODY, "same-delivery"),
-            ) as response:
-                answers.append((response.status, await response.json()))
+        answers = [await post_shop(http, svc, "same-delivery") for _ in range(3)]
         assert [status for status, _ in answers] == [202, 200, 200]
         assert answers[0][1] == answers[1][1] == answers[2][1]
         job_id = answers[0][1]["jobs"][0]
 
-        async def notified():
-            return await job_state(http, svc.http_url, job_id) == "notified"
-
-        await eventually(notified, what="job notified")
+        await wait_until_state(svc, job_id, "notified")
         assert svc.simulator.export_count == 1
         async with http.get(f"{svc.http_url}/jobs/{job_id}") as response:
             job = await response.json()
@@ -132,13 +143,9 @@ async def test_redelivered_webhook_is_one_job_and_one_export(tmp_path, mqtt_brok
 async def test_unrouted_event_is_committed_and_answered_with_no_jobs(tmp_path, mqtt_broker):
     cfg = make_config(tmp_path, broker_port=mqtt_broker.port, prefix=unique_prefix())
     async with running_service(cfg) as svc, aiohttp.ClientSession() as http:
-        async with http.post(
-            f"{svc.http_url}/hooks/shop",
-            data=SHOPIFY_BODY,
-            headers=shopify_headers(SHOPIFY_BODY, "upd-1", topic="products/update"),
-        ) as response:
-            assert response.status == 202
-            assert await response.json() == {"event_id": "upd-1", "jobs": [], "status": "ignored"}
+        status, answer = await post_shop(http, svc, "upd-1", topic="products/update")
+        assert status == 202
+        assert answer == {"event_id": "upd-1", "jobs": [], "status": "ignored"}
         assert svc.simulator.export_count == 0
 
 
@@ -147,19 +154,12 @@ async def test_mapping_error_rejects_job_with_reason_and_retry_is_guarded(tmp_pa
     cfg = make_config(tmp_path, broker_port=mqtt_broker.port, prefix=prefix, admin_token="adm")
     body = orjson.dumps({"id": 99, "title": "No image"})  # image_src missing -> image_url null
     async with running_service(cfg) as svc, aiohttp.ClientSession() as http:
-        async with http.post(
-            f"{svc.http_url}/hooks/shop", data=body, headers=shopify_headers(body, "noimg")
-        ) as response:
-            job_id = (await response.json())["jobs"][0]
+        job_id = await job_of(http, svc, "noimg", body)
         auth = {"Authorization": "Bearer adm"}
         async with http.get(f"{svc.http_url}/jobs/{job_id}") as response:
             assert response.status == 401
 
-        async def rejected():
-            async with http.get(f"{svc.http_url}/jobs/{job_id}", headers=auth) as response:
-                return (await response.json())["state"] == "rejected"
-
-        await eventually(rejected, what="job rejected")
+        await wait_until_state(svc, job_id, "rejected")
         async with http.get(f"{svc.http_url}/jobs/{job_id}", headers=auth) as response:
             job = await response.json()
         assert job["error_code"] == "mapping_error"
@@ -170,7 +170,7 @@ async def test_mapping_error_rejects_job_with_reason_and_retry_is_guarded(tmp_pa
             assert [j["job_id"] for j in (await response.json())["jobs"]] == [job_id]
         async with http.post(f"{svc.http_url}/jobs/{job_id}/retry", headers=auth) as response:
             assert response.status == 202
-        await eventually(rejected, what="job rejected again after retry")
+        await wait_until_state(svc, job_id, "rejected")
         async with http.post(f"{svc.http_url}/jobs/nope/retry", headers=auth) as response:
             assert response.status == 404
         assert svc.simulator.export_count == 0
@@ -194,17 +194,9 @@ async def test_callback_brings_the_confirming_poll_forward(tmp_path, mqtt_broker
         poll_min_s=30.0,
     )
     async with running_service(cfg) as svc, aiohttp.ClientSession() as http:
-        async with http.post(
-            f"{svc.http_url}/hooks/shop",
-            data=SHOPIFY_BODY,
-            headers=shopify_headers(SHOPIFY_BODY, "cb"),
-        ) as response:
-            job_id = (await response.json())["jobs"][0]
+        job_id = await job_of(http, svc, "cb")
 
-        async def ready():
-            return await job_state(http, svc.http_url, job_id) in {"ready", "notified"}
-
-        await eventually(ready, timeout_s=10, what="ready via callback")
+        await wait_until_state(svc, job_id, "ready", "notified", timeout_s=10)
         project = next(iter(svc.simulator.projects.values()))
         assert project.webhook_url.startswith(f"http://127.0.0.1:{port}/callbacks/{job_id}/")
         async with http.post(f"{svc.http_url}/callbacks/{job_id}/forged-token") as response:
@@ -233,18 +225,10 @@ async def test_metrics_count_events_exports_and_states(tmp_path, mqtt_broker):
     cfg = make_config(tmp_path, broker_port=mqtt_broker.port, prefix=unique_prefix())
     knobs = SimulatorKnobs(render_seconds=0.3)
     async with running_service(cfg, knobs) as svc, aiohttp.ClientSession() as http:
-        for delivery in ("m1", "m1"):
-            async with http.post(
-                f"{svc.http_url}/hooks/shop",
-                data=SHOPIFY_BODY,
-                headers=shopify_headers(SHOPIFY_BODY, delivery),
-            ) as response:
-                job_id = (await response.json())["jobs"][0]
+        job_id = await job_of(http, svc, "m1")
+        assert (await post_shop(http, svc, "m1"))[0] == 200
 
-        async def notified():
-            return await job_state(http, svc.http_url, job_id) == "notified"
-
-        await eventually(notified, what="notified")
+        await wait_until_state(svc, job_id, "notified")
         async with http.get(f"{svc.http_url}/metrics") as response:
             text = await response.text()
         assert 'studiohook_events_total{outcome="accepted",source="shop"} 1.0' in text
@@ -266,17 +250,9 @@ async def test_route_with_download_keeps_an_atomic_local_copy_and_announces_it(
 ):
     cfg = make_config(tmp_path, broker_port=mqtt_broker.port, prefix=unique_prefix(), download=True)
     async with running_service(cfg) as svc, aiohttp.ClientSession() as http:
-        async with http.post(
-            f"{svc.http_url}/hooks/shop",
-            data=SHOPIFY_BODY,
-            headers=shopify_headers(SHOPIFY_BODY, "dl"),
-        ) as response:
-            job_id = (await response.json())["jobs"][0]
+        job_id = await job_of(http, svc, "dl")
 
-        async def notified():
-            return await job_state(http, svc.http_url, job_id) == "notified"
-
-        await eventually(notified, what="notified")
+        await wait_until_state(svc, job_id, "notified")
     lines = [orjson.loads(x) for x in (tmp_path / "videos.jsonl").read_bytes().splitlines()]
     (ready,) = lines
     video = tmp_path / "state" / "videos" / f"{job_id}.mp4"
@@ -295,16 +271,9 @@ async def test_jobs_commands_list_show_and_retry_through_the_admin_api(tmp_path,
     )
     body = orjson.dumps({"id": 5, "title": "No image"})
     async with running_service(cfg) as svc, aiohttp.ClientSession() as http:
-        async with http.post(
-            f"{svc.http_url}/hooks/shop", data=body, headers=shopify_headers(body, "cli-jobs")
-        ) as response:
-            job_id = (await response.json())["jobs"][0]
+        job_id = await job_of(http, svc, "cli-jobs", body)
 
-        async def rejected():
-            job = await svc.store.get_job(job_id)
-            return job is not None and job.state is JobState.REJECTED
-
-        await eventually(rejected, what="rejected")
+        await wait_until_state(svc, job_id, "rejected")
 
         async def cli(*args):
             return await anyio.run_process(
@@ -341,14 +310,6 @@ async def test_with_no_notify_target_a_ready_job_is_done(tmp_path, mqtt_broker):
     cfg = make_config(tmp_path, broker_port=mqtt_broker.port, prefix=unique_prefix(), notify=False)
     assert cfg.notify == ()
     async with running_service(cfg) as svc, aiohttp.ClientSession() as http:
-        async with http.post(
-            f"{svc.http_url}/hooks/shop",
-            data=SHOPIFY_BODY,
-            headers=shopify_headers(SHOPIFY_BODY, "nt"),
-        ) as response:
-            job_id = (await response.json())["jobs"][0]
+        job_id = await job_of(http, svc, "nt")
 
-        async def notified():
-            return await job_state(http, svc.http_url, job_id) == "notified"
-
-        await eventually(notified, what="notified without targets")
+        await wait_until_state(svc, job_id, "notified")
