@@ -19,8 +19,8 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -30,13 +30,18 @@ import anyio
 import orjson
 import psutil  # type: ignore[import-untyped]
 
+from service.aistudios.client import AIStudiosClient
 from service.aistudios.simulator import Simulator, SimulatorKnobs
 from service.catalog import Catalog, load_catalog
 from service.config import Config, ConfigError, SourceConfig, read_config
 from service.ingress.signatures import SHOPIFY_HEADER
 from service.intake import StoreIntake
+from service.jobs.pipeline import JobPipeline
+from service.jobs.prepare import Preparer
+from service.jobs.ratelimit import RequestGate
 from service.log import configure_logging
 from service.model import Job, JobState, JobUpdate, NewOutboxMessage, RawEvent
+from service.notify.build import outbox_rows_for
 from service.store.sqlite import SQLiteStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -303,3 +308,38 @@ async def seed_events(
     async with anyio.create_task_group() as tg:
         for index in range(count):
             tg.start_soon(one, index)
+
+
+@asynccontextmanager
+async def real_pipeline(
+    cfg: Config, store: SQLiteStore, catalog: Catalog, api_url: str, api_key: str
+) -> AsyncIterator[tuple[JobPipeline, list[int]]]:
+    """The daemon's pipeline as app.py wires it, on `store`; with a count of API calls."""
+    calls = [0]
+
+    def count_call(_endpoint: str, _outcome: str) -> None:
+        calls[0] += 1
+
+    gate = RequestGate(cfg.aistudios.max_requests_per_second, time.monotonic)
+    async with AIStudiosClient(
+        base_url=api_url,
+        legacy_base_url=api_url,
+        api_key=api_key,
+        before_request=gate,
+        on_call=count_call,
+    ) as client:
+
+        def outbox_for(job: Job, event_type: str) -> list[NewOutboxMessage]:
+            return list(outbox_rows_for(cfg, job, event_type))
+
+        yield (
+            JobPipeline(
+                store=store,
+                api=client,
+                gate=gate,
+                settings=cfg.aistudios,
+                prepare=Preparer(cfg, catalog, store, outbox_for),
+                outbox_for=outbox_for,
+            ),
+            calls,
+        )

@@ -32,6 +32,7 @@ from _shared import (
     parse_args,
     print_table,
     ratio,
+    real_pipeline,
     say,
     seed_events,
     shipped_catalog,
@@ -44,11 +45,8 @@ from service.aistudios.client import AIStudiosClient
 from service.aistudios.simulator import SimulatorKnobs
 from service.config import Config
 from service.intake import StoreIntake
-from service.jobs.pipeline import JobPipeline
-from service.jobs.prepare import Preparer
 from service.jobs.ratelimit import RequestGate
 from service.model import Job, JobState
-from service.notify.build import outbox_rows_for
 
 FULL = (1000, 64, 2.0)
 QUICK = (200, 64, 1.0)
@@ -77,27 +75,7 @@ async def _studiohook(cfg: Config, url: str, count: int, secret: str) -> tuple[R
         source = shopify_source(cfg)
         say(f"seeding {count} events through the intake ...")
         await seed_events(StoreIntake(store, catalog.routes), source, count, secret)
-        gate = RequestGate(cfg.aistudios.max_requests_per_second, time.monotonic)
-        calls = [0]
-
-        def count_call(_endpoint: str, _outcome: str) -> None:
-            calls[0] += 1
-
-        async with AIStudiosClient(
-            base_url=url,
-            legacy_base_url=url,
-            api_key=API_KEY,
-            before_request=gate,
-            on_call=count_call,
-        ) as client:
-            pipeline = JobPipeline(
-                store=store,
-                api=client,
-                gate=gate,
-                settings=cfg.aistudios,
-                prepare=Preparer(cfg, catalog, store, lambda j, e: outbox_rows_for(cfg, j, e)),
-                outbox_for=lambda j, e: outbox_rows_for(cfg, j, e),
-            )
+        async with real_pipeline(cfg, store, catalog, url, API_KEY) as (pipeline, calls):
             say("studiohook: pipeline started, waiting for every job to be ready ...")
             deadline = _ideal(count, cfg) * 4 + 30
             async with anyio.create_task_group() as tg:

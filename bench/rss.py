@@ -35,6 +35,7 @@ from _shared import (
     parse_args,
     print_table,
     ratio,
+    real_pipeline,
     rss_bytes,
     say,
     seed_events,
@@ -165,28 +166,8 @@ async def _measure(state: Path, secret: str, url: str, count: int, readings: Rea
     catalog = await shipped_catalog(cfg)
     store = SQLiteStore(state / "studiohook.db")
     await store.open()
-    calls = [0]
-
-    def count_call(_endpoint: str, _outcome: str) -> None:
-        calls[0] += 1
-
     try:
-        gate = RequestGate(cfg.aistudios.max_requests_per_second, time.monotonic)
-        async with AIStudiosClient(
-            base_url=url,
-            legacy_base_url=url,
-            api_key=API_KEY,
-            before_request=gate,
-            on_call=count_call,
-        ) as client:
-            pipeline = JobPipeline(
-                store=store,
-                api=client,
-                gate=gate,
-                settings=cfg.aistudios,
-                prepare=Preparer(cfg, catalog, store, lambda j, e: outbox_rows_for(cfg, j, e)),
-                outbox_for=lambda j, e: outbox_rows_for(cfg, j, e),
-            )
+        async with real_pipeline(cfg, store, catalog, url, API_KEY) as (pipeline, calls):
             readings.built = rss_bytes()
             say(f"measured daemon: recovering {count} renders ...")
             window_s = cfg.aistudios.first_poll_s + SETTLE_AFTER_FIRST_POLL_S
