@@ -259,7 +259,8 @@ async def _jobs(args: argparse.Namespace) -> int:
 
 def _print_jobs(jobs: list[dict[str, Any]]) -> None:
     job_column = Column("job", no_wrap=True, min_width=len("job_") + 24)
-    table = Table(job_column, "route", "state", "progress", "project", "error")
+    state_column = Column("state", no_wrap=True, min_width=len("submitting"))
+    table = Table(job_column, "route", state_column, "progress", "project", "error")
     for job in jobs:
         table.add_row(
             job["job_id"],
