@@ -11,6 +11,8 @@ import pytest
 
 from tests.support.service_fixtures import (
     EXAMPLES,
+    SHOPIFY_SECRET,
+    WEBHOOK_SECRET,
     eventually,
     service_config_text,
     shopify_headers,
@@ -42,6 +44,9 @@ async def test_daemon_process_turns_webhooks_and_mqtt_into_announced_videos(
             ) as response:
                 assert response.status == 202
                 shop_job = (await response.json())["jobs"][0]
+            forged = {**shopify_headers(body, "proc-forged"), "X-Shopify-Hmac-Sha256": "Zm9yZ2Vk"}
+            async with http.post(f"{base}/hooks/shop", data=body, headers=forged) as response:
+                assert response.status == 401
             device = {"id": "proc-dev", "title": "Lamp", "image_url": "https://img.example/l.png"}
             await bus.publish(f"{prefix}/in/lamps", orjson.dumps(device), qos=1)
 
@@ -72,3 +77,7 @@ async def test_daemon_process_turns_webhooks_and_mqtt_into_announced_videos(
         daemon.current.send(signal.SIGTERM)
         assert await anyio.to_thread.run_sync(lambda: daemon.current.wait_exit(10)) == 0
         assert daemon.current.events("service.stopped")
+        logs = "\n".join(daemon.current.lines)
+        assert "proc-forged" in logs  # the rejection was logged ...
+        for secret in (SHOPIFY_SECRET, WEBHOOK_SECRET, "Zm9yZ2Vk"):
+            assert secret not in logs  # ... without any secret or signature

@@ -21,6 +21,7 @@ from service.ingress.body import (
     BodyUnreadableError,
     read_body,
 )
+from service.ingress.dedupe import DELIVERY_ID_HEADERS
 from service.ingress.signatures import (
     WOOCOMMERCE_HEADER,
     SignatureError,
@@ -96,7 +97,7 @@ class _Receiver:
         try:
             return await self._receive(name, request)
         except _RejectedError as rejection:
-            response = _reject(rejection.status, name, rejection.reason)
+            response = _reject(rejection.status, name, rejection.reason, _delivery_id(request))
             if rejection.hang_up:
                 await _send_and_hang_up(request, response)
             return response
@@ -157,8 +158,17 @@ def _answer(acceptance: Acceptance) -> dict[str, Any]:
     return answer
 
 
-def _reject(status: int, source: str, reason: str) -> web.Response:
-    _log.warning("webhook rejected", source=source, status=status, reason=reason)
+def _delivery_id(request: web.Request) -> str | None:
+    """The sender's own delivery id, so an operator can find a refused delivery in its logs."""
+    return next(
+        (request.headers[h] for h in DELIVERY_ID_HEADERS.values() if h in request.headers), None
+    )
+
+
+def _reject(status: int, source: str, reason: str, delivery_id: str | None = None) -> web.Response:
+    _log.warning(
+        "webhook rejected", source=source, status=status, reason=reason, delivery_id=delivery_id
+    )
     return web.json_response({"error": reason}, status=status)
 
 
