@@ -287,17 +287,23 @@ class _Parts:
             await workers.start(sender.run, name="outbox")
             workers.start_soon(_purge_dedupe, self.store, name="dedupe-purge")
             async with anyio.create_task_group() as intake_group:
+                # The trigger may come while intake is still starting (a broker that is down):
+                # it must stop the start-up as well as a running service.
+                intake_group.start_soon(_stop_intake_on, shutdown, intake_group, name="shutdown")
                 http_url = await intake_group.start(_serve_http, cfg, routes, name="http")
                 if ingress is not None:
                     await intake_group.start(ingress.run, name="mqtt-ingress")
                 log.info("service.ready", http=http_url, simulator=simulator is not None)
                 task_status.started(Running(http_url, api_url, simulator, self.store, pipeline))
-                await shutdown.wait()
-                log.info("service.stopping", grace_s=cfg.service.shutdown_grace_s)
-                intake_group.cancel_scope.cancel()
             with anyio.move_on_after(cfg.service.shutdown_grace_s):
                 await pipeline.drain()
             workers.cancel_scope.cancel()
+
+
+async def _stop_intake_on(shutdown: anyio.Event, intake: anyio.abc.TaskGroup) -> None:
+    await shutdown.wait()
+    log.info("service.stopping")
+    intake.cancel_scope.cancel()
 
 
 async def run_until_signalled(cfg: Config) -> None:

@@ -1,6 +1,7 @@
 """The daemon as a real process: events in over HTTP and MQTT, videos announced on every target."""
 
 import signal
+import sys
 
 import aiohttp
 import aiomqtt
@@ -9,6 +10,8 @@ import anyio.to_thread
 import orjson
 import pytest
 
+from tests.support.daemon_fixtures import ChildProcess
+from tests.support.mqtt_fixtures import free_port
 from tests.support.service_fixtures import (
     EXAMPLES,
     SHOPIFY_SECRET,
@@ -20,9 +23,10 @@ from tests.support.service_fixtures import (
     webhook_receiver,
 )
 
-pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+pytestmark = pytest.mark.integration
 
 
+@pytest.mark.anyio
 async def test_daemon_process_turns_webhooks_and_mqtt_into_announced_videos(
     tmp_path, mqtt_broker, daemon_factory
 ):
@@ -81,3 +85,23 @@ async def test_daemon_process_turns_webhooks_and_mqtt_into_announced_videos(
         assert "proc-forged" in logs  # the rejection was logged ...
         for secret in (SHOPIFY_SECRET, WEBHOOK_SECRET, "Zm9yZ2Vk"):
             assert secret not in logs  # ... without any secret or signature
+
+
+def test_sigterm_during_start_up_with_the_broker_down_stops_cleanly(tmp_path):
+    config = service_config_text(tmp_path, broker_port=free_port(), prefix=unique_prefix()).replace(
+        'log_level = "warning"', 'log_level = "info"\nlog_format = "json"'
+    )
+    path = tmp_path / "config.toml"
+    path.write_text(config)
+    run = ChildProcess(
+        [sys.executable, "-m", "service", "serve", "--config", str(path)], name="daemon"
+    )
+    try:
+        assert run.wait_for(lambda r: r.get("event") == "http.listening", what="http up")
+        assert run.wait_for_text("mqtt", timeout_s=10)  # trying to reach the broker
+        assert not run.events("service.ready")
+        run.send(signal.SIGTERM)
+        assert run.wait_exit(10) == 0
+        assert run.events("service.stopped")
+    finally:
+        run.kill()
