@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from datetime import UTC, datetime
 
 import aiohttp
 import anyio
@@ -13,7 +12,6 @@ from aiohttp import web
 
 from service.aistudios.client import AIStudiosClient, Progress
 from service.aistudios.errors import AmbiguousError, AuthError, PermanentError, RetryableError
-from service.aistudios.responses import parse_retry_after
 from service.aistudios.simulator import TOKEN_PATH, SimulatorKnobs
 from tests.support.aistudios_fixtures import (
     FakeClock,
@@ -297,15 +295,6 @@ async def test_429_is_retryable_with_the_servers_retry_after(aistudios_client, s
     assert on_read.value.retry_after_s == 2.5
     assert on_create.value.status == 429
     assert simulator.export_count == 0
-
-
-def test_retry_after_accepts_seconds_and_http_dates():
-    now = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
-    assert parse_retry_after("7", now=now) == 7.0
-    assert parse_retry_after("Wed, 01 Jan 2025 12:00:30 GMT", now=now) == 30.0
-    assert parse_retry_after("Wed, 01 Jan 2025 11:00:00 GMT", now=now) == 0.0
-    assert parse_retry_after("soon", now=now) is None
-    assert parse_retry_after(None) is None
 
 
 async def test_5xx_on_a_read_is_retryable(aistudios_client, simulator):

@@ -9,7 +9,7 @@ from service.config import NotifyConfig
 from service.model import OutboxMessage
 from service.notify.payload import ready_payload
 from service.notify.sender import DeliveryError
-from service.notify.webhook import WebhookNotifier, parse_retry_after, webhook_id
+from service.notify.webhook import WebhookNotifier, webhook_id
 from tests.support.notify_fixtures import WEBHOOK_SECRET, ready_job
 
 pytestmark = pytest.mark.anyio
@@ -110,11 +110,3 @@ async def test_connection_refused_is_retryable():
         with pytest.raises(DeliveryError) as failed:
             await hook.deliver(message())
     assert not failed.value.permanent
-
-
-def test_retry_after_as_seconds_or_http_date():
-    assert parse_retry_after("7", 0.0) == 7.0
-    assert parse_retry_after(None, 0.0) is None
-    assert parse_retry_after("soon", 0.0) is None
-    assert parse_retry_after("Wed, 15 Nov 2023 00:00:10 GMT", 1_700_006_400.0) == 10.0
-    assert parse_retry_after("Wed, 15 Nov 2023 00:00:10 GMT", 1_800_000_000.0) == 0.0

@@ -30,6 +30,7 @@ from service.aistudios.errors import (
 )
 from service.aistudios.responses import Progress, ProjectSummary, UnreadableResponseError
 from service.log import get_logger, register_secrets
+from service.retry_after import parse_retry_after
 
 __all__ = ["AIStudiosClient", "Progress", "ProjectSummary"]
 
@@ -310,7 +311,7 @@ def _interpret(
             "throttled (429)",
             status=status,
             endpoint=call.endpoint,
-            retry_after_s=responses.parse_retry_after(retry_after),
+            retry_after_s=parse_retry_after(retry_after),
         )
     if status >= _HTTP_SERVER_ERROR:
         if call.create:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from datetime import UTC
-from email.utils import parsedate_to_datetime
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
@@ -22,6 +20,7 @@ import aiohttp
 from service.ingress.signatures import sign_standard
 from service.log import get_logger
 from service.notify.sender import DeliveryError
+from service.retry_after import parse_retry_after
 
 if TYPE_CHECKING:
     from service.config import NotifyConfig
@@ -40,22 +39,6 @@ def webhook_id(job_id: str, event_type: str, target: str) -> str:
     """Derive the stable message id a receiver dedupes on."""
     digest = hashlib.sha256(f"{job_id}\x00{event_type}\x00{target}".encode()).hexdigest()
     return f"msg_{digest[:32]}"
-
-
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Read Retry-After as seconds from `now`; it may be delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    text = value.strip()
-    if text.isdigit():
-        return float(text)
-    try:
-        moment = parsedate_to_datetime(text)
-    except (TypeError, ValueError):
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return max(0.0, moment.timestamp() - now)
 
 
 def _error_for_status(status: int, retry_after_s: float | None) -> DeliveryError:
