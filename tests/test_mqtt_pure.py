@@ -2,7 +2,7 @@ from typing import ClassVar
 
 import pytest
 
-from service.ingress.backoff import backoff_delay_s
+from service.backoff import backoff_delay
 from service.ingress.mqtt import (
     AckSequencer,
     UnreadablePayloadError,
@@ -32,24 +32,27 @@ def test_sequencer_holds_everything_behind_an_uncommitted_head():
     assert seq.committed(tickets[0]) == [0, 1, 2, 3, 4]
 
 
+class Pinned:
+    """A random source that always draws the same fraction of the range."""
+
+    def __init__(self, fraction: float) -> None:
+        self.fraction = fraction
+
+    def random(self) -> float:
+        return self.fraction
+
+
 def test_backoff_grows_doubling_up_to_the_cap():
-    ceilings = [
-        backoff_delay_s(n, min_s=0.5, max_s=4.0, uniform=lambda _lo, hi: hi) for n in range(1, 7)
-    ]
+    top = Pinned(1.0)
+    ceilings = [backoff_delay(n, base_s=0.5, cap_s=4.0, rng=top) for n in range(1, 7)]
     assert ceilings == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
 
 
 def test_backoff_is_full_jitter_from_zero_and_none_before_the_first_retry():
-    draws: list[tuple[float, float]] = []
-
-    def low(lo: float, hi: float) -> float:
-        draws.append((lo, hi))
-        return lo
-
-    assert backoff_delay_s(3, min_s=1.0, max_s=30.0, uniform=low) == 0.0
-    assert draws == [(0.0, 4.0)]
-    assert backoff_delay_s(0, min_s=1.0, max_s=30.0) == 0.0
-    assert backoff_delay_s(10_000, min_s=1.0, max_s=30.0, uniform=lambda _lo, hi: hi) == 30.0
+    assert backoff_delay(3, base_s=1.0, cap_s=30.0, rng=Pinned(0.0)) == 0.0
+    assert backoff_delay(3, base_s=1.0, cap_s=30.0, rng=Pinned(1.0)) == 4.0
+    assert backoff_delay(0, base_s=1.0, cap_s=30.0, rng=Pinned(1.0)) == 0.0
+    assert backoff_delay(10_000, base_s=1.0, cap_s=30.0, rng=Pinned(1.0)) == 30.0
 
 
 def test_parse_payload_accepts_any_json_value():

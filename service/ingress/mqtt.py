@@ -11,6 +11,7 @@ we acknowledge, which is the back-pressure: nothing is ever dropped on our side.
 
 from __future__ import annotations
 
+import random
 import ssl
 from collections import deque
 from contextlib import asynccontextmanager
@@ -27,7 +28,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from service.ingress.backoff import backoff_delay_s
+from service.backoff import backoff_delay
 from service.log import get_logger
 from service.model import RawEvent
 from service.store.base import StoreUnavailableError
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from service.ingress.base import Intake
 
 log = get_logger("ingress.mqtt")
+_JITTER = random.SystemRandom()
 
 _QOS = 1
 _KEEPALIVE_S = 30
@@ -170,8 +172,8 @@ class MqttIngress:
             if anyio.current_time() - connected_at >= self._backoff_max_s:
                 self._failures = 0
             self._failures += 1
-            delay_s = backoff_delay_s(
-                self._failures, min_s=self._backoff_min_s, max_s=self._backoff_max_s
+            delay_s = backoff_delay(
+                self._failures, base_s=self._backoff_min_s, cap_s=self._backoff_max_s, rng=_JITTER
             )
             log.warning(
                 "mqtt reconnecting",

@@ -25,8 +25,9 @@ from service.store.base import StaleTransitionError
 if TYPE_CHECKING:
     from collections.abc import Collection
 
+    from service.backoff import RandomSource
     from service.jobs.ratelimit import RenderSlots, RequestGate
-    from service.jobs.schedule import Clock, RandomSource, Sleep
+    from service.jobs.schedule import Clock, Sleep
     from service.store.base import Store
 
 log = get_logger("jobs")

@@ -28,10 +28,11 @@ from service.model import Job, JobState, JobUpdate
 from service.store.base import StaleTransitionError, StoreUnavailableError
 
 if TYPE_CHECKING:
+    from service.backoff import RandomSource
     from service.config import AIStudiosConfig
     from service.jobs.context import OutboxFor
     from service.jobs.ratelimit import RequestGate
-    from service.jobs.schedule import Clock, RandomSource, Sleep
+    from service.jobs.schedule import Clock, Sleep
     from service.store.base import Store
 
 log = get_logger("jobs.pipeline")

@@ -16,8 +16,9 @@ import anyio
 import structlog
 
 from service.aistudios.errors import AIStudiosError, RetryableError
+from service.backoff import backoff_delay
 from service.jobs.context import DueHeap
-from service.jobs.schedule import backoff_delay, retry_delay
+from service.jobs.schedule import retry_delay
 from service.jobs.submitter import sleep_or_wake
 from service.log import get_logger
 from service.model import Job, JobState, JobUpdate

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from service.aistudios.errors import RetryableError
+from service.backoff import RandomSource, backoff_delay
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Sequence
@@ -23,7 +24,6 @@ FIRST_POLL_GUESS_S = 5.0
 """Before any progress is seen: a short render is caught early, a long one costs one extra poll."""
 FINISH_MARGIN = 0.05
 """Poll this fraction of the estimated remaining time after the estimated finish."""
-_MAX_EXPONENT = 62
 
 Verdict = Literal["deadline", "stalled"]
 
@@ -41,14 +41,6 @@ class Sleep(Protocol):
 
     def __call__(self, seconds: float, /) -> Awaitable[None]:
         """Return after `seconds` (or when the caller's scope is cancelled)."""
-        ...
-
-
-class RandomSource(Protocol):
-    """The part of `random.Random` jitter needs, so tests can pin it."""
-
-    def random(self) -> float:
-        """Uniform in [0, 1)."""
         ...
 
 
@@ -114,15 +106,6 @@ def _last_lower(observations: Sequence[Observation], progress: float) -> Observa
         if observation.progress < progress:
             return observation
     return observations[0]
-
-
-def backoff_delay(attempt: int, *, base_s: float, cap_s: float, rng: RandomSource) -> float:
-    """Exponential back-off with FULL jitter, so many jobs failing together do not retry together.
-
-    `attempt` counts from 1; the result is uniform in [0, min(cap, base * 2**(attempt-1))).
-    """
-    exponent = min(max(attempt - 1, 0), _MAX_EXPONENT)
-    return rng.random() * min(cap_s, base_s * 2.0**exponent)
 
 
 def retry_delay(

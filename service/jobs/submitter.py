@@ -18,7 +18,8 @@ import orjson
 import structlog
 
 from service.aistudios.errors import AmbiguousError, PermanentError, RetryableError
-from service.jobs.schedule import backoff_delay, retry_delay
+from service.backoff import backoff_delay
+from service.jobs.schedule import retry_delay
 from service.log import get_logger
 from service.model import Job, JobState, JobUpdate
 from service.store.base import StaleTransitionError, StoreUnavailableError
