@@ -14,12 +14,12 @@ from service.aistudios.client import AIStudiosClient, Progress
 from service.aistudios.errors import AmbiguousError, AuthError, PermanentError, RetryableError
 from service.aistudios.simulator import TOKEN_PATH, SimulatorKnobs
 from tests.support.aistudios_fixtures import (
-    FakeClock,
     client_for,
     running_simulator,
     tiny_server,
     v3_body,
 )
+from tests.support.store_fixtures import FakeClock
 
 pytestmark = pytest.mark.anyio
 

@@ -9,7 +9,8 @@ import pytest
 from aiohttp import web
 
 from service.aistudios.simulator import SimulatorKnobs, run_simulator
-from tests.support.aistudios_fixtures import FakeClock, running_simulator, tiny_server, v3_body
+from tests.support.aistudios_fixtures import running_simulator, tiny_server, v3_body
+from tests.support.store_fixtures import FakeClock
 
 pytestmark = pytest.mark.anyio
 
@@ -155,7 +156,7 @@ async def test_tokens_expire_by_the_clock_and_unknown_keys_are_refused():
 
 
 async def test_throttle_and_5xx_knobs_record_requests():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     knobs = SimulatorKnobs(throttle_next=1, retry_after_s=3, fail_5xx_next=1)
     async with running_simulator(knobs, clock) as sim, aiohttp.ClientSession() as http:
         url = f"{sim.base_url}/api/odin/v3/editor/project"

@@ -17,19 +17,6 @@ FAST_RENDER_S = 0.2
 TEST_API_KEY = "test-api-key"
 
 
-class FakeClock:
-    """A monotonic clock that moves only when a test says so."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 def v3_scene(index: int = 0) -> dict[str, Any]:
     """The smallest scene the v3 export page accepts."""
     return {
