@@ -28,6 +28,8 @@ class ObservedStore(SQLiteStore):
         super().__init__(*args, **kwargs)
         self.send_mark, self.marks = anyio.create_memory_object_stream[tuple](100)
         self.fail_next_delivered = False
+        self.count_failures_after_mark = 0
+        self._count_failures = 0
 
     async def outbox_delivered(self, message_id: int) -> None:
         if self.fail_next_delivered:
@@ -35,7 +37,15 @@ class ObservedStore(SQLiteStore):
             await self.send_mark.send(("mark_failed", message_id))
             raise StoreUnavailableError("disk full")
         await super().outbox_delivered(message_id)
+        self._count_failures = self.count_failures_after_mark
         await self.send_mark.send(("delivered", message_id))
+
+    async def outbox_pending_for_job(self, job_id: str) -> int:
+        if self._count_failures:
+            self._count_failures -= 1
+            await self.send_mark.send(("count_failed", job_id))
+            raise StoreUnavailableError("database is locked")
+        return await super().outbox_pending_for_job(job_id)
 
     async def outbox_retry(self, message_id: int, next_attempt_at: float, error: str) -> None:
         await super().outbox_retry(message_id, next_attempt_at, error)
@@ -53,10 +63,15 @@ class Harness:
         self.store = store
         self.clock = clock
         self.done: list[str] = []
+        self.done_failures = 0
         self._done_changed = anyio.Event()
         self.sender: OutboxSender | None = None
 
     async def job_done(self, job_id: str) -> None:
+        if self.done_failures:
+            self.done_failures -= 1
+            await self.store.send_mark.send(("done_failed", job_id))
+            raise StoreUnavailableError("database is locked")
         self.done.append(job_id)
         self._done_changed.set()
         self._done_changed = anyio.Event()
@@ -313,3 +328,42 @@ async def test_concurrency_is_bounded(harness, tmp_path):
     assert len(started) == 5
     assert {m[0] for m in marks} == {"delivered"}
     assert harness.done == [sample_job(sample_event("j")).job_id]
+
+
+async def test_a_failed_count_after_the_mark_is_retried_until_the_job_is_done(
+    harness, webhook_receiver
+):
+    [row_id] = await harness.add_ready_job("k", [hook_target(webhook_receiver)])
+    job_id = sample_job(sample_event("k")).job_id
+    harness.store.count_failures_after_mark = 2  # the retry on the next loop turn fails too
+    async with (
+        aclosing(WebhookNotifier(hook_target(webhook_receiver), clock=harness.clock)) as hook,
+        anyio.create_task_group() as tg,
+    ):
+        await start(tg, harness, {"crm": hook})
+        assert await harness.next_mark() == ("delivered", row_id)
+        assert await harness.next_mark() == ("count_failed", job_id)
+        assert await harness.next_mark() == ("count_failed", job_id)
+        harness.advance_to(harness.clock() + 5)
+        await harness.wait_done(1)
+        tg.cancel_scope.cancel()
+    assert harness.done == [job_id]
+    assert len(webhook_receiver.received) == 1
+
+
+async def test_a_failed_job_transition_after_the_mark_is_retried(harness, webhook_receiver):
+    [row_id] = await harness.add_ready_job("l", [hook_target(webhook_receiver)])
+    job_id = sample_job(sample_event("l")).job_id
+    harness.done_failures = 1
+    async with (
+        aclosing(WebhookNotifier(hook_target(webhook_receiver), clock=harness.clock)) as hook,
+        anyio.create_task_group() as tg,
+    ):
+        await start(tg, harness, {"crm": hook})
+        assert await harness.next_mark() == ("delivered", row_id)
+        assert await harness.next_mark() == ("done_failed", job_id)
+        harness.advance_to(harness.clock() + 5)
+        await harness.wait_done(1)
+        tg.cancel_scope.cancel()
+    assert harness.done == [job_id]
+    assert len(webhook_receiver.received) == 1

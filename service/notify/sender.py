@@ -106,6 +106,7 @@ class OutboxSender:
         self._wake = anyio.Event()
         self._retry_dues: list[float] = []
         self._settle_lock = anyio.Lock()
+        self._unsettled: set[str] = set()
 
     def wake(self) -> None:
         """Look for due rows now: new rows were committed, or a test moved its clock."""
@@ -118,6 +119,7 @@ class OutboxSender:
             task_status.started()
             while True:
                 self._wake = anyio.Event()
+                await self._retry_unsettled()
                 wait_s = await self._start_due(tg)
                 with anyio.move_on_after(wait_s):
                     await self._wake.wait()
@@ -235,13 +237,43 @@ class OutboxSender:
                 await self._store.outbox_delivered(row.id)
             else:
                 await self._store.outbox_dead(row.id, dead_reason)
-            pending = await self._store.outbox_pending_for_job(row.job_id)
-        if pending:
-            return
+            # The row is finished and no scan will see it again: from here on a store
+            # failure is retried through `_unsettled`, or the job would stay `ready`.
+            self._unsettled.add(row.job_id)
+            settled = await self._finish_job_if_done(row.job_id)
+        if not settled:
+            self._remember_due(self._clock() + STORE_RETRY_S)
+
+    async def _retry_unsettled(self) -> None:
+        """Finish the jobs whose last step failed; stop at the first store failure.
+
+        Only jobs that failed are looked at, so a healthy loop does no extra store work, and a
+        store that is still down costs one call per loop turn.
+        """
+        for job_id in list(self._unsettled):
+            async with self._settle_lock:
+                settled = job_id not in self._unsettled or await self._finish_job_if_done(job_id)
+            if not settled:
+                self._remember_due(self._clock() + STORE_RETRY_S)
+                return
+
+    async def _finish_job_if_done(self, job_id: str) -> bool:
+        """Tell the pipeline when `job_id` has no pending row; False if the store failed.
+
+        Callers hold the settle lock, so a sibling row's mark cannot slip between the count
+        and the pipeline call.
+        """
         try:
-            await self._on_job_delivered(row.job_id)
+            pending = await self._store.outbox_pending_for_job(job_id)
+            if not pending:
+                await self._on_job_delivered(job_id)
         except StaleTransitionError:
-            log.info("job_already_moved", job_id=row.job_id)
+            log.info("job_already_moved", job_id=job_id)
+        except StoreUnavailableError as exc:
+            log.warning("job_settle_failed", job_id=job_id, error=str(exc))
+            return False
+        self._unsettled.discard(job_id)
+        return True
 
     def _remember_due(self, due: float) -> None:
         """Wake for retries this process scheduled; other writers are found by the idle poll."""
