@@ -144,7 +144,7 @@ async def _one_mode(
         async with AIStudiosClient(
             base_url=sim_url, legacy_base_url=sim_url, api_key=API_KEY, before_request=gate
         ) as client:
-            intake = StoreIntake(store, catalog.routes, on_new_jobs=lambda: _wake(pipelines))
+            intake = StoreIntake(store, catalog, on_new_jobs=lambda: _wake(pipelines))
             admin = AdminApi(
                 store=store,
                 metrics=Metrics(),

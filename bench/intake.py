@@ -197,7 +197,7 @@ async def run(count: int, concurrency: int) -> dict[str, Any]:
         store = SQLiteStore(state / "studiohook.db")
         await store.open()
         try:
-            intake = StoreIntake(store, catalog.routes)
+            intake = StoreIntake(store, catalog)
             routes = webhook_routes(
                 sources={s.name: s for s in cfg.sources},
                 intake=intake,

@@ -74,7 +74,7 @@ async def _studiohook(cfg: Config, url: str, count: int, secret: str) -> tuple[R
         catalog = await shipped_catalog(cfg)
         source = shopify_source(cfg)
         say(f"seeding {count} events through the intake ...")
-        await seed_events(StoreIntake(store, catalog.routes), source, count, secret)
+        await seed_events(StoreIntake(store, catalog), source, count, secret)
         async with real_pipeline(cfg, store, catalog, url, API_KEY) as (pipeline, calls):
             say("studiohook: pipeline started, waiting for every job to be ready ...")
             deadline = _ideal(count, cfg) * 4 + 30

@@ -83,7 +83,7 @@ async def _seed(state: Path, secret: str, url: str, count: int) -> dict[str, flo
     store = SQLiteStore(state / "studiohook.db")
     await store.open()
     try:
-        await seed_events(StoreIntake(store, catalog.routes), shopify_source(cfg), count, secret)
+        await seed_events(StoreIntake(store, catalog), shopify_source(cfg), count, secret)
         prepare = Preparer(cfg, catalog, store, lambda j, e: outbox_rows_for(cfg, j, e))
         received = await store.jobs_in_states({JobState.RECEIVED}, limit=count)
         limiter = anyio.CapacityLimiter(SEED_CONCURRENCY)

@@ -29,4 +29,11 @@ REGISTRY: Mapping[str, Handler] = MappingProxyType(
     }
 )
 
-__all__ = ["REGISTRY", "Handler", "HandlerError"]
+
+
+def handler_for(kind: str) -> Handler:
+    """The built-in handler of a source kind (the generic JSON one when it has none)."""
+    return REGISTRY.get(kind) or REGISTRY["json"]
+
+
+__all__ = ["REGISTRY", "Handler", "HandlerError", "handler_for"]

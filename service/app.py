@@ -248,7 +248,7 @@ class _Parts:
         )
         store.add_outbox_listener(sender.wake)
         intake = StoreIntake(
-            store, self.catalog.routes, on_new_jobs=pipeline.notify_new_jobs, metrics=self.metrics
+            store, self.catalog, on_new_jobs=pipeline.notify_new_jobs, metrics=self.metrics
         )
         mqtt_sources = [s for s in cfg.sources if s.kind == "mqtt"]
         ingress = None

@@ -8,13 +8,15 @@ are syntax-checked only, at start-up they are imported and checked in full.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from handlers import Handler, HandlerError, handler_for
 from service.config import Config, Problem
-from service.ingress.dedupe import HEADER_PREFIX, DedupeKeyError, compile_dedupe_expression
+from service.ingress.dedupe import DedupeKeyError, compile_dedupe_expression, header_name_of
 from service.mapping.routes import CompiledRoute, compile_routes, load_handler
 from service.mapping.templates import TemplateError, load_template_file
+from service.model import HandledEvent, RawEvent
 
 ImportProject = Callable[[str], Awaitable[dict[str, Any]]]
 
@@ -24,35 +26,53 @@ class Catalog:
     """Everything the mapping needs: template documents by name and compiled routes by name.
 
     `legacy` names the templates that came from the older import API: their jobs are exported
-    through that API's `{scenes}` endpoint.
+    through that API's `{scenes}` endpoint. `handlers` holds the routes' own handlers, imported
+    once here, so intake (matching, `when`, export name) and mapping see the same context.
     """
 
     templates: Mapping[str, Any]
     routes: Mapping[str, CompiledRoute]
     legacy: frozenset[str]
+    handlers: Mapping[str, Handler] = field(default_factory=dict)
+
+    def handled(
+        self, route: CompiledRoute, source_kind: str, raw: RawEvent, default: HandledEvent | None
+    ) -> HandledEvent:
+        """What `route` sees of an event: its own handler's view, else the source kind's."""
+        custom = self.handlers.get(route.config.name)
+        if custom is not None:
+            try:
+                return custom(raw)
+            except HandlerError:
+                raise
+            except Exception as exc:  # user code: any failure is that event's, not ours
+                raise HandlerError(f"handler {route.config.handler} failed: {exc!r}") from exc
+        return default if default is not None else handler_for(source_kind)(raw)
 
 
 def _source_problems(cfg: Config) -> list[Problem]:
     problems = []
     for i, source in enumerate(cfg.sources):
         spec = source.dedupe_key
-        if spec and not spec.startswith(HEADER_PREFIX):
-            try:
-                compile_dedupe_expression(spec)
-            except DedupeKeyError as exc:
-                problems.append(Problem(f"sources[{i}].dedupe_key", str(exc)))
+        if not spec or header_name_of(spec) is not None:
+            continue
+        try:
+            compile_dedupe_expression(spec)
+        except DedupeKeyError as exc:
+            problems.append(Problem(f"sources[{i}].dedupe_key", str(exc)))
     return problems
 
 
-def _handler_problems(cfg: Config) -> list[Problem]:
+def _route_handlers(cfg: Config) -> tuple[dict[str, Handler], list[Problem]]:
+    handlers: dict[str, Handler] = {}
     problems = []
     for i, route in enumerate(cfg.routes):
         if route.handler:
             try:
-                load_handler(route.handler)
+                handlers[route.name] = load_handler(route.handler)
             except (ImportError, AttributeError, ValueError) as exc:
                 problems.append(Problem(f"routes[{i}].handler", str(exc)))
-    return problems
+    return handlers, problems
 
 
 async def load_catalog(
@@ -76,5 +96,7 @@ async def load_catalog(
     routes, route_problems = compile_routes(cfg.routes, available)
     problems.extend(route_problems)
     problems.extend(_source_problems(cfg))
-    problems.extend(_handler_problems(cfg))
-    return Catalog(templates=templates, routes=routes, legacy=frozenset(legacy)), problems
+    handlers, handler_problems = _route_handlers(cfg)
+    problems.extend(handler_problems)
+    catalog = Catalog(templates, routes, frozenset(legacy), handlers)
+    return catalog, problems

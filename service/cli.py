@@ -25,7 +25,7 @@ from service.aistudios.simulator import Simulator, SimulatorKnobs, run_simulator
 from service.catalog import load_catalog
 from service.config import Config, ConfigError, config_path, load_config, read_config
 from service.intake import route_context
-from service.jobs.prepare import export_request, handle_for_route
+from service.jobs.prepare import export_request
 from service.log import configure_logging, register_secrets
 from service.mapping.render import MappingError
 from service.mapping.routes import export_name
@@ -101,7 +101,7 @@ async def _render(
             "AI Studios at start-up, so preview needs `submit` or a running service"
         )
     raw, _ = _read_event(Path(args.event), source.name)
-    handled = handle_for_route(route, source.kind, raw)
+    handled = catalog.handled(route, source.kind, raw, None)
     event_id = handled.event_id or Path(args.event).stem
     context = route_context(
         handled,

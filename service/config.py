@@ -140,7 +140,6 @@ class SourceConfig:
     signature_encoding: Literal["hex", "base64"] = "hex"
     signature_prefix: str = ""
     token_header: str = "Authorization"  # noqa: S105 - a header name, not a secret
-    event_type_header: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,14 +198,6 @@ class Config:
     def source(self, name: str) -> SourceConfig | None:
         """Look a source up by name."""
         return next((s for s in self.sources if s.name == name), None)
-
-    def template(self, name: str) -> TemplateConfig | None:
-        """Look a template up by name."""
-        return next((t for t in self.templates if t.name == name), None)
-
-    def route(self, name: str) -> RouteConfig | None:
-        """Look a route up by name."""
-        return next((r for r in self.routes if r.name == name), None)
 
 
 # --- environment expansion -------------------------------------------------------------
@@ -486,7 +477,6 @@ def _source(t: _Table) -> SourceConfig:
         ),  # type: ignore[arg-type]
         signature_prefix=t.text("signature_prefix", ""),
         token_header=t.text("token_header", "Authorization"),
-        event_type_header=t.text("event_type_header", None),
     )
     if kind == "mqtt" and not cfg.topic:
         t.problems.append(Problem(_join(t.path, "topic"), "is required for an mqtt source"))

@@ -7,18 +7,16 @@ happens later, in the job pipeline, so a slow or failing template never delays a
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
-from handlers import REGISTRY
-from handlers.base import HandlerError
+from handlers import HandlerError, handler_for
+from service.catalog import Catalog
 from service.config import SourceConfig
-from service.ingress.dedupe import DedupeKeyError, dedupe_key, event_id_for
+from service.ingress.dedupe import DedupeKeyError, body_key, dedupe_key, event_id_for
 from service.log import get_logger
-from service.mapping.render import MappingError, evaluate_condition
-from service.mapping.routes import CompiledRoute, export_name, route_matches
+from service.mapping.render import MappingError
+from service.mapping.routes import CompiledRoute, export_name, route_matches, should_run
 from service.metrics import Metrics
 from service.model import (
     Acceptance,
@@ -33,13 +31,6 @@ from service.store.base import Store
 
 log = get_logger("intake")
 
-Handler = Callable[[RawEvent], HandledEvent]
-
-
-def handler_for(kind: str) -> Handler:
-    """The built-in handler of a source kind (the generic JSON one when it has none)."""
-    return REGISTRY.get(kind) or REGISTRY["json"]
-
 
 def route_context(
     handled: HandledEvent, *, route: str, source: str, event_id: str, event_type: str
@@ -50,37 +41,40 @@ def route_context(
     return context
 
 
-@dataclass(frozen=True, slots=True)
-class RoutingDecision:
-    """The jobs an event produces; pure, so it is tested without a store."""
-
-    jobs: tuple[NewJob, ...]
-
-
 def decide_jobs(
+    catalog: Catalog,
     routes: Sequence[CompiledRoute],
     *,
-    source: str,
+    source: SourceConfig,
+    raw: RawEvent,
+    handled: HandledEvent,
     dedupe: str,
     event_id: str,
     event_type: str,
-    handled: HandledEvent,
-) -> RoutingDecision:
-    """Match routes and name each job; a route whose `when` or name fails becomes a rejected job."""
+) -> tuple[NewJob, ...]:
+    """Match routes and name each job; a route whose `when` or name fails becomes a rejected job.
+
+    Each route sees the event through its own handler when it names one, exactly as the
+    mapping will later, so `when` and the export name never disagree with the patches.
+    """
     jobs: list[NewJob] = []
     for route in routes:
         name = route.config.name
-        if not route_matches(route, source, event_type):
+        if not route_matches(route, source.name, event_type):
             continue
-        job_id = job_id_for(source, dedupe, name)
-        context = route_context(
-            handled, route=name, source=source, event_id=event_id, event_type=event_type
-        )
+        job_id = job_id_for(source.name, dedupe, name)
         try:
-            if route.when is not None and not evaluate_condition(route.when, context):
+            context = route_context(
+                catalog.handled(route, source.kind, raw, handled),
+                route=name,
+                source=source.name,
+                event_id=event_id,
+                event_type=event_type,
+            )
+            if not should_run(route, context):
                 continue
             jobs.append(NewJob(job_id, name, export_name(route, context, job_id)))
-        except MappingError as exc:
+        except (MappingError, HandlerError) as exc:
             jobs.append(
                 NewJob(
                     job_id,
@@ -91,7 +85,7 @@ def decide_jobs(
                     error_message=str(exc),
                 )
             )
-    return RoutingDecision(tuple(jobs))
+    return tuple(jobs)
 
 
 class StoreIntake:
@@ -100,7 +94,7 @@ class StoreIntake:
     def __init__(
         self,
         store: Store,
-        routes: Mapping[str, CompiledRoute],
+        catalog: Catalog,
         *,
         on_new_jobs: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.time,
@@ -109,7 +103,8 @@ class StoreIntake:
         self._store = store
         self._metrics = metrics
         self._routes_by_source: dict[str, list[CompiledRoute]] = {}
-        for route in routes.values():
+        self._catalog = catalog
+        for route in catalog.routes.values():
             self._routes_by_source.setdefault(route.config.source, []).append(route)
         self._on_new_jobs = on_new_jobs
         self._clock = clock
@@ -130,13 +125,15 @@ class StoreIntake:
             return await self.dead_letter(source, body, raw.headers, str(exc), raw.topic)
         event_id = event_id_for(handled.event_id, key)
         event_type = handled.event_type or raw.topic or "event"
-        decision = decide_jobs(
+        jobs = decide_jobs(
+            self._catalog,
             self._routes_by_source.get(source.name, []),
-            source=source.name,
+            source=source,
+            raw=raw,
+            handled=handled,
             dedupe=key,
             event_id=event_id,
             event_type=event_type,
-            handled=handled,
         )
         event = InboundEvent(
             source=source.name,
@@ -147,7 +144,7 @@ class StoreIntake:
             headers=dict(raw.headers),
             received_at=self._clock(),
         )
-        acceptance = await self._store.accept_event(event, decision.jobs)
+        acceptance = await self._store.accept_event(event, jobs)
         self._count(source.name, "duplicate" if acceptance.duplicate else "accepted")
         log.info(
             "event.duplicate" if acceptance.duplicate else "event.accepted",
@@ -173,8 +170,7 @@ class StoreIntake:
         topic: str | None = None,
     ) -> Acceptance:
         """Keep an unusable delivery with its reason, deduplicated like any other."""
-        digest = hashlib.sha256((topic or "").encode() + b"\x00" + body).hexdigest()
-        key = f"b:{digest}"
+        key = body_key(body, topic)
         event = InboundEvent(
             source=source.name,
             dedupe_key=key,

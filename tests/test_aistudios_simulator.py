@@ -249,6 +249,23 @@ async def test_control_api_sets_knobs_and_reports_state(simulator):
     assert simulator.knobs.api_keys == frozenset({"k1"})
 
 
+async def test_control_api_switches_the_strict_project_list(simulator):
+    async with aiohttp.ClientSession() as http:
+        knobs_url = f"{simulator.base_url}/_simulator/knobs"
+        list_url = f"{simulator.base_url}/api/odin/v3/editor/project"
+        await call(http, "POST", list_url, v3_body())
+        assert len((await call(http, "GET", list_url))[2]["data"]) == 1
+
+        status, _, state = await call(http, "POST", knobs_url, {"list_only_exported": True})
+        assert status == 200
+        assert state["knobs"]["list_only_exported"] is True
+        assert (await call(http, "GET", list_url))[2]["data"] == []
+
+        assert (await call(http, "POST", knobs_url, {"list_only_exported": 1}))[0] == 400
+        assert (await call(http, "POST", knobs_url, {"list_only_exported": False}))[0] == 200
+        assert len((await call(http, "GET", list_url))[2]["data"]) == 1
+
+
 async def test_5xx_on_a_create_still_creates_the_project(simulator):
     simulator.knobs.fail_5xx_next = 1
     async with aiohttp.ClientSession() as http:

@@ -41,6 +41,7 @@ _INT_KNOBS = frozenset(
 _FLOAT_KNOBS = frozenset(
     {"render_seconds", "token_ttl_s", "retry_after_s", "stall_at", "callback_delay_s"}
 )
+_BOOL_KNOBS = frozenset({"list_only_exported"})
 _CREATES = frozenset({("POST", f"{V3}/editor/project"), ("POST", f"{LEGACY}/editor/project")})
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -569,6 +570,10 @@ def _knob_changes(body: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative number")
             changes[name] = float(value)
+        elif name in _BOOL_KNOBS:
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false")
+            changes[name] = value
         elif name == "api_keys":
             if value is not None and not (
                 isinstance(value, list) and all(isinstance(v, str) for v in value)

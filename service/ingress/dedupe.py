@@ -8,6 +8,7 @@ bytes themselves (identical bytes are treated as a redelivery).
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
@@ -25,6 +26,7 @@ DELIVERY_ID_HEADERS: Mapping[str, str] = {
     "standard": "webhook-id",
 }
 HEADER_PREFIX = "header:"
+_DASHED_NAME = re.compile(r"[A-Za-z0-9]+(-[A-Za-z0-9]+)+")
 
 
 class DedupeKeyError(ValueError):
@@ -40,9 +42,18 @@ def compile_dedupe_expression(expression: str) -> jmespath.parser.ParsedResult:
         raise DedupeKeyError(f"invalid JMESPath expression {expression!r}: {exc}") from exc
 
 
-def _configured_key(spec: str, payload: Any, headers: Mapping[str, str]) -> str:  # noqa: ANN401 - a JSON payload
+def header_name_of(spec: str) -> str | None:
+    """The header a dedupe spec names (`header:NAME`, or a dashed name JMESPath cannot parse)."""
     if spec.startswith(HEADER_PREFIX):
-        name = spec[len(HEADER_PREFIX) :].strip().lower()
+        return spec[len(HEADER_PREFIX) :].strip().lower()
+    if _DASHED_NAME.fullmatch(spec):
+        return spec.lower()
+    return None
+
+
+def _configured_key(spec: str, payload: Any, headers: Mapping[str, str]) -> str:  # noqa: ANN401 - a JSON payload
+    name = header_name_of(spec)
+    if name is not None:
         value = headers.get(name)
         if not value:
             raise DedupeKeyError(f"dedupe header {name!r} is missing")
@@ -72,6 +83,11 @@ def dedupe_key(
         return f"h:{headers[header]}"
     if source.kind in {"strapi", "contentful"} and handler_event_id:
         return f"e:{handler_event_id}"
+    return body_key(body, topic)
+
+
+def body_key(body: bytes, topic: str | None = None) -> str:
+    """The last-resort key: identical bytes (on the same topic) are treated as a redelivery."""
     digest = hashlib.sha256()
     if topic is not None:
         digest.update(topic.encode())

@@ -13,13 +13,12 @@ import orjson
 
 from service.catalog import Catalog
 from service.config import Config
-from service.intake import handler_for, route_context
+from service.intake import route_context
 from service.jobs.context import OutboxFor, end_with_error
 from service.log import get_logger
 from service.mapping.render import MappingError
-from service.mapping.routes import CompiledRoute, build_export, load_handler
+from service.mapping.routes import CompiledRoute, build_export
 from service.model import (
-    HandledEvent,
     Job,
     JobState,
     JobUpdate,
@@ -36,14 +35,6 @@ def raw_event_of(event: StoredEvent, source_kind: str) -> RawEvent:
     payload = orjson.loads(event.body)
     topic = event.event_type if source_kind == "mqtt" else None
     return RawEvent(source=event.source, payload=payload, headers=event.headers, topic=topic)
-
-
-def handle_for_route(route: CompiledRoute, source_kind: str, raw: RawEvent) -> HandledEvent:
-    """The route's own handler when it names one, else the source kind's."""
-    handler = (
-        load_handler(route.config.handler) if route.config.handler else handler_for(source_kind)
-    )
-    return handler(raw)
 
 
 def export_request(
@@ -76,7 +67,7 @@ class Preparer:
                 f"route {job.route!r} or source {event.source!r} is no longer configured"
             )
         raw = raw_event_of(event, source.kind)
-        handled = handle_for_route(route, source.kind, raw)
+        handled = self._catalog.handled(route, source.kind, raw, None)
         context = route_context(
             handled,
             route=job.route,

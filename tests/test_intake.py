@@ -1,0 +1,75 @@
+import anyio
+import orjson
+import pytest
+
+from service.catalog import load_catalog
+from service.config import load_config
+from service.intake import StoreIntake
+from service.model import EventStatus, JobState, RawEvent
+from tests.support.service_fixtures import TEMPLATE
+
+CONFIG = f"""
+[[sources]]
+name = "items"
+kind = "json"
+
+[[templates]]
+name = "promo"
+file = "{TEMPLATE}"
+
+[[routes]]
+name = "custom"
+source = "items"
+template = "promo"
+handler = "tests.support.custom_handler:handle"
+when = "product.title is not none"
+export_name = "{{{{ product.title }}}}"
+
+[routes.patches]
+"scenes[0].clips[id=aiModel-1h4ij5h8e87].script.org" = "{{{{ product.title }}}}"
+"""
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_routes_own_handler_decides_when_and_the_export_name(tmp_path, store):
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG)
+    cfg = load_config(path, env={})
+    catalog, problems = await load_catalog(cfg)
+    assert problems == []
+    intake = StoreIntake(store, catalog)
+    body = orjson.dumps({"item": {"label": "Lamp"}})
+    raw = RawEvent(source="items", payload=orjson.loads(body), headers={})
+    acceptance = await intake.accept(cfg.sources[0], raw, body)
+    assert acceptance.status is EventStatus.ROUTED
+    (job_id,) = acceptance.job_ids
+    job = await store.get_job(job_id)
+    assert job.state is JobState.RECEIVED
+    assert job.export_name == f"Custom Lamp #{job_id}"
+
+
+async def test_a_routes_handler_that_fails_rejects_only_that_job(tmp_path, store):
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG)
+    cfg = load_config(path, env={})
+    catalog, _ = await load_catalog(cfg)
+    intake = StoreIntake(store, catalog)
+    body = b'{"item": {}}'
+    raw = RawEvent(source="items", payload=orjson.loads(body), headers={})
+    with anyio.fail_after(5):
+        acceptance = await intake.accept(cfg.sources[0], raw, body)
+    (job_id,) = acceptance.job_ids
+    job = await store.get_job(job_id)
+    assert job.state is JobState.REJECTED
+    assert job.error_code == "mapping_error"
+
+
+async def test_check_accepts_a_header_name_as_dedupe_key_and_refuses_bad_jmespath(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG.replace('kind = "json"', 'kind = "json"\ndedupe_key = "X-Request-Id"'))
+    _, problems = await load_catalog(load_config(path, env={}))
+    assert problems == []
+    path.write_text(CONFIG.replace('kind = "json"', 'kind = "json"\ndedupe_key = "items[?"'))
+    _, problems = await load_catalog(load_config(path, env={}))
+    assert [p.location for p in problems] == ["sources[0].dedupe_key"]
