@@ -249,10 +249,13 @@ async def test_control_api_sets_knobs_and_reports_state(simulator):
     assert simulator.knobs.api_keys == frozenset({"k1"})
 
 
-async def test_control_api_switches_the_strict_project_list(simulator):
-    async with aiohttp.ClientSession() as http:
-        knobs_url = f"{simulator.base_url}/_simulator/knobs"
-        list_url = f"{simulator.base_url}/api/odin/v3/editor/project"
+async def test_control_api_switches_the_strict_project_list():
+    async with (
+        running_simulator(SimulatorKnobs(render_seconds=8), FakeClock()) as sim,
+        aiohttp.ClientSession() as http,
+    ):
+        knobs_url = f"{sim.base_url}/_simulator/knobs"
+        list_url = f"{sim.base_url}/api/odin/v3/editor/project"
         await call(http, "POST", list_url, v3_body())
         assert len((await call(http, "GET", list_url))[2]["data"]) == 1
 

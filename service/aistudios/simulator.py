@@ -558,35 +558,37 @@ def _legacy_body_problem(body: dict[str, Any]) -> str | None:
 def _knob_changes(body: dict[str, Any]) -> dict[str, Any]:
     """Validate a JSON subset of SimulatorKnobs sent by a test in another process."""
     known = {f.name for f in fields(SimulatorKnobs)}
-    changes: dict[str, Any] = {}
-    for name, value in body.items():
-        if name not in known:
-            raise ValueError(f"unknown knob {name!r}")
-        if name in _INT_KNOBS:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer")
-            changes[name] = value
-        elif name in _FLOAT_KNOBS:
-            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative number")
-            changes[name] = float(value)
-        elif name in _BOOL_KNOBS:
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be true or false")
-            changes[name] = value
-        elif name == "api_keys":
-            if value is not None and not (
-                isinstance(value, list) and all(isinstance(v, str) for v in value)
-            ):
-                raise ValueError("api_keys must be null or a list of strings")
-            changes[name] = None if value is None else frozenset(value)
-        else:
-            if value is not None and not (
-                isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
-            ):
-                raise ValueError(f"{name} must be null or an object of strings")
-            changes[name] = value
-    return changes
+    unknown = [name for name in body if name not in known]
+    if unknown:
+        raise ValueError(f"unknown knob {unknown[0]!r}")
+    return {name: _knob_value(name, value) for name, value in body.items()}
+
+
+def _knob_value(name: str, value: object) -> object:
+    """One knob's JSON value as SimulatorKnobs holds it; ValueError names what was expected."""
+    if name in _INT_KNOBS:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer")
+        return value
+    if name in _FLOAT_KNOBS:
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be a non-negative number")
+        return float(value)
+    if name in _BOOL_KNOBS:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false")
+        return value
+    if name == "api_keys":
+        if value is not None and not (
+            isinstance(value, list) and all(isinstance(v, str) for v in value)
+        ):
+            raise ValueError("api_keys must be null or a list of strings")
+        return None if value is None else frozenset(value)
+    if value is not None and not (
+        isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+    ):
+        raise ValueError(f"{name} must be null or an object of strings")
+    return value
 
 
 def _sample_legacy_scene() -> dict[str, Any]:
