@@ -19,8 +19,8 @@ async def test_appends_one_parseable_line_per_message(tmp_path):
     path.write_bytes(b'{"existing": true}\n')
     target = FileNotifier(NotifyConfig(name="log", kind="file", path=path))
     payloads = [
-        ready_payload(ready_job(job_id=f"job_{i}"), event_id=f"evt_{i}") for i in range(5)
-    ] + [failed_payload(ready_job(job_id="job_f"), event_id="evt_f")]
+        ready_payload(ready_job(job_id=f"job_{i}", event_id=f"evt_{i}")) for i in range(5)
+    ] + [failed_payload(ready_job(job_id="job_f", event_id="evt_f"))]
     for i, payload in enumerate(payloads):
         await target.deliver(
             OutboxMessage(id=i, job_id="j", target="log", event_type="x", payload=payload)

@@ -29,13 +29,13 @@ def broker() -> MqttConfig:
 
 
 def message(job_id: str) -> OutboxMessage:
-    job = ready_job(job_id=job_id)
+    job = ready_job(job_id=job_id, event_id="evt_1")
     return OutboxMessage(
         id=1,
         job_id=job_id,
         target="bus",
         event_type="video.ready",
-        payload=ready_payload(job, event_id="evt_1"),
+        payload=ready_payload(job),
     )
 
 

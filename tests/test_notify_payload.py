@@ -26,7 +26,7 @@ CONTRACT_READY = {
 
 
 def test_ready_payload_has_exactly_the_contract_fields():
-    body = orjson.loads(ready_payload(ready_job(), event_id="evt_1"))
+    body = orjson.loads(ready_payload(ready_job(event_id="evt_1")))
     assert set(body) == CONTRACT_READY
     assert body == {
         "type": "video.ready",
@@ -53,21 +53,6 @@ def test_times_are_iso_8601_utc():
     assert parsed.timestamp() == 1_700_000_090.5
 
 
-def test_ready_payload_extra_adds_but_never_overrides():
-    body = orjson.loads(
-        ready_payload(ready_job(), event_id="evt_1", extra={"video_path": "/x.mp4", "type": "no"})
-    )
-    assert body["video_path"] == "/x.mp4"
-    assert body["type"] == "video.ready"
-
-
-def test_ready_payload_announces_a_downloaded_copy():
-    job = ready_job(video_path="/state/videos/j.mp4", video_sha256="ab" * 32)
-    body = orjson.loads(ready_payload(job, event_id="evt_1"))
-    assert body["video_path"] == "/state/videos/j.mp4"
-    assert body["video_sha256"] == "ab" * 32
-
-
 def test_failed_payload_carries_error_instead_of_download_url():
     job = ready_job(
         state=JobState.FAILED,
@@ -76,8 +61,9 @@ def test_failed_payload_carries_error_instead_of_download_url():
         progress=42.4,
         error_code="render_deadline",
         error_message="no progress for 600 s",
+        event_id="evt_2",
     )
-    body = orjson.loads(failed_payload(job, event_id="evt_2"))
+    body = orjson.loads(failed_payload(job))
     assert set(body) == (CONTRACT_READY - {"download_url"}) | {"error"}
     assert body["type"] == "video.failed"
     assert body["error"] == {"code": "render_deadline", "message": "no progress for 600 s"}
@@ -87,8 +73,8 @@ def test_failed_payload_carries_error_instead_of_download_url():
 
 
 def test_failed_payload_without_recorded_error_still_has_code_and_message():
-    job = ready_job(state=JobState.FAILED, project_id=None, submitted_at=None)
-    body = orjson.loads(failed_payload(job, event_id="evt_3"))
+    job = ready_job(state=JobState.FAILED, project_id=None, submitted_at=None, event_id="evt_3")
+    body = orjson.loads(failed_payload(job))
     assert body["error"] == {"code": "failed", "message": ""}
     assert body["project_id"] is None
     assert body["submitted_at"] is None
@@ -100,16 +86,17 @@ def test_outbox_rows_only_for_targets_subscribed_to_the_event_type():
         NotifyConfig(name="ready-only", kind="webhook", url="http://x", events=("video.ready",)),
         NotifyConfig(name="failed-only", kind="file", events=("video.failed",)),
     ]
-    ready = outbox_rows(ready_job(), "video.ready", targets, event_id="evt_1")
-    failed = outbox_rows(ready_job(), "video.failed", targets, event_id="evt_1")
+    job = ready_job(event_id="evt_1")
+    ready = outbox_rows(job, "video.ready", targets)
+    failed = outbox_rows(job, "video.failed", targets)
     assert [r.target for r in ready] == ["all", "ready-only"]
     assert [r.target for r in failed] == ["all", "failed-only"]
     assert {r.event_type for r in ready} == {"video.ready"}
-    assert ready[0].payload == ready[1].payload == ready_payload(ready_job(), event_id="evt_1")
+    assert ready[0].payload == ready[1].payload == ready_payload(ready_job(event_id="evt_1"))
     assert orjson.loads(failed[0].payload)["type"] == "video.failed"
 
 
-def test_event_id_defaults_to_the_one_the_job_carries():
+def test_event_id_is_the_one_the_job_carries():
     job = ready_job(event_id="evt_from_job")
     assert orjson.loads(ready_payload(job))["event_id"] == "evt_from_job"
     assert orjson.loads(failed_payload(job))["event_id"] == "evt_from_job"
@@ -119,4 +106,4 @@ def test_event_id_defaults_to_the_one_the_job_carries():
 
 def test_outbox_rows_reject_an_unknown_event_type():
     with pytest.raises(ValueError, match="unknown event type"):
-        outbox_rows(ready_job(), "video.done", [NotifyConfig(name="a", kind="mqtt")], event_id="e")
+        outbox_rows(ready_job(), "video.done", [NotifyConfig(name="a", kind="mqtt")])

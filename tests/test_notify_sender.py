@@ -85,8 +85,8 @@ class Harness:
         event = sample_event(key)
         new_job = sample_job(event)
         await self.store.accept_event(event, [new_job])
-        job = ready_job(job_id=new_job.job_id)
-        rows = outbox_rows(job, "video.ready", targets, event_id=event.event_id)
+        job = ready_job(job_id=new_job.job_id, event_id=event.event_id)
+        rows = outbox_rows(job, "video.ready", targets)
         await self.store.transition(
             new_job.job_id, {JobState.RECEIVED}, JobState.READY, outbox=rows
         )

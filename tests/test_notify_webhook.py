@@ -21,7 +21,7 @@ def message(target: str = "crm", event_type: str = "video.ready") -> OutboxMessa
         job_id=ready_job().job_id,
         target=target,
         event_type=event_type,
-        payload=ready_payload(ready_job(), event_id="evt_1"),
+        payload=ready_payload(ready_job(event_id="evt_1")),
     )
 
 

@@ -8,7 +8,6 @@ contract: add fields, never rename or drop them.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -16,15 +15,13 @@ import orjson
 from service.model import Job, NewOutboxMessage
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Sequence
 
     from service.config import NotifyConfig
 
 VIDEO_READY = "video.ready"
 VIDEO_FAILED = "video.failed"
 EVENT_TYPES = frozenset({VIDEO_READY, VIDEO_FAILED})
-
-_NO_EXTRA: Mapping[str, Any] = MappingProxyType({})
 
 
 def iso_utc(timestamp: float | None) -> str | None:
@@ -35,29 +32,24 @@ def iso_utc(timestamp: float | None) -> str | None:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _common(job: Job, event_type: str, event_id: str | None) -> dict[str, Any]:
+def _common(job: Job, event_type: str) -> dict[str, Any]:
     return {
         "type": event_type,
         "job_id": job.job_id,
-        "event_id": job.event_id if event_id is None else event_id,
+        "event_id": job.event_id,
         "source": job.source,
         "route": job.route,
         "project_id": job.project_id,
     }
 
 
-def _local_video(job: Job) -> dict[str, Any]:
-    """Announce a downloaded copy with the event, so consumers need not fetch it again."""
-    if job.video_path is None:
-        return {}
-    return {"video_path": job.video_path, "video_sha256": job.video_sha256}
+def ready_payload(job: Job) -> bytes:
+    """Build the `video.ready` message.
 
-
-def ready_payload(
-    job: Job, *, event_id: str | None = None, extra: Mapping[str, Any] = _NO_EXTRA
-) -> bytes:
-    """Build the `video.ready` message; `extra` adds fields, never replaces contract ones."""
-    body = _common(job, VIDEO_READY, event_id)
+    It is built at the ready commit, before any local copy exists: `download = true` targets
+    add `video_path` / `video_sha256` at delivery (service/notify/local_copy.py).
+    """
+    body = _common(job, VIDEO_READY)
     body |= {
         "download_url": job.download_url,
         "progress": 100,
@@ -65,14 +57,12 @@ def ready_payload(
         "ready_at": iso_utc(job.ready_at),
         "attempts": job.attempts,
     }
-    body |= _local_video(job)
-    body |= {k: v for k, v in extra.items() if k not in body}
     return orjson.dumps(body)
 
 
-def failed_payload(job: Job, *, event_id: str | None = None) -> bytes:
+def failed_payload(job: Job) -> bytes:
     """Build `video.failed`: the same fields, with `error` in place of `download_url`."""
-    body = _common(job, VIDEO_FAILED, event_id)
+    body = _common(job, VIDEO_FAILED)
     body |= {
         "progress": round(job.progress),
         "submitted_at": iso_utc(job.submitted_at),
@@ -87,17 +77,16 @@ def failed_payload(job: Job, *, event_id: str | None = None) -> bytes:
 
 
 def outbox_rows(
-    job: Job, event_type: str, targets: Sequence[NotifyConfig], *, event_id: str | None = None
+    job: Job, event_type: str, targets: Sequence[NotifyConfig]
 ) -> list[NewOutboxMessage]:
     """One row per target subscribed to `event_type`, for the terminal transition to insert.
 
-    The payload is built once, so every target announces exactly the same bytes. `event_id`
-    defaults to the one the job carries.
+    The payload is built once, so every target announces exactly the same bytes.
     """
     if event_type == VIDEO_READY:
-        payload = ready_payload(job, event_id=event_id)
+        payload = ready_payload(job)
     elif event_type == VIDEO_FAILED:
-        payload = failed_payload(job, event_id=event_id)
+        payload = failed_payload(job)
     else:
         raise ValueError(f"unknown event type {event_type!r}")
     return [
