@@ -150,7 +150,7 @@ async def _one_mode(
                 metrics=Metrics(),
                 checks={},
                 on_callback=on_callback,
-                on_retry=lambda _job_id: None,
+                on_retry=lambda: None,
                 admin_token=None,
             )
             routes = webhook_routes(

@@ -46,7 +46,7 @@ class AdminApi:
         metrics: Metrics,
         checks: dict[str, ReadinessCheck],
         on_callback: Callable[[str, str], Awaitable[bool]],
-        on_retry: Callable[[str], None],
+        on_retry: Callable[[], None],
         admin_token: str | None,
     ) -> None:
         self._store = store
@@ -159,7 +159,7 @@ class AdminApi:
         except StaleTransitionError:
             return _json({"error": "job changed meanwhile; look again"}, status=409)
         log.info("job.retry", job_id=job_id)
-        self._on_retry(job_id)
+        self._on_retry()
         return _json(job_view(job), status=202)
 
     async def callback(self, request: web.Request) -> web.Response:

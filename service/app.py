@@ -270,7 +270,7 @@ class _Parts:
             metrics=self.metrics,
             checks=_readiness_checks(self.store, self.client, ingress),
             on_callback=self.on_callback(pipeline),
-            on_retry=lambda _job_id: pipeline.notify_new_jobs(),
+            on_retry=pipeline.notify_new_jobs,
             admin_token=cfg.http.admin_token,
         )
         routes = [

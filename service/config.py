@@ -90,8 +90,8 @@ class AIStudiosConfig:
     request_timeout_s: float = 30.0
     reconcile_wait_s: float = 1800.0
     """The documented project list may show only finished exports: an export whose response
-    was lost may not appear until its render is done, so the default waits a whole render
-    deadline before concluding that a create never happened."""
+    was lost may not appear until its render is done, so the default is the render deadline
+    (whatever it is configured to) before concluding that a create never happened."""
     poll_min_interval_s: float = 2.0
     poll_max_interval_s: float = 60.0
     first_poll_s: float = 5.0
@@ -395,6 +395,7 @@ def _aistudios(t: _Table) -> AIStudiosConfig:
     user_key = t.text("user_key", None) or None
     if bool(app_id) != bool(user_key):
         t.problems.append(Problem(t.path, "app_id and user_key go together"))
+    deadline_s = t.number("render_deadline_seconds", 1800.0, minimum=1)
     cfg = AIStudiosConfig(
         base_url=t.text("base_url", DEFAULT_V3_BASE_URL).rstrip("/"),
         legacy_base_url=t.text("legacy_base_url", DEFAULT_LEGACY_BASE_URL).rstrip("/"),
@@ -403,10 +404,10 @@ def _aistudios(t: _Table) -> AIStudiosConfig:
         user_key=user_key,
         max_concurrent_exports=t.integer("max_concurrent_exports", 4, minimum=1),
         max_requests_per_second=t.number("max_requests_per_second", 5.0, minimum=0.01),
-        render_deadline_seconds=t.number("render_deadline_seconds", 1800.0, minimum=1),
+        render_deadline_seconds=deadline_s,
         stall_seconds=t.number("stall_seconds", 600.0, minimum=1),
         request_timeout_s=t.number("request_timeout_seconds", 30.0, minimum=0.1),
-        reconcile_wait_s=t.number("reconcile_wait_seconds", 1800.0),
+        reconcile_wait_s=t.number("reconcile_wait_seconds", deadline_s),
         poll_min_interval_s=t.number("poll_min_interval_seconds", 2.0, minimum=0.01),
         poll_max_interval_s=t.number("poll_max_interval_seconds", 60.0, minimum=0.01),
         first_poll_s=t.number("first_poll_seconds", 5.0, minimum=0.01),

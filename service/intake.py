@@ -1,5 +1,8 @@
 """The intake: a verified delivery becomes an inbox row and its jobs, in one commit.
 
+Each delivery is logged once: by its adapter, with what it knows of the transport, except
+when the intake itself dead-letters it (only the intake knows that reason).
+
 Both adapters (webhooks, MQTT) call `accept` and acknowledge only after it returned. Everything
 before the commit is pure and fast (handler, dedupe key, route matching); mapping the template
 happens later, in the job pipeline, so a slow or failing template never delays an ack.
@@ -122,7 +125,14 @@ class StoreIntake:
                 handler_event_id=handled.event_id,
             )
         except (HandlerError, DedupeKeyError) as exc:
-            return await self.dead_letter(source, body, raw.headers, str(exc), raw.topic)
+            acceptance = await self.dead_letter(source, body, raw.headers, str(exc), raw.topic)
+            log.warning(
+                "event.dead_lettered",
+                source=source.name,
+                event_id=acceptance.event_id,
+                reason=str(exc),
+            )
+            return acceptance
         event_id = event_id_for(handled.event_id, key)
         event_type = handled.event_type or raw.topic or "event"
         jobs = decide_jobs(
@@ -146,13 +156,6 @@ class StoreIntake:
         )
         acceptance = await self._store.accept_event(event, jobs)
         self._count(source.name, "duplicate" if acceptance.duplicate else "accepted")
-        log.info(
-            "event.duplicate" if acceptance.duplicate else "event.accepted",
-            source=source.name,
-            event_id=acceptance.event_id,
-            event_type=event_type,
-            jobs=list(acceptance.job_ids),
-        )
         if acceptance.job_ids and not acceptance.duplicate:
             self._on_new_jobs()
         return acceptance
@@ -182,7 +185,4 @@ class StoreIntake:
         )
         acceptance = await self._store.reject_event(event, reason)
         self._count(source.name, "rejected")
-        log.warning(
-            "event.dead_lettered", source=source.name, event_id=acceptance.event_id, reason=reason
-        )
         return acceptance

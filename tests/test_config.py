@@ -61,11 +61,15 @@ def test_unset_variable_names_key_path(tmp_path):
     text = MINIMAL + '\n[aistudios]\napi_key = "${MISSING_KEY}"\n'
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text), env={})
-    assert locations(info.value) == {"aistudios.api_key": "environment variable MISSING_KEY is not set"}
+    assert locations(info.value) == {
+        "aistudios.api_key": "environment variable MISSING_KEY is not set"
+    }
 
 
 def test_unknown_keys_wrong_types_and_dangling_names_all_reported(tmp_path):
-    text = MINIMAL.replace('template = "promo"', 'template = "nope"') + """
+    text = (
+        MINIMAL.replace('template = "promo"', 'template = "nope"')
+        + """
 [http]
 listen = "nonsense"
 max_body_bytes = "big"
@@ -76,6 +80,7 @@ name = "r2"
 source = "ghost"
 template = "promo"
 """
+    )
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text), env={})
     found = locations(info.value)
@@ -135,3 +140,10 @@ def test_shipped_config_parses():
     assert problems == []
     assert cfg.aistudios.uses_simulator
     assert {r.name for r in cfg.routes} == {"new-product", "device-product"}
+
+
+def test_reconcile_waits_a_whole_render_deadline_unless_told_otherwise(tmp_path):
+    text = MINIMAL + "\n[aistudios]\nrender_deadline_seconds = 3600\n"
+    assert load_config(write(tmp_path, text), env={}).aistudios.reconcile_wait_s == 3600
+    text = MINIMAL + "\n[aistudios]\nrender_deadline_seconds = 3600\nreconcile_wait_seconds = 60\n"
+    assert load_config(write(tmp_path, text), env={}).aistudios.reconcile_wait_s == 60

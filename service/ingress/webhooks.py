@@ -87,6 +87,9 @@ class _Receiver:
         clock: Callable[[], float],
     ) -> None:
         self._sources = dict(sources)
+        self._hidden = {
+            name: _PRIVATE_HEADERS | signature_headers(source) for name, source in sources.items()
+        }
         self._intake = intake
         self._max_body_bytes = max_body_bytes
         self._body_timeout_s = body_timeout_s
@@ -115,7 +118,9 @@ class _Receiver:
             verify(source, body, headers, self._clock())
         except SignatureError as exc:
             raise _RejectedError(401, exc.reason) from None
-        raw = RawEvent(source=name, payload=_parse(body), headers=_passed_on(source, headers))
+        raw = RawEvent(
+            source=name, payload=_parse(body), headers=_passed_on(self._hidden[name], headers)
+        )
         return await self._commit(source, raw, body)
 
     async def _read(self, request: web.Request) -> bytes:
@@ -203,9 +208,8 @@ def _lower_case_headers(request: web.Request) -> dict[str, str]:
     return headers
 
 
-def _passed_on(source: SourceConfig, headers: Mapping[str, str]) -> dict[str, str]:
+def _passed_on(hidden: frozenset[str], headers: Mapping[str, str]) -> dict[str, str]:
     """Headers worth keeping with the event: everything but credentials and signatures."""
-    hidden = _PRIVATE_HEADERS | signature_headers(source)
     return {name: value for name, value in headers.items() if name not in hidden}
 
 
