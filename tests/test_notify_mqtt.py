@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 
 from service.config import MqttConfig, NotifyConfig
 from service.model import OutboxMessage
-from service.notify.mqtt import MqttNotifier, render_topic
+from service.notify.mqtt import MqttNotifier, render_topic, topic_template_problem
 from service.notify.payload import ready_payload
 from service.notify.sender import DeliveryError
 from tests.support.notify_fixtures import ready_job
@@ -47,6 +47,39 @@ def test_topic_template_placeholders():
         render_topic("x/{nope}", **fields)
     with pytest.raises(ValueError, match="wildcard"):
         render_topic("x/#", **fields)
+
+
+def test_topic_template_problem_accepts_every_placeholder():
+    assert topic_template_problem("studiohook/videos/{route}/{job_id}") is None
+    assert topic_template_problem("{source}/{event_type}/{event}") is None
+    assert topic_template_problem("fixed/topic") is None
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("x/{nope}", "unknown placeholder {nope}"),
+        ("x/{}", "unknown placeholder {}"),
+        ("x/{0}", "unknown placeholder {0}"),
+        ("x/{route", "bad topic template"),
+        ("x/{route:d}", "bad topic template"),
+        ("x/#", "wildcard"),
+        ("{route}/+/{job_id}", "wildcard"),
+        ("", "empty"),
+    ],
+)
+def test_topic_template_problem_names_what_would_fail_every_publish(template, expected):
+    problem = topic_template_problem(template)
+    assert problem is not None
+    assert expected in problem
+    with pytest.raises(ValueError):  # the sender would refuse the same template
+        render_topic(template, route="r", job_id="j", source="s", event_type="video.ready")
+
+
+def test_an_unknown_placeholder_problem_lists_the_allowed_ones():
+    problem = topic_template_problem("t/{customer}")
+    assert problem is not None
+    assert "{event}, {event_type}, {job_id}, {route}, {source}" in problem
 
 
 @pytest.mark.integration

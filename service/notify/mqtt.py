@@ -9,7 +9,9 @@ more at once on a fresh connection, then left to the sender's retry schedule.
 
 from __future__ import annotations
 
+import re
 import ssl
+import string
 from typing import TYPE_CHECKING
 
 import aiomqtt
@@ -17,6 +19,7 @@ import anyio
 import orjson
 
 from service.log import get_logger
+from service.notify.payload import EVENT_TYPES
 from service.notify.sender import DeliveryError
 
 if TYPE_CHECKING:
@@ -26,7 +29,7 @@ if TYPE_CHECKING:
 log = get_logger("notify.mqtt")
 
 TOPIC_FIELDS = frozenset({"route", "job_id", "source", "event_type", "event"})
-"""Placeholders a topic template may use; `studiohook check` can validate against these."""
+"""Placeholders a topic template may use; `topic_template_problem` checks against these."""
 
 _WILDCARDS = ("+", "#")
 
@@ -50,6 +53,30 @@ def render_topic(template: str, *, route: str, job_id: str, source: str, event_t
     if not topic or any(w in topic for w in _WILDCARDS):
         raise ValueError(f"topic {topic!r} is empty or contains a wildcard")
     return topic
+
+
+def topic_template_problem(template: str) -> str | None:
+    """Why a configured topic template would fail every publish, or None when it is fine.
+
+    Pure, so `studiohook check` can refuse a bad template before the first video is ready
+    instead of the sender retrying a message that can never be published.
+    """
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        return f"bad topic template {template!r}: {exc}"
+    for field in fields:
+        if re.split(r"[.\[]", field, maxsplit=1)[0] not in TOPIC_FIELDS:
+            allowed = ", ".join(f"{{{f}}}" for f in sorted(TOPIC_FIELDS))
+            return f"unknown placeholder {{{field}}} in topic {template!r}; use {allowed}"
+    for event_type in sorted(EVENT_TYPES):
+        try:
+            render_topic(
+                template, route="route", job_id="job_0", source="source", event_type=event_type
+            )
+        except ValueError as exc:
+            return str(exc)
+    return None
 
 
 def topic_for(template: str, message: OutboxMessage) -> str:
