@@ -38,7 +38,6 @@ _T = TypeVar("_T")
 _log = get_logger("aistudios.client")
 _REFRESH_AT_FRACTION = 0.9
 _HTTP_UNAUTHORIZED = 401
-_HTTP_NOT_FOUND = 404
 _HTTP_TOO_MANY_REQUESTS = 429
 _HTTP_SERVER_ERROR = 500
 _HTTP_OK_RANGE = range(200, 300)
@@ -59,7 +58,6 @@ class _Call:
     body: dict[str, Any] | None = None
     create: bool = False
     authenticated: bool = True
-    missing_ok: bool = False
 
 
 class AIStudiosClient:
@@ -148,11 +146,6 @@ class AIStudiosClient:
         candidates = finished or matches
         return candidates[0] if candidates else None
 
-    async def get_project_v3(self, project_id: str) -> dict[str, Any]:
-        """A v3 project's `project` object (state, progress, download_url, scenes...)."""
-        url = self._v3(f"editor/project/{_segment(project_id)}")
-        return await self._call(_Call("v3.get", "GET", url), responses.parse_project)
-
     async def confirm_auth(self) -> bool:
         """Whether the credentials work; refused credentials answer False, not an error."""
         try:
@@ -182,12 +175,6 @@ class AIStudiosClient:
         """Render progress of a legacy export (`videoUrl`, or `url` as the tutorial reads)."""
         url = self._legacy(f"editor/progress/{_segment(key)}")
         return await self._call(_Call("legacy.progress", "GET", url), responses.parse_progress)
-
-    async def get_project_by_name_legacy(self, name: str) -> dict[str, Any] | None:
-        """The most recent legacy project with this name, or None when a 404 says none."""
-        url = self._legacy(f"editor/project/name/{_segment(name)}")
-        call = _Call("legacy.by_name", "GET", url, missing_ok=True)
-        return await self._call(call, _parse_optional_legacy_project)
 
     def _v3(self, path: str) -> str:
         return f"{self._base_url}/api/odin/v3/{path}"
@@ -319,8 +306,6 @@ def _interpret(
                 f"server error {status} on a create", status=status, endpoint=call.endpoint
             )
         raise RetryableError(f"server error {status}", status=status, endpoint=call.endpoint)
-    if status == _HTTP_NOT_FOUND and call.missing_ok:
-        return parse(None)
     if status not in _HTTP_OK_RANGE:
         message = _body_message(raw) or f"HTTP {status}"
         raise PermanentError(message, status=status, endpoint=call.endpoint)
@@ -346,10 +331,6 @@ def _body_message(raw: bytes) -> str | None:
         return responses.error_message(responses.parse_json(raw))
     except UnreadableResponseError:
         return None
-
-
-def _parse_optional_legacy_project(body: Any) -> dict[str, Any] | None:  # noqa: ANN401 - a JSON document is of any shape
-    return None if body is None else responses.parse_legacy_project(body)
 
 
 def _segment(value: str) -> str:
