@@ -82,7 +82,11 @@ class Reconciler:
         return len(self._pending)
 
     def add(self, job: Job) -> None:
-        """Reconcile a job now in `reconcile` (its `updated_at` is when it entered)."""
+        """Reconcile a job now in `reconcile` (its `updated_at` is when it entered).
+
+        A job still in `submitting` is one whose POST outcome the submitter could not commit
+        (the store was down): the first check moves it to `reconcile`, as a restart would.
+        """
         pending = _Pending(job.job_id, entered_at=job.updated_at)
         self._pending[job.job_id] = pending
         self._schedule(pending, self._ctx.clock())
@@ -129,6 +133,8 @@ class Reconciler:
     async def check(self, pending: _Pending) -> None:
         """Look the export up once and act on the answer."""
         job = await self._ctx.store.get_job(pending.job_id)
+        if job is not None and job.state is JobState.SUBMITTING:
+            job = await self._take_over(job, pending)
         if job is None or job.state is not JobState.RECONCILE:
             self._forget(pending.job_id, job)
             return
@@ -155,6 +161,20 @@ class Reconciler:
             )
             next_look = min(pending.entered_at + self._wait_s, now + self._look_every_s)
             self._schedule(pending, next_look)
+
+    async def _take_over(self, job: Job, pending: _Pending) -> Job | None:
+        """`submitting -> reconcile` for a job handed over with its export outcome uncommitted."""
+        note = "export outcome could not be committed; looking it up by name"
+        update = JobUpdate(error_code="ambiguous", error_message=note, note=note)
+        try:
+            moved = await self._ctx.store.transition(
+                job.job_id, {JobState.SUBMITTING}, JobState.RECONCILE, update
+            )
+        except StaleTransitionError:
+            return await self._ctx.store.get_job(job.job_id)
+        log.warning("job.reconcile", reason=note)
+        pending.entered_at = moved.updated_at
+        return moved
 
     async def _adopt(self, job: Job, pending: _Pending, project_id: str) -> None:
         update = JobUpdate(

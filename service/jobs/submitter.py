@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -216,7 +216,7 @@ class Submitter:
         except RetryableError as exc:
             await self._retry_later(job, exc)
         except PermanentError as exc:
-            await self._fail(job, {JobState.SUBMITTING}, exc.code, exc.message)
+            await self._fail_after_post(job, exc.code, exc.message)
         except AmbiguousError as exc:
             await self._to_reconcile(job, exc.message)
         except Exception as exc:
@@ -246,48 +246,68 @@ class Submitter:
             note=f"attempt {job.attempts}: project {project_id}",
             clear=frozenset({"error_code", "error_message", "next_attempt_at", "last_progress_at"}),
         )
-        submitted = await self._commit_persistently(job, JobState.SUBMITTED, update)
+        submitted = await self._commit_persistently(
+            job, JobState.SUBMITTED, self._transition(job, JobState.SUBMITTED, update)
+        )
         if submitted is not None:
             log.info("job.submitted", project_id=project_id)
             self._on_submitted(submitted)
 
     async def _to_reconcile(self, job: Job, reason: str) -> None:
         update = JobUpdate(error_code="ambiguous", error_message=reason, note=reason)
-        moved = await self._commit_persistently(job, JobState.RECONCILE, update)
+        moved = await self._commit_persistently(
+            job, JobState.RECONCILE, self._transition(job, JobState.RECONCILE, update)
+        )
         if moved is not None:
             log.warning("job.reconcile", reason=reason)
             self._on_reconcile(moved)
 
     async def _commit_persistently(
-        self, job: Job, to_state: JobState, update: JobUpdate
+        self, job: Job, to_state: JobState, commit: Callable[[], Awaitable[Job | None]]
     ) -> Job | None:
         """Commit the outcome of a POST, retrying a briefly unavailable store.
 
-        Giving up leaves the job in `submitting`, which a restart reconciles by name.
+        `commit` is one `submitting -> to_state` write; None (or StaleTransitionError) means
+        another path moved the job. Giving up hands the job, still in `submitting`, to the
+        reconciler, exactly as a restart would: its slot stays held until that resolves it.
         """
         for attempt in range(1, _COMMIT_ATTEMPTS + 1):
             try:
-                return await self._ctx.store.transition(
-                    job.job_id, {JobState.SUBMITTING}, to_state, update
-                )
+                moved = await commit()
             except StaleTransitionError:
-                log.warning("job.moved_during_export", to_state=to_state)
-                await self._release_after_crash(job.job_id)
-                return None
+                moved = None
             except StoreUnavailableError as exc:
                 log.warning("job.commit_retry", to_state=to_state, attempt=attempt, error=str(exc))
                 await self._ctx.sleep(
                     backoff_delay(attempt, base_s=0.5, cap_s=8.0, rng=self._ctx.rng)
                 )
-        log.error("job.left_submitting", to_state=to_state)
+                continue
+            if moved is None:
+                log.warning("job.moved_during_export", to_state=to_state)
+                await self._release_after_crash(job.job_id)
+            return moved
+        log.error("job.commit_gave_up", to_state=to_state)
+        self._on_reconcile(job)
         return None
+
+    def _transition(
+        self, job: Job, to_state: JobState, update: JobUpdate
+    ) -> Callable[[], Awaitable[Job | None]]:
+        """One `submitting -> to_state` write, for `_commit_persistently` to repeat."""
+
+        async def commit() -> Job | None:
+            return await self._ctx.store.transition(
+                job.job_id, {JobState.SUBMITTING}, to_state, update
+            )
+
+        return commit
 
     async def _retry_later(self, job: Job, exc: RetryableError) -> None:
         if exc.retry_after_s is not None:
             self._ctx.gate.pause_for(exc.retry_after_s)
         if job.attempts >= self._max_retries:
             message = f"gave up after {job.attempts} attempts: {exc.message}"
-            await self._fail(job, {JobState.SUBMITTING}, "retries_exhausted", message)
+            await self._fail_after_post(job, "retries_exhausted", message)
             return
         delay = retry_delay(
             exc, job.attempts, base_s=RETRY_BASE_S, cap_s=RETRY_CAP_S, rng=self._ctx.rng
@@ -298,16 +318,21 @@ class Submitter:
             error_message=exc.message,
             note=f"nothing created ({exc.message}); retry in {delay:.1f}s",
         )
-        try:
-            await self._ctx.store.transition(
-                job.job_id, {JobState.SUBMITTING}, JobState.MAPPED, update
-            )
-        except StaleTransitionError:
-            log.warning("job.moved_during_export", to_state=JobState.MAPPED)
-            await self._release_after_crash(job.job_id)
-            return
-        log.info("job.retry_scheduled", delay_s=round(delay, 3), error=exc.message)
-        self._ctx.slots.release(job.job_id)
+        returned = await self._commit_persistently(
+            job, JobState.MAPPED, self._transition(job, JobState.MAPPED, update)
+        )
+        if returned is not None:
+            log.info("job.retry_scheduled", delay_s=round(delay, 3), error=exc.message)
+            self._ctx.slots.release(job.job_id)
+
+    async def _fail_after_post(self, job: Job, code: str, message: str) -> None:
+        """`submitting -> failed`: the API said no export was made, so the verdict is final."""
+
+        async def commit() -> Job | None:
+            return await self._ctx.fail(job, {JobState.SUBMITTING}, code=code, message=message)
+
+        if await self._commit_persistently(job, JobState.FAILED, commit) is not None:
+            self._ctx.slots.release(job.job_id)
 
     async def _fail(
         self, job: Job, from_states: Collection[JobState], code: str, message: str

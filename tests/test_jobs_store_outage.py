@@ -1,0 +1,65 @@
+"""The job loops while the store fails: real pipeline, real simulator, a store that says no."""
+
+import pytest
+
+from service.aistudios.simulator import SimulatorKnobs
+from service.jobs import submitter
+from service.model import JobState
+from service.store.base import StoreUnavailableError
+from tests.support.jobs_fixtures import jobs_harness
+
+pytestmark = pytest.mark.anyio
+
+S = JobState
+
+
+def failing_transitions(store, from_state, to_state, times):
+    """Make the real store refuse `times` commits of one move, as a full disk would."""
+    real = store.inner.transition
+    failures = {"left": times}
+
+    async def transition(job_id, from_states, target, update=None, outbox=()):
+        if from_state in from_states and target is to_state and failures["left"] > 0:
+            failures["left"] -= 1
+            raise StoreUnavailableError("disk full")
+        return await real(job_id, from_states, target, update, outbox)
+
+    store.inner.transition = transition
+    return failures
+
+
+async def states_of(store, job_id):
+    return [t.to_state for t in await store.job_history(job_id)]
+
+
+async def test_a_failed_commit_after_a_permanent_error_is_retried_not_left_submitting(tmp_path):
+    async with jobs_harness(tmp_path) as h:
+        failures = failing_transitions(h.store, S.SUBMITTING, S.FAILED, times=1)
+        job = await h.add_job("refused-then-store-down", body={"scenes": []})
+        failed = await h.store.wait_for(job.job_id, {S.FAILED}, timeout_s=5.0)
+        assert failures["left"] == 0
+        assert failed.error_code == "permanent"
+        assert h.pipeline.slots.in_flight == 0
+
+
+async def test_giving_up_on_a_retry_commit_hands_the_job_to_the_reconciler(tmp_path, monkeypatch):
+    monkeypatch.setattr(submitter, "_COMMIT_ATTEMPTS", 2)
+    knobs = SimulatorKnobs(render_seconds=0.2, throttle_next=1, retry_after_s=0.05)
+    async with jobs_harness(tmp_path, knobs=knobs) as h:
+        failures = failing_transitions(h.store, S.SUBMITTING, S.MAPPED, times=2)
+        job = await h.add_job("throttled-then-store-down")
+        ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED}, timeout_s=8.0)
+        assert failures["left"] == 0
+        assert ready.state is S.READY
+        assert await states_of(h.store, job.job_id) == [
+            S.RECEIVED,
+            S.MAPPED,
+            S.SUBMITTING,
+            S.RECONCILE,  # the 429's outcome could not be committed: looked up, not found
+            S.MAPPED,
+            S.SUBMITTING,
+            S.SUBMITTED,
+            S.READY,
+        ]
+        assert h.simulator.export_count == 1
+        assert h.pipeline.slots.in_flight == 0
