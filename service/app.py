@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import random
-import secrets
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 import anyio
@@ -23,6 +22,7 @@ from aiohttp import web
 
 from service.admin import AdminApi, ReadinessCheck
 from service.aistudios.client import AIStudiosClient
+from service.aistudios.connect import connect
 from service.aistudios.errors import AIStudiosError
 from service.aistudios.simulator import Simulator, SimulatorKnobs
 from service.catalog import Catalog, load_catalog
@@ -57,24 +57,6 @@ class Running:
     simulator: Simulator | None
     store: Store
     pipeline: JobPipeline
-
-
-@asynccontextmanager
-async def _api(
-    cfg: Config, knobs: SimulatorKnobs | None
-) -> AsyncIterator[tuple[str, str, Simulator | None]]:
-    a = cfg.aistudios
-    if not a.uses_simulator:
-        yield a.base_url, a.legacy_base_url, None
-        return
-    simulator = Simulator(knobs or SimulatorKnobs(render_seconds=a.simulator.render_seconds))
-    url = await simulator.start(port=a.simulator.port)
-    log.info("aistudios.simulator_listening", url=url)
-    try:
-        yield url, url, simulator
-    finally:
-        with anyio.CancelScope(shield=True):
-            await simulator.stop()
 
 
 async def _serve_http(
@@ -130,31 +112,20 @@ async def run_service(
     await store.open()
     try:
         async with AsyncExitStack() as stack:
-            api_url, legacy_url, simulator = await stack.enter_async_context(
-                _api(cfg, simulator_knobs)
+            gate = RequestGate(cfg.aistudios.max_requests_per_second, time.monotonic)
+            api = await stack.enter_async_context(
+                connect(
+                    cfg, knobs=simulator_knobs, before_request=gate, on_call=metrics.on_api_call
+                )
             )
-            a = cfg.aistudios
-            simulator_key = secrets.token_hex(8)
-            gate = RequestGate(a.max_requests_per_second, time.monotonic)
-            client = AIStudiosClient(
-                base_url=api_url,
-                legacy_base_url=legacy_url,
-                api_key=a.api_key or (simulator_key if simulator else None),
-                app_id=a.app_id,
-                user_key=a.user_key,
-                request_timeout_s=a.request_timeout_s,
-                before_request=gate,
-                on_call=metrics.on_api_call,
-            )
-            await stack.enter_async_context(client)
-            catalog, problems = await load_catalog(cfg, client.import_project_legacy)
+            catalog, problems = await load_catalog(cfg, api.client.import_project_legacy)
             if problems:
                 raise ConfigError(problems)
             notifiers = await stack.enter_async_context(
-                build_notifiers(cfg, store, (api_url, legacy_url))
+                build_notifiers(cfg, store, (api.api_url, api.legacy_url))
             )
-            parts = _Parts(cfg, store, client, gate, catalog, notifiers, metrics)
-            await parts.run(simulator, api_url, shutdown, task_status)
+            parts = _Parts(cfg, store, api.client, gate, catalog, notifiers, metrics)
+            await parts.run(api.simulator, api.api_url, shutdown, task_status)
     finally:
         with anyio.CancelScope(shield=True):
             await store.close()

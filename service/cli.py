@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import secrets
 import sys
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
 from service.aistudios.client import AIStudiosClient
-from service.aistudios.simulator import Simulator, SimulatorKnobs, run_simulator
+from service.aistudios.connect import connect
+from service.aistudios.simulator import SimulatorKnobs, run_simulator
 from service.catalog import load_catalog
 from service.config import Config, ConfigError, config_path, load_config, read_config
 from service.intake import route_context
@@ -139,21 +138,6 @@ async def _preview(args: argparse.Namespace) -> int:
 # --- submit ------------------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def api_base_urls(cfg: Config) -> AsyncIterator[tuple[str, str]]:
-    """The real API, or a simulator started for this command when no credentials are set."""
-    if not cfg.aistudios.uses_simulator:
-        yield cfg.aistudios.base_url, cfg.aistudios.legacy_base_url
-        return
-    simulator = Simulator(SimulatorKnobs(render_seconds=cfg.aistudios.simulator.render_seconds))
-    url = await simulator.start()
-    err.print(f"no AI Studios credentials configured: using the built-in simulator at {url}")
-    try:
-        yield url, url
-    finally:
-        await simulator.stop()
-
-
 async def _download(url: str, dest: Path) -> None:
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         response.raise_for_status()
@@ -178,35 +162,31 @@ async def _wait_for(client: AIStudiosClient, api: str, project_id: str, poll_s: 
 
 async def _submit(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    a = cfg.aistudios
-    async with api_base_urls(cfg) as (base_url, legacy_url):
-        client = AIStudiosClient(
-            base_url=base_url,
-            legacy_base_url=legacy_url,
-            api_key=a.api_key or (secrets.token_hex(8) if a.uses_simulator else None),
-            app_id=a.app_id,
-            user_key=a.user_key,
-            request_timeout_s=a.request_timeout_s,
-        )
-        async with client:
-            try:
-                api, body, name, _ = await _render(args, cfg, client)
-            except MappingError as exc:
-                err.print(f"mapping error: {exc}")
-                return EXIT_PROBLEMS
-            if api == "v3":
-                project_id = await client.export_v3(body, name=name)
-            else:
-                project_id = await client.export_legacy(body["scenes"])
-            err.print(f"submitted {name!r}: project {project_id}")
-            if not args.wait:
-                out.print(project_id)
-                return EXIT_OK
-            url = await _wait_for(client, api, project_id, args.poll_seconds)
-            out.print(url)
-            if args.download:
-                await _download(url, Path(args.download))
-                err.print(f"saved {args.download}")
+    async with connect(cfg) as api:
+        if api.simulator is not None:
+            err.print(
+                "no AI Studios credentials configured: "
+                f"using the built-in simulator at {api.api_url}"
+            )
+        client = api.client
+        try:
+            kind, body, name, _ = await _render(args, cfg, client)
+        except MappingError as exc:
+            err.print(f"mapping error: {exc}")
+            return EXIT_PROBLEMS
+        if kind == "v3":
+            project_id = await client.export_v3(body, name=name)
+        else:
+            project_id = await client.export_legacy(body["scenes"])
+        err.print(f"submitted {name!r}: project {project_id}")
+        if not args.wait:
+            out.print(project_id)
+            return EXIT_OK
+        url = await _wait_for(client, kind, project_id, args.poll_seconds)
+        out.print(url)
+        if args.download:
+            await _download(url, Path(args.download))
+            err.print(f"saved {args.download}")
     return EXIT_OK
 
 
