@@ -3,25 +3,34 @@
 from __future__ import annotations
 
 import re
+import time
 
 from service.model import Job, JobUpdate
 
 _RETRY_SUFFIX = re.compile(r"/r\d+$")
 
 
-def retry_export_name(job: Job) -> str:
-    """A fresh export name once the job has paid for an export.
+def retry_export_name(job: Job, now: float) -> str:
+    """A fresh export name, suffixed with the retry's time in epoch milliseconds.
 
-    Reconciling by name can then never adopt the project of the attempt that failed.
+    Reconciling by name can then never adopt the project of an earlier attempt. The name is
+    stored on the job by the retry itself, so every later lookup of this attempt sees the same
+    one; the attempt counter cannot serve here because a retry resets it.
     """
     base = _RETRY_SUFFIX.sub("", job.export_name)
-    return f"{base}/r{job.attempts}" if job.attempts else base
+    return f"{base}/r{int(now * 1000)}"
 
 
-def retry_update(job: Job) -> JobUpdate:
-    """Clear the outcome of the last attempt; the stored event is mapped again from scratch."""
+def retry_update(job: Job, now: float | None = None) -> JobUpdate:
+    """Clear the outcome of the last attempt; the stored event is mapped again from scratch.
+
+    `attempts` goes back to 0: the retry budget (`max_retries`) is the new run's, or a job
+    that failed by exhausting it would fail again at its first retryable error.
+    """
+    at = time.time() if now is None else now
     return JobUpdate(
-        export_name=retry_export_name(job),
+        export_name=retry_export_name(job, at),
+        attempts=0,
         clear=frozenset(
             {
                 "export_body",
