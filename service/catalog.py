@@ -17,6 +17,7 @@ from service.ingress.dedupe import DedupeKeyError, compile_dedupe_expression, he
 from service.mapping.routes import CompiledRoute, compile_routes, load_handler
 from service.mapping.templates import TemplateError, load_template_file
 from service.model import HandledEvent, RawEvent
+from service.notify.mqtt import topic_template_problem
 
 ImportProject = Callable[[str], Awaitable[dict[str, Any]]]
 
@@ -63,6 +64,16 @@ def _source_problems(cfg: Config) -> list[Problem]:
     return problems
 
 
+def _notify_problems(cfg: Config) -> list[Problem]:
+    problems = []
+    for i, target in enumerate(cfg.notify):
+        if target.kind == "mqtt":
+            problem = topic_template_problem(target.topic)
+            if problem is not None:
+                problems.append(Problem(f"notify[{i}].topic", problem))
+    return problems
+
+
 def _route_handlers(cfg: Config) -> tuple[dict[str, Handler], list[Problem]]:
     handlers: dict[str, Handler] = {}
     problems = []
@@ -96,6 +107,7 @@ async def load_catalog(
     routes, route_problems = compile_routes(cfg.routes, available)
     problems.extend(route_problems)
     problems.extend(_source_problems(cfg))
+    problems.extend(_notify_problems(cfg))
     handlers, handler_problems = _route_handlers(cfg)
     problems.extend(handler_problems)
     catalog = Catalog(templates, routes, frozenset(legacy), handlers)

@@ -73,3 +73,15 @@ async def test_check_accepts_a_header_name_as_dedupe_key_and_refuses_bad_jmespat
     path.write_text(CONFIG.replace('kind = "json"', 'kind = "json"\ndedupe_key = "items[?"'))
     _, problems = await load_catalog(load_config(path, env={}))
     assert [p.location for p in problems] == ["sources[0].dedupe_key"]
+
+
+async def test_check_refuses_an_mqtt_topic_template_with_an_unknown_placeholder(tmp_path):
+    path = tmp_path / "config.toml"
+    text = (
+        CONFIG
+        + '\n[mqtt]\nurl = "mqtt://127.0.0.1"\n\n[[notify]]\nkind = "mqtt"\ntopic = "v/{rout}"\n'
+    )
+    path.write_text(text)
+    _, problems = await load_catalog(load_config(path, env={}))
+    assert [p.location for p in problems] == ["notify[0].topic"]
+    assert "rout" in problems[0].message

@@ -108,15 +108,6 @@ def parse_is_authenticated(body: Any) -> bool:  # noqa: ANN401 - a JSON document
     return scope["isAuthenticated"] is True
 
 
-def parse_project(body: Any) -> dict[str, Any]:  # noqa: ANN401 - a JSON document is of any shape
-    """The `project` object of a v3 get-project."""
-    scope = _scope_with(body, "project")
-    if scope is None or not isinstance(scope["project"], dict):
-        raise UnreadableResponseError("project missing")
-    project: dict[str, Any] = scope["project"]
-    return project
-
-
 def parse_legacy_project(body: Any) -> dict[str, Any]:  # noqa: ANN401 - a JSON document is of any shape
     """The `response` object of a legacy import (`response.scenes`, `response.projectName`)."""
     scope = _scope_with(body, "response")
