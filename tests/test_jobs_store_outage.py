@@ -63,3 +63,15 @@ async def test_giving_up_on_a_retry_commit_hands_the_job_to_the_reconciler(tmp_p
         ]
         assert h.simulator.export_count == 1
         assert h.pipeline.slots.in_flight == 0
+
+
+async def test_a_job_whose_mapping_met_a_store_outage_is_mapped_again_without_a_wake_up(
+    tmp_path,
+):
+    async with jobs_harness(tmp_path) as h:
+        failures = failing_transitions(h.store, S.RECEIVED, S.MAPPED, times=1)
+        job = await h.add_job("mapped-during-outage")
+        ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED}, timeout_s=5.0)
+        assert failures["left"] == 0
+        assert ready.state is S.READY
+        assert h.simulator.export_count == 1

@@ -21,7 +21,7 @@ from service.jobs.context import JobLoopContext, end_with_error
 from service.jobs.ratelimit import RenderSlots
 from service.jobs.reconcile import LookupApi, Reconciler
 from service.jobs.states import IN_FLIGHT
-from service.jobs.submitter import ExportApi, Submitter
+from service.jobs.submitter import ExportApi, Submitter, sleep_or_wake
 from service.jobs.tracker import PollTiming, ProgressApi, Tracker
 from service.log import get_logger
 from service.model import Job, JobState, JobUpdate
@@ -43,6 +43,8 @@ Prepare = Callable[[Job], Awaitable[None]]
 _RECOVERY_LIMIT = 100_000
 _PREPARE_BATCH = 100
 _DUMMY_TOKEN = "x" * 32
+PREPARE_RETRY_S = 1.0
+"""How soon mapping is tried again after a store outage deferred a job."""
 
 
 class RenderApi(ExportApi, ProgressApi, LookupApi, Protocol):
@@ -175,31 +177,45 @@ class JobPipeline:
         return True
 
     async def _prepare_loop(self) -> None:
-        """Map received jobs one by one (mapping is cheap and local), then hand them on."""
+        """Map received jobs one by one (mapping is cheap and local), then hand them on.
+
+        A job whose mapping met a store outage is not skipped: the loop looks again after
+        `PREPARE_RETRY_S` instead of waiting for an intake wake-up that may never come.
+        """
         while True:
             self._prepare_wakeup = anyio.Event()
             jobs = await self._ctx.store.jobs_in_states({JobState.RECEIVED}, limit=_PREPARE_BATCH)
             fresh = [job for job in jobs if job.job_id not in self._prepare_skip]
+            deferred = False
             for job in fresh:
                 self._prepare_skip.add(job.job_id)
                 with structlog.contextvars.bound_contextvars(job_id=job.job_id):
-                    await self._prepare_isolated(job)
+                    if not await self._prepare_isolated(job):
+                        self._prepare_skip.discard(job.job_id)
+                        deferred = True
             if fresh:
                 self.submitter.wake()
-            if len(jobs) < _PREPARE_BATCH or not fresh:
+            if deferred:
+                await sleep_or_wake(self._prepare_wakeup, PREPARE_RETRY_S, self._ctx.sleep)
+            elif len(jobs) < _PREPARE_BATCH or not fresh:
                 await self._prepare_wakeup.wait()
 
-    async def _prepare_isolated(self, job: Job) -> None:
-        """Run the caller's mapping; a crash in it rejects the job with the reason."""
+    async def _prepare_isolated(self, job: Job) -> bool:
+        """Run the caller's mapping; a crash in it rejects the job with the reason.
+
+        False when a store outage left the job `received`, to be tried again.
+        """
         try:
             await self._prepare(job)
         except StoreUnavailableError as exc:
             log.warning("job.prepare_deferred", error=str(exc))
+            return False
         except Exception as exc:
             log.exception("job.prepare_crashed")
-            await self._reject(job, f"mapping crashed: {exc!r}")
+            return await self._reject(job, f"mapping crashed: {exc!r}")
+        return True
 
-    async def _reject(self, job: Job, reason: str) -> None:
+    async def _reject(self, job: Job, reason: str) -> bool:
         try:
             await end_with_error(
                 self._ctx.store,
@@ -212,4 +228,6 @@ class JobPipeline:
                 now=self._ctx.clock(),
             )
         except StoreUnavailableError as exc:
-            log.warning("job.reject_failed", error=repr(exc))
+            log.warning("job.reject_deferred", error=repr(exc))
+            return False
+        return True
