@@ -75,3 +75,22 @@ async def test_a_job_whose_mapping_met_a_store_outage_is_mapped_again_without_a_
         assert failures["left"] == 0
         assert ready.state is S.READY
         assert h.simulator.export_count == 1
+
+
+async def test_failed_queue_reads_are_retried_and_do_not_stop_the_pipeline(tmp_path):
+    async with jobs_harness(tmp_path) as h:
+        real = h.store.inner.jobs_in_states
+        failures = {S.RECEIVED: 2, S.MAPPED: 2}
+
+        async def jobs_in_states(states, limit=1000):
+            for state in states:
+                if failures.get(state, 0) > 0:
+                    failures[state] -= 1
+                    raise StoreUnavailableError("database is locked")
+            return await real(states, limit)
+
+        h.store.inner.jobs_in_states = jobs_in_states
+        job = await h.add_job("queues-unreadable")
+        ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED}, timeout_s=8.0)
+        assert failures == {S.RECEIVED: 0, S.MAPPED: 0}
+        assert ready.state is S.READY

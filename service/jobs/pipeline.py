@@ -3,7 +3,8 @@
 `run` recovers every non-terminal job before starting the loops (so a crash between any two
 commits resumes where it stopped, and a POST that may have happened is reconciled, never
 repeated), then starts each loop as a named child of one task group. A failing job is its
-own problem; a failing loop fails the group, visibly.
+own problem; a failing loop fails the group, visibly. A store outage is neither: a loop whose
+queue read fails logs it and reads again after `SCAN_RETRY_S`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from service.jobs.context import JobLoopContext, end_with_error
 from service.jobs.ratelimit import RenderSlots
 from service.jobs.reconcile import LookupApi, Reconciler
 from service.jobs.states import IN_FLIGHT
-from service.jobs.submitter import ExportApi, Submitter, sleep_or_wake
+from service.jobs.submitter import SCAN_RETRY_S, ExportApi, Submitter, sleep_or_wake
 from service.jobs.tracker import PollTiming, ProgressApi, Tracker
 from service.log import get_logger
 from service.model import Job, JobState, JobUpdate
@@ -184,7 +185,14 @@ class JobPipeline:
         """
         while True:
             self._prepare_wakeup = anyio.Event()
-            jobs = await self._ctx.store.jobs_in_states({JobState.RECEIVED}, limit=_PREPARE_BATCH)
+            try:
+                jobs = await self._ctx.store.jobs_in_states(
+                    {JobState.RECEIVED}, limit=_PREPARE_BATCH
+                )
+            except StoreUnavailableError as exc:
+                log.warning("jobs.scan_failed", state=JobState.RECEIVED, error=str(exc))
+                await sleep_or_wake(self._prepare_wakeup, SCAN_RETRY_S, self._ctx.sleep)
+                continue
             fresh = [job for job in jobs if job.job_id not in self._prepare_skip]
             deferred = False
             for job in fresh:

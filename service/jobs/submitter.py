@@ -34,6 +34,8 @@ log = get_logger("jobs.submitter")
 
 RETRY_BASE_S = 2.0
 RETRY_CAP_S = 300.0
+SCAN_RETRY_S = 1.0
+"""How soon a loop reads its queue again after the store failed the read (an outage, not a bug)."""
 _COMMIT_ATTEMPTS = 6
 _SCAN_LIMIT = 500
 
@@ -147,7 +149,11 @@ class Submitter:
         """Start a submit task for each due job; return when the next one is due."""
         if self._draining:
             return math.inf
-        jobs = await self._ctx.store.jobs_in_states({JobState.MAPPED}, limit=_SCAN_LIMIT)
+        try:
+            jobs = await self._ctx.store.jobs_in_states({JobState.MAPPED}, limit=_SCAN_LIMIT)
+        except StoreUnavailableError as exc:
+            log.warning("jobs.scan_failed", state=JobState.MAPPED, error=str(exc))
+            return self._ctx.clock() + SCAN_RETRY_S
         next_due = math.inf
         for job in jobs:
             if job.job_id in self._active:
