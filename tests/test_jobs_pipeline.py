@@ -222,6 +222,21 @@ async def test_a_callback_brings_the_confirming_poll_forward(tmp_path):
         assert not await h.pipeline.on_callback("job_unknown", "whatever")
 
 
+async def test_the_pipeline_tells_its_ready_hook_when_the_callback_came(tmp_path):
+    heard = []
+    async with jobs_harness(
+        tmp_path,
+        callbacks=True,
+        poll_max_interval_s=10.0,
+        on_ready=lambda *args: heard.append(args),
+    ) as h:
+        job = await h.add_job("ready-hook")
+        ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED})
+        [(committed, first_callback_at)] = heard
+        assert committed == ready
+        assert ready.submitted_at < first_callback_at <= ready.ready_at
+
+
 async def test_a_callback_right_after_a_poll_is_not_held_back_by_the_poll_floor(tmp_path):
     knobs = SimulatorKnobs(render_seconds=2.0)
     # First poll at 1.5 s (75 %); the 1.5 s floor would hold the next one until 3.0 s, but the

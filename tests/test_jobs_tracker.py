@@ -36,7 +36,7 @@ class VirtualTime:
         await anyio.lowlevel.checkpoint()
 
 
-def tracker_on(store, client, slots, clock):
+def tracker_on(store, client, slots, clock, **options):
     """A tracker sharing the test's store, simulator client, slots and virtual clock."""
     ctx = JobLoopContext(
         store=store,
@@ -48,7 +48,7 @@ def tracker_on(store, client, slots, clock):
         sleep=clock.sleep,
         rng=random.Random(3),  # noqa: S311 - jitter, not cryptography
     )
-    return Tracker(ctx, timing=TIMING)
+    return Tracker(ctx, timing=TIMING, **options)
 
 
 async def submitted_job(store, client, clock, key):
@@ -121,3 +121,42 @@ async def test_wake_polls_at_once_instead_of_at_the_scheduled_time(tmp_path):
     assert ready.state is S.READY
     assert ready.polls == 1
     assert ready.ready_at == pytest.approx(ready.submitted_at + 100.0)
+
+
+@pytest.mark.parametrize("called_back", [True, False])
+async def test_the_ready_hook_gets_the_committed_job_and_its_first_callback_time(
+    tmp_path, called_back
+):
+    clock = VirtualTime()
+    inner = SQLiteStore(tmp_path / "t.db", clock=clock)
+    await inner.open()
+    store = ObservedStore(inner)
+    heard = []
+
+    def on_ready(job, first_callback_at):
+        heard.append((job, first_callback_at, clock.now))
+
+    try:
+        async with (
+            running_simulator(SimulatorKnobs(render_seconds=30.0), clock=clock) as simulator,
+            client_for(simulator) as client,
+        ):
+            job = await submitted_job(store, client, clock, f"hooked-{called_back}")
+            tracker = tracker_on(store, client, RenderSlots(1), clock, on_ready=on_ready)
+            tracker.track(job)
+            clock.now += 40.0  # the render finished before its first poll
+            if called_back:
+                await tracker.wake(job.job_id)
+                clock.now += 1.0
+                await tracker.wake(job.job_id)  # a repeated callback is not the first
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(tracker.run)
+                ready = await store.wait_for(job.job_id, {S.READY, S.FAILED})
+                tg.cancel_scope.cancel()
+    finally:
+        await inner.close()
+    [(committed, first_callback_at, _)] = heard
+    assert committed == ready
+    assert committed.state is S.READY
+    expected = job.submitted_at + 40.0 if called_back else None
+    assert first_callback_at == expected

@@ -23,7 +23,7 @@ from service.jobs.ratelimit import RenderSlots
 from service.jobs.reconcile import LookupApi, Reconciler
 from service.jobs.states import IN_FLIGHT
 from service.jobs.submitter import SCAN_RETRY_S, ExportApi, Submitter, sleep_or_wake
-from service.jobs.tracker import PollTiming, ProgressApi, Tracker
+from service.jobs.tracker import PollTiming, ProgressApi, ReadyHook, Tracker, ignore_ready
 from service.log import get_logger
 from service.model import Job, JobState, JobUpdate
 from service.store.base import StaleTransitionError, StoreUnavailableError
@@ -65,6 +65,7 @@ class JobPipeline:
         prepare: Prepare,
         outbox_for: OutboxFor,
         public_url: str | None = None,
+        on_ready: ReadyHook = ignore_ready,
         clock: Clock = time.time,
         sleep: Sleep = anyio.sleep,
         rng: RandomSource | None = None,
@@ -90,6 +91,7 @@ class JobPipeline:
                 stall_s=settings.stall_seconds,
                 first_guess_s=settings.first_poll_s,
             ),
+            on_ready=on_ready,
         )
         self.submitter = Submitter(
             ctx,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
     from service.jobs.context import JobLoopContext
 
 log = get_logger("jobs.tracker")
+
+ReadyHook = Callable[[Job, float | None], None]
+"""Told of each committed `ready` job and when its first accepted callback came (None: none)."""
 
 POLL_RETRY_BASE_S = 2.0
 POLL_RETRY_CAP_S = 120.0
@@ -79,6 +83,7 @@ class _Render:
     last_poll_at: float | None = None
     errors: int = field(default=0)
     callback_seen: bool = False
+    first_callback_at: float | None = None
 
 
 def verdict_due_at(job: Job, timing: PollTiming) -> float:
@@ -87,6 +92,10 @@ def verdict_due_at(job: Job, timing: PollTiming) -> float:
         return math.inf
     moved_at = job.last_progress_at if job.last_progress_at is not None else job.submitted_at
     return min(job.submitted_at + timing.deadline_s, moved_at + timing.stall_s)
+
+
+def ignore_ready(job: Job, first_callback_at: float | None) -> None:
+    """The default `ReadyHook`: nobody measures ready renders."""
 
 
 def observations_of(job: Job) -> list[Observation]:
@@ -107,9 +116,11 @@ class Tracker:
         *,
         timing: PollTiming,
         max_parallel_polls: int = MAX_PARALLEL_POLLS,
+        on_ready: ReadyHook = ignore_ready,
     ) -> None:
         self._ctx = ctx
         self._timing = timing
+        self._on_ready = on_ready
         self._poll_permits = anyio.Semaphore(max_parallel_polls)
         self._renders: dict[str, _Render] = {}
         self._due = DueHeap()
@@ -137,6 +148,12 @@ class Tracker:
         render = self._renders.get(job_id)
         if render is None:
             return
+        if render.first_callback_at is None:
+            render.first_callback_at = self._ctx.clock()
+        self._bring_forward(render)
+
+    def _bring_forward(self, render: _Render) -> None:
+        """Poll a render that called back now, or once its poll under way has finished."""
         if render.polling:
             render.repoll = True
             return
@@ -201,7 +218,7 @@ class Tracker:
                 render.polling = False
                 if render.repoll and self._renders.get(render.job_id) is render:
                     render.repoll = False
-                    await self.wake(render.job_id)
+                    self._bring_forward(render)
 
     async def poll(self, render: _Render) -> None:
         """Read the render's progress once and commit whatever it means."""
@@ -225,7 +242,7 @@ class Tracker:
         render.observations.append(Observation(now, progress.progress))
         del render.observations[1:-_KEPT_OBSERVATIONS]
         if progress.done:
-            await self._ready(job, progress, now, last_progress_at)
+            await self._ready(job, render, progress, now, last_progress_at)
             return
         job = await self._ctx.store.update_job(
             job.job_id,
@@ -246,9 +263,17 @@ class Tracker:
         return await self._ctx.api.progress_v3(project_id)
 
     async def _ready(
-        self, job: Job, progress: Progress, now: float, last_progress_at: float | None
+        self,
+        job: Job,
+        render: _Render,
+        progress: Progress,
+        now: float,
+        last_progress_at: float | None,
     ) -> None:
-        """`ready` and its `video.ready` rows in one transaction: announced exactly with it."""
+        """`ready` and its `video.ready` rows in one transaction: announced exactly with it.
+
+        The ready hook hears of it only once that commit succeeded.
+        """
         ready = dataclasses.replace(
             job,
             state=JobState.READY,
@@ -269,7 +294,7 @@ class Tracker:
         )
         announcements = self._ctx.outbox_for(ready, "video.ready")
         try:
-            await self._ctx.store.transition(
+            committed = await self._ctx.store.transition(
                 job.job_id, {JobState.SUBMITTED}, JobState.READY, update, announcements
             )
         except StaleTransitionError:
@@ -278,6 +303,7 @@ class Tracker:
             return
         log.info("job.ready", polls=ready.polls)
         self._forget(job.job_id, None)
+        self._tell_ready(committed, render.first_callback_at)
         if not announcements:
             # Nobody subscribed to video.ready: there is nothing to deliver, so it is done.
             with contextlib.suppress(StaleTransitionError):
@@ -287,6 +313,13 @@ class Tracker:
                     JobState.NOTIFIED,
                     JobUpdate(note="no notify target takes video.ready"),
                 )
+
+    def _tell_ready(self, job: Job, first_callback_at: float | None) -> None:
+        """Run the ready hook; its failure is logged, never the job's (it is already ready)."""
+        try:
+            self._on_ready(job, first_callback_at)
+        except Exception:
+            log.exception("job.ready_hook_failed")
 
     async def _poll_failed(self, job: Job, render: _Render, exc: AIStudiosError) -> None:
         """Reads are repeatable: back off (Retry-After exactly), unless the API refused."""

@@ -22,6 +22,7 @@ from service.aistudios.simulator import Simulator, SimulatorKnobs
 from service.config import AIStudiosConfig
 from service.jobs.pipeline import JobPipeline
 from service.jobs.ratelimit import RequestGate
+from service.jobs.tracker import ReadyHook, ignore_ready
 from service.model import Job, JobState, JobUpdate, NewOutboxMessage
 from service.store.sqlite import SQLiteStore
 from tests.support.aistudios_fixtures import client_for, running_simulator, tiny_server, v3_body
@@ -153,6 +154,7 @@ async def jobs_harness(
     knobs: SimulatorKnobs | None = None,
     callbacks: bool = False,
     start: bool = True,
+    on_ready: ReadyHook = ignore_ready,
     **settings: Any,
 ) -> AsyncIterator[JobsHarness]:
     """A pipeline on a fresh store and simulator; `callbacks` serves the callback route."""
@@ -185,6 +187,7 @@ async def jobs_harness(
                 prepare=harness.prepare,
                 outbox_for=outbox_for,
                 public_url=callback_base if callbacks else None,
+                on_ready=on_ready,
             )
             harness.pipeline = pipeline
             pipeline_box.append(pipeline)
