@@ -1,5 +1,6 @@
 """The outbox sender with a real SQLite store, real targets and a clock the test moves."""
 
+import itertools
 import random
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -87,8 +88,11 @@ class Harness:
         await self.store.accept_event(event, [new_job])
         job = ready_job(job_id=new_job.job_id, event_id=event.event_id)
         rows = outbox_rows(job, "video.ready", targets)
+        way = [JobState.RECEIVED, JobState.MAPPED, JobState.SUBMITTING, JobState.SUBMITTED]
+        for current, following in itertools.pairwise(way):
+            await self.store.transition(new_job.job_id, {current}, following)
         await self.store.transition(
-            new_job.job_id, {JobState.RECEIVED}, JobState.READY, outbox=rows
+            new_job.job_id, {JobState.SUBMITTED}, JobState.READY, outbox=rows
         )
         due = await self.store.due_outbox(self.clock() + 1e9)
         return [r.id for r in due if r.job_id == new_job.job_id]

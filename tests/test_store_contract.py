@@ -33,6 +33,14 @@ async def accept(store, key: str, routes: tuple[str, ...] = ("new-product",)):
     return acceptance, jobs
 
 
+WAY_TO = {
+    JobState.FAILED: (M,),
+    JobState.IGNORED: (),
+    JobState.NOTIFIED: (M, S, JobState.SUBMITTED, JobState.READY),
+}
+"""The states a job passes through before reaching each end state (store tests skip the API)."""
+
+
 async def walk(store, job_id: str, *states: JobState) -> None:
     current = (await store.get_job(job_id)).state
     for state in states:
@@ -291,20 +299,22 @@ async def test_outbox_rows_are_written_with_the_transition(engine_store):
 
 
 async def test_replayed_terminal_transition_cannot_enqueue_twice(engine_store):
+    # The replay: an operator retried the job and it ended the same way again.
     _, [job] = await accept(engine_store, "k1")
-    await walk(engine_store, job.job_id, M, S, JobState.SUBMITTED)
-    ready = {JobState.SUBMITTED, JobState.READY}
-    await engine_store.transition(job.job_id, ready, JobState.READY, None, [ready_message()])
-    await engine_store.transition(job.job_id, ready, JobState.READY, None, [ready_message()])
+    await walk(engine_store, job.job_id, M, S)
+    await engine_store.transition(job.job_id, {S}, JobState.FAILED, None, [ready_message()])
+    await walk(engine_store, job.job_id, R, M, S)
+    await engine_store.transition(job.job_id, {S}, JobState.FAILED, None, [ready_message()])
     assert await engine_store.outbox_backlog() == 1
-    assert len(await engine_store.job_history(job.job_id)) == 6
+    assert len(await engine_store.job_history(job.job_id)) == 8
 
 
 async def test_due_outbox_order_retry_dead_and_delivered(engine_store, store_clock):
     ids = []
     for n in range(3):
         _, [job] = await accept(engine_store, f"k{n}")
-        await engine_store.transition(job.job_id, {R}, JobState.FAILED, None, [ready_message()])
+        await walk(engine_store, job.job_id, M)
+        await engine_store.transition(job.job_id, {M}, JobState.FAILED, None, [ready_message()])
         ids.append(job.job_id)
         store_clock.advance(1)
     assert await engine_store.due_outbox(START_TIME - 1) == []
@@ -389,7 +399,10 @@ async def test_purge_dedupe_keeps_recent_and_unfinished(engine_store, store_cloc
         job = sample_job(event)
         await engine_store.accept_event(event, [job])
         if final_state is not R:
-            await engine_store.transition(job.job_id, {R}, final_state, None, outbox)
+            on_the_way = WAY_TO[final_state]
+            await walk(engine_store, job.job_id, *on_the_way)
+            before = on_the_way[-1] if on_the_way else R
+            await engine_store.transition(job.job_id, {before}, final_state, None, outbox)
         return job
 
     done = await old_event("done", JobState.FAILED)
