@@ -18,8 +18,8 @@ JsonObject = dict[str, Any]
 class JobState(StrEnum):
     """Where a job is on its way from an event to a delivered "video ready".
 
-    Each transition is its own committed transaction; see `service.jobs.states` for the allowed
-    moves.
+    Each transition is its own committed transaction; `ALLOWED_TRANSITIONS` lists the moves the
+    store accepts.
     """
 
     RECEIVED = "received"
@@ -37,6 +37,27 @@ class JobState(StrEnum):
 TERMINAL_STATES = frozenset(
     {JobState.NOTIFIED, JobState.IGNORED, JobState.REJECTED, JobState.FAILED}
 )
+
+ALLOWED_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
+    JobState.RECEIVED: frozenset({JobState.MAPPED, JobState.REJECTED, JobState.IGNORED}),
+    # mapped -> failed: the stored export body is unusable, so there is nothing to POST.
+    JobState.MAPPED: frozenset({JobState.SUBMITTING, JobState.FAILED}),
+    # submitting -> mapped only for a retryable error that certainly created nothing.
+    JobState.SUBMITTING: frozenset(
+        {JobState.SUBMITTED, JobState.RECONCILE, JobState.FAILED, JobState.MAPPED}
+    ),
+    # reconcile -> mapped only after the project list showed no such export after the wait.
+    JobState.RECONCILE: frozenset({JobState.SUBMITTED, JobState.MAPPED, JobState.FAILED}),
+    JobState.SUBMITTED: frozenset({JobState.READY, JobState.FAILED}),
+    JobState.READY: frozenset({JobState.NOTIFIED}),
+    JobState.NOTIFIED: frozenset(),
+    JobState.IGNORED: frozenset(),
+    # An operator's retry sends a failed or rejected job back to be mapped from its event.
+    JobState.FAILED: frozenset({JobState.MAPPED, JobState.RECEIVED}),
+    JobState.REJECTED: frozenset({JobState.MAPPED, JobState.RECEIVED}),
+}
+"""Every move a job may make. The store refuses any other: the money rule is here too, as the
+only ways into `submitted` are `submitting` and `reconcile` (where the export was found)."""
 
 
 class EventStatus(StrEnum):

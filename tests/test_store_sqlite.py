@@ -232,3 +232,22 @@ async def test_reads_run_while_the_writer_is_busy(store):
             job = await store.get_job(sample_job(event).job_id)
         gate.release.set()
     assert job is not None
+
+
+async def test_a_move_the_state_machine_does_not_allow_is_refused_and_not_written(store):
+    event = sample_event("skips-submitting")
+    job = sample_job(event)
+    await store.accept_event(event, [job])
+    await store.transition(job.job_id, {JobState.RECEIVED}, JobState.MAPPED)
+
+    with pytest.raises(ValueError, match="mapped -> submitted") as refused:
+        await store.transition(
+            job.job_id, {JobState.MAPPED, JobState.SUBMITTING}, JobState.SUBMITTED
+        )
+
+    assert "not allowed" in str(refused.value)
+    assert (await store.get_job(job.job_id)).state is JobState.MAPPED
+    assert [t.to_state for t in await store.job_history(job.job_id)] == [
+        JobState.RECEIVED,
+        JobState.MAPPED,
+    ]

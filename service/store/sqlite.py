@@ -204,7 +204,8 @@ class SQLiteStore:
         """Compare-and-set the state with its history row and outbox rows, atomically.
 
         Raises StaleTransitionError (UnknownJobError for a missing job); an outbox row that
-        already exists for (job, target, event type) is not inserted again.
+        already exists for (job, target, event type) is not inserted again. A move that
+        `ALLOWED_TRANSITIONS` does not list is a bug in the caller: ValueError, nothing written.
         """
         work = functools.partial(
             sql.transition,

@@ -14,6 +14,7 @@ from collections.abc import Collection, Sequence
 import orjson
 
 from service.model import (
+    ALLOWED_TRANSITIONS,
     TERMINAL_STATES,
     Acceptance,
     EventStatus,
@@ -259,6 +260,8 @@ def transition(
     if current not in from_states:
         expected = ", ".join(sorted(str(s) for s in from_states)) or "nothing"
         raise StaleTransitionError(f"job {job_id} is {current}, expected one of: {expected}")
+    if to_state not in ALLOWED_TRANSITIONS[current]:
+        raise ValueError(f"job {job_id}: the move {current} -> {to_state} is not allowed")
     job = _apply_update(conn, job_id, update, now, to_state)
     _record_transition(
         conn,
