@@ -12,6 +12,8 @@ from service.jobs.schedule import (
 )
 from service.model import Job, JobState
 
+FIRST_GUESS_S = 5.0  # the configured default first_poll_seconds
+
 
 def linear_render(duration_s):
     def progress_at(t):
@@ -25,7 +27,9 @@ def count_polls(progress_at, *, floor_s, ceiling_s, limit=100):
     now = 0.0
     observations = [Observation(0.0, 0.0)]
     for polls in range(1, limit + 1):
-        now += next_poll_delay(observations, now, floor_s=floor_s, ceiling_s=ceiling_s)
+        now += next_poll_delay(
+            observations, now, floor_s=floor_s, ceiling_s=ceiling_s, first_guess_s=FIRST_GUESS_S
+        )
         progress = progress_at(now)
         if progress >= 100.0:
             return polls, now
@@ -58,17 +62,27 @@ def test_a_render_queued_before_starting_backs_off_geometrically():
 
 def test_delay_stays_within_floor_and_ceiling():
     observations = [Observation(0.0, 0.0), Observation(1.0, 99.9)]
-    assert next_poll_delay(observations, 1.0, floor_s=3.0, ceiling_s=60.0) == 3.0
+    assert (
+        next_poll_delay(observations, 1.0, floor_s=3.0, ceiling_s=60.0, first_guess_s=FIRST_GUESS_S)
+        == 3.0
+    )
     slow = [Observation(0.0, 0.0), Observation(10.0, 0.1)]
-    assert next_poll_delay(slow, 10.0, floor_s=3.0, ceiling_s=60.0) == 60.0
-    assert next_poll_delay([], 0.0, floor_s=1.0, ceiling_s=2.0) == 2.0
+    assert (
+        next_poll_delay(slow, 10.0, floor_s=3.0, ceiling_s=60.0, first_guess_s=FIRST_GUESS_S)
+        == 60.0
+    )
+    assert next_poll_delay([], 0.0, floor_s=1.0, ceiling_s=2.0, first_guess_s=FIRST_GUESS_S) == 2.0
 
 
 def test_a_stuck_render_is_polled_less_and_less_often():
     observations = [Observation(0.0, 0.0), Observation(5.0, 50.0), Observation(11.0, 50.0)]
-    first = next_poll_delay(observations, 11.0, floor_s=1.0, ceiling_s=600.0)
+    first = next_poll_delay(
+        observations, 11.0, floor_s=1.0, ceiling_s=600.0, first_guess_s=FIRST_GUESS_S
+    )
     observations.append(Observation(11.0 + first, 50.0))
-    second = next_poll_delay(observations, 11.0 + first, floor_s=1.0, ceiling_s=600.0)
+    second = next_poll_delay(
+        observations, 11.0 + first, floor_s=1.0, ceiling_s=600.0, first_guess_s=FIRST_GUESS_S
+    )
     assert first >= 6.0
     assert second > first
 

@@ -19,7 +19,9 @@ from tests.support.store_fixtures import sample_event, sample_job
 pytestmark = pytest.mark.anyio
 
 S = JobState
-TIMING = PollTiming(floor_s=2.0, ceiling_s=60.0, deadline_s=1800.0, stall_s=600.0)
+TIMING = PollTiming(
+    floor_s=2.0, ceiling_s=60.0, deadline_s=1800.0, stall_s=600.0, first_guess_s=5.0
+)
 
 
 class VirtualTime:

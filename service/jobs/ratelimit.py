@@ -64,11 +64,6 @@ class RequestGate:
         self._clock = clock
         self._sleep = sleep
 
-    @property
-    def paused_until(self) -> float:
-        """End of the current pause on this gate's clock (-inf when never paused)."""
-        return self._bucket.paused_until
-
     async def __call__(self, endpoint: str) -> None:
         """Wait until a request to `endpoint` may be sent."""
         while True:
@@ -109,10 +104,6 @@ class RenderSlots:
     def in_flight(self) -> int:
         """How many slots are held."""
         return len(self._holders)
-
-    def holds(self, job_id: str) -> bool:
-        """Whether this job holds a slot."""
-        return job_id in self._holders
 
     async def acquire(self, job_id: str) -> None:
         """Wait for a free slot and give it to `job_id` (no-op when it already holds one)."""

@@ -76,11 +76,6 @@ class Reconciler:
         self._due = DueHeap()
         self._wakeup = anyio.Event()
 
-    @property
-    def pending(self) -> int:
-        """How many jobs await reconciliation."""
-        return len(self._pending)
-
     def add(self, job: Job) -> None:
         """Reconcile a job now in `reconcile` (its `updated_at` is when it entered).
 

@@ -20,8 +20,6 @@ if TYPE_CHECKING:
     from service.model import Job
 
 FULL_PROGRESS = 100.0
-FIRST_POLL_GUESS_S = 5.0
-"""Before any progress is seen: a short render is caught early, a long one costs one extra poll."""
 FINISH_MARGIN = 0.05
 """Poll this fraction of the estimated remaining time after the estimated finish."""
 
@@ -62,13 +60,15 @@ def next_poll_delay(
     *,
     floor_s: float,
     ceiling_s: float,
-    first_guess_s: float = FIRST_POLL_GUESS_S,
+    first_guess_s: float,
 ) -> float:
     """Seconds from `now` to the next progress poll of one render.
 
     The render's finish is extrapolated from the latest progress rate and the poll lands just
     after it; while nothing moves, the wait grows with the time already waited (geometric
-    back-off), so a queued or stuck render costs few polls too.
+    back-off), so a queued or stuck render costs few polls too. Before any progress is seen the
+    first poll comes `first_guess_s` after submit (the configured `first_poll_seconds`): a short
+    render is caught early, a long one costs one extra poll.
     """
     if not observations:
         return _clamp(first_guess_s, floor_s, ceiling_s)

@@ -67,7 +67,7 @@ class PollTiming:
     ceiling_s: float
     deadline_s: float
     stall_s: float
-    first_guess_s: float = 5.0
+    first_guess_s: float
 
 
 @dataclass(slots=True)
@@ -115,13 +115,12 @@ class Tracker:
         ctx: JobLoopContext[ProgressApi],
         *,
         timing: PollTiming,
-        max_parallel_polls: int = MAX_PARALLEL_POLLS,
         on_ready: ReadyHook = ignore_ready,
     ) -> None:
         self._ctx = ctx
         self._timing = timing
         self._on_ready = on_ready
-        self._poll_permits = anyio.Semaphore(max_parallel_polls)
+        self._poll_permits = anyio.Semaphore(MAX_PARALLEL_POLLS)
         self._renders: dict[str, _Render] = {}
         self._due = DueHeap()
         self._wakeup = anyio.Event()
