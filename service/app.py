@@ -14,7 +14,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import anyio
 import anyio.abc
@@ -182,22 +182,8 @@ class _Parts:
     notifiers: Mapping[str, Notifier]
     metrics: Metrics
 
-    callback_at: dict[str, float] = field(default_factory=dict)
-
     def outbox_for(self, job: Job, event_type: str) -> Sequence[NewOutboxMessage]:
-        if event_type == "video.ready":
-            self.metrics.observe_ready(job, self.callback_at.pop(job.job_id, None))
         return outbox_rows_for(self.cfg, job, event_type)
-
-    def on_callback(self, pipeline: JobPipeline) -> Callable[[str, str], Awaitable[bool]]:
-        async def accept(job_id: str, token: str) -> bool:
-            arrived = time.time()
-            accepted = await pipeline.on_callback(job_id, token)
-            if accepted:
-                self.callback_at.setdefault(job_id, arrived)
-            return accepted
-
-        return accept
 
     def build(self) -> tuple[JobPipeline, OutboxSender, StoreIntake, MqttIngress | None]:
         cfg, store = self.cfg, self.store
@@ -209,6 +195,7 @@ class _Parts:
             prepare=Preparer(cfg, self.catalog, store, self.outbox_for),
             outbox_for=self.outbox_for,
             public_url=cfg.http.public_url,
+            on_ready=self.metrics.observe_ready,
         )
         sender = OutboxSender(
             store,
@@ -240,7 +227,7 @@ class _Parts:
             store=self.store,
             metrics=self.metrics,
             checks=_readiness_checks(self.store, self.client, ingress),
-            on_callback=self.on_callback(pipeline),
+            on_callback=pipeline.on_callback,
             on_retry=pipeline.notify_new_jobs,
             admin_token=cfg.http.admin_token,
         )
