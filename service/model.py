@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-JsonObject = dict[str, Any]
-
 
 class JobState(StrEnum):
     """Where a job is on its way from an event to a delivered "video ready".

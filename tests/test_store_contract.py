@@ -70,6 +70,7 @@ async def test_accept_commits_event_jobs_and_first_transition(engine_store):
     assert dict(stored_event.headers) == {"x-shopify-topic": "products/create"}
     assert (stored_event.source, stored_event.dedupe_key) == ("shop", "k1")
     assert stored_event.status is EventStatus.ROUTED
+    assert await engine_store.get_event(stored_job.event_row + 1000) is None
     assert await engine_store.job_history(job.job_id) == [
         Transition(job.job_id, None, JobState.RECEIVED, START_TIME)
     ]
@@ -127,15 +128,6 @@ async def test_reject_event_keeps_reason_and_dedupes(engine_store):
     assert accepted_later.duplicate
     assert accepted_later.status is EventStatus.REJECTED
     assert accepted_later.job_ids == ()
-
-
-async def test_set_event_status_records_reason(engine_store):
-    _, jobs = await accept(engine_store, "k1")
-    row = (await engine_store.get_job(jobs[0].job_id)).event_row
-    await engine_store.set_event_status(row, EventStatus.REJECTED, "no template")
-    stored = await engine_store.get_event(row)
-    assert (stored.status, stored.reason) == (EventStatus.REJECTED, "no template")
-    assert await engine_store.get_event(row + 1000) is None
 
 
 # --- transitions ------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from typing import Protocol
 
 from service.model import (
     Acceptance,
-    EventStatus,
     InboundEvent,
     Job,
     JobState,
@@ -120,9 +119,6 @@ class Store(Protocol):
 
     async def outbox_backlog(self) -> int:
         """How many outbox rows are pending, for metrics."""
-
-    async def set_event_status(self, row: int, status: EventStatus, reason: str | None) -> None:
-        """Record what became of an inbox event after routing."""
 
     async def purge_dedupe(self, older_than: float) -> int:
         """Forget dedupe keys of events received before `older_than` (kept >= 7 days)."""

@@ -23,7 +23,6 @@ import anyio
 from service.log import get_logger
 from service.model import (
     Acceptance,
-    EventStatus,
     InboundEvent,
     Job,
     JobState,
@@ -180,12 +179,6 @@ class SQLiteStore:
     async def reject_event(self, event: InboundEvent, reason: str) -> Acceptance:
         """Commit an unusable event as a dead letter; dedupe applies as for accepted ones."""
         return await self._write(functools.partial(sql.reject_event, event=event, reason=reason))
-
-    async def set_event_status(self, row: int, status: EventStatus, reason: str | None) -> None:
-        """Record what became of an inbox event; LookupError for an unknown row."""
-        await self._write(
-            functools.partial(sql.set_event_status, row=row, status=status, reason=reason)
-        )
 
     async def get_event(self, row: int) -> StoredEvent | None:
         """Read one inbox row."""

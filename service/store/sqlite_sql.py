@@ -174,17 +174,6 @@ def reject_event(conn: sqlite3.Connection, event: InboundEvent, reason: str) -> 
     )
 
 
-def set_event_status(
-    conn: sqlite3.Connection, row: int, status: EventStatus, reason: str | None
-) -> None:
-    """Record what became of an inbox event."""
-    cursor = conn.execute(
-        "UPDATE events SET status = ?, reason = ? WHERE id = ?", (status.value, reason, row)
-    )
-    if cursor.rowcount == 0:
-        raise LookupError(f"no inbox event {row}")
-
-
 # --- jobs -------------------------------------------------------------------------------
 
 
