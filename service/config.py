@@ -7,6 +7,7 @@ a config that drives paid exports must not be silently ignored.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -234,6 +235,11 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+def _defaults(cls: type) -> dict[str, Any]:
+    """A config dataclass's own defaults, so the loader never writes a default a second time."""
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
 # --- typed table reader ----------------------------------------------------------------
 
 T = TypeVar("T")
@@ -344,6 +350,7 @@ class _Table:
 
 
 def _service(t: _Table, base_dir: Path) -> ServiceConfig:
+    d = _defaults(ServiceConfig)
     state_dir = Path(t.text("state_dir", "./state"))
     if not state_dir.is_absolute():
         state_dir = base_dir / state_dir
@@ -353,13 +360,14 @@ def _service(t: _Table, base_dir: Path) -> ServiceConfig:
         log_level=t.text(
             "log_level", "info", choices=frozenset({"debug", "info", "warning", "error"})
         ),
-        shutdown_grace_s=t.number("shutdown_grace_seconds", 30.0),
+        shutdown_grace_s=t.number("shutdown_grace_seconds", d["shutdown_grace_s"]),
     )
     t.finish()
     return cfg
 
 
 def _http(t: _Table) -> HttpConfig:
+    d = _defaults(HttpConfig)
     listen = t.text("listen", "127.0.0.1:8080")
     host, _, port_text = listen.rpartition(":")
     port = 8080
@@ -375,8 +383,8 @@ def _http(t: _Table) -> HttpConfig:
     cfg = HttpConfig(
         host=host.strip("[]"),
         port=port,
-        max_body_bytes=t.integer("max_body_bytes", 1024 * 1024, minimum=1),
-        body_timeout_s=t.number("body_timeout_seconds", 10.0),
+        max_body_bytes=t.integer("max_body_bytes", d["max_body_bytes"], minimum=1),
+        body_timeout_s=t.number("body_timeout_seconds", d["body_timeout_s"]),
         admin_token=t.text("admin_token", None) or None,
         public_url=public_url.rstrip("/") if public_url else None,
     )
@@ -385,9 +393,10 @@ def _http(t: _Table) -> HttpConfig:
 
 
 def _aistudios(t: _Table) -> AIStudiosConfig:
+    d = _defaults(AIStudiosConfig)
     sim = t.table("simulator")
     simulator = SimulatorConfig(
-        render_seconds=sim.number("render_seconds", 5.0),
+        render_seconds=sim.number("render_seconds", _defaults(SimulatorConfig)["render_seconds"]),
         port=sim.integer("port", 0),
     )
     sim.finish()
@@ -395,23 +404,31 @@ def _aistudios(t: _Table) -> AIStudiosConfig:
     user_key = t.text("user_key", None) or None
     if bool(app_id) != bool(user_key):
         t.problems.append(Problem(t.path, "app_id and user_key go together"))
-    deadline_s = t.number("render_deadline_seconds", 1800.0, minimum=1)
+    deadline_s = t.number("render_deadline_seconds", d["render_deadline_seconds"], minimum=1)
     cfg = AIStudiosConfig(
         base_url=t.text("base_url", DEFAULT_V3_BASE_URL).rstrip("/"),
         legacy_base_url=t.text("legacy_base_url", DEFAULT_LEGACY_BASE_URL).rstrip("/"),
         api_key=t.text("api_key", None) or None,
         app_id=app_id,
         user_key=user_key,
-        max_concurrent_exports=t.integer("max_concurrent_exports", 4, minimum=1),
-        max_requests_per_second=t.number("max_requests_per_second", 5.0, minimum=0.01),
+        max_concurrent_exports=t.integer(
+            "max_concurrent_exports", d["max_concurrent_exports"], minimum=1
+        ),
+        max_requests_per_second=t.number(
+            "max_requests_per_second", d["max_requests_per_second"], minimum=0.01
+        ),
         render_deadline_seconds=deadline_s,
-        stall_seconds=t.number("stall_seconds", 600.0, minimum=1),
-        request_timeout_s=t.number("request_timeout_seconds", 30.0, minimum=0.1),
+        stall_seconds=t.number("stall_seconds", d["stall_seconds"], minimum=1),
+        request_timeout_s=t.number("request_timeout_seconds", d["request_timeout_s"], minimum=0.1),
         reconcile_wait_s=t.number("reconcile_wait_seconds", deadline_s),
-        poll_min_interval_s=t.number("poll_min_interval_seconds", 2.0, minimum=0.01),
-        poll_max_interval_s=t.number("poll_max_interval_seconds", 60.0, minimum=0.01),
-        first_poll_s=t.number("first_poll_seconds", 5.0, minimum=0.01),
-        max_retries=t.integer("max_retries", 8),
+        poll_min_interval_s=t.number(
+            "poll_min_interval_seconds", d["poll_min_interval_s"], minimum=0.01
+        ),
+        poll_max_interval_s=t.number(
+            "poll_max_interval_seconds", d["poll_max_interval_s"], minimum=0.01
+        ),
+        first_poll_s=t.number("first_poll_seconds", d["first_poll_s"], minimum=0.01),
+        max_retries=t.integer("max_retries", d["max_retries"]),
         download_hosts=t.str_list("download_hosts"),
         simulator=simulator,
     )
@@ -440,6 +457,7 @@ def parse_mqtt_url(url: str) -> tuple[str, int, bool, str | None, str | None]:
 
 
 def _mqtt(t: _Table) -> MqttConfig | None:
+    d = _defaults(MqttConfig)
     if not t.data:
         return None
     url = t.required_text("url")
@@ -456,15 +474,16 @@ def _mqtt(t: _Table) -> MqttConfig | None:
         tls=tls,
         username=user,
         password=password,
-        client_id=t.text("client_id", "studiohook"),
-        session_expiry_seconds=t.integer("session_expiry_seconds", 86400),
-        receive_maximum=t.integer("receive_maximum", 100, minimum=1),
+        client_id=t.text("client_id", d["client_id"]),
+        session_expiry_seconds=t.integer("session_expiry_seconds", d["session_expiry_seconds"]),
+        receive_maximum=t.integer("receive_maximum", d["receive_maximum"], minimum=1),
     )
     t.finish()
     return cfg
 
 
 def _source(t: _Table) -> SourceConfig:
+    d = _defaults(SourceConfig)
     kind = t.text("kind", "json", choices=SOURCE_KINDS)
     cfg = SourceConfig(
         name=t.required_text("name"),
@@ -477,7 +496,7 @@ def _source(t: _Table) -> SourceConfig:
             "signature_encoding", "hex", choices=frozenset({"hex", "base64"})
         ),  # type: ignore[arg-type]
         signature_prefix=t.text("signature_prefix", ""),
-        token_header=t.text("token_header", "Authorization"),
+        token_header=t.text("token_header", d["token_header"]),
     )
     if kind == "mqtt" and not cfg.topic:
         t.problems.append(Problem(_join(t.path, "topic"), "is required for an mqtt source"))
@@ -531,6 +550,7 @@ def _route(t: _Table) -> RouteConfig:
 
 
 def _notify(t: _Table, base_dir: Path, index: int) -> NotifyConfig:
+    d = _defaults(NotifyConfig)
     kind = t.text("kind", "", choices=NOTIFY_KINDS)
     if "kind" not in t.data:
         t.problems.append(Problem(_join(t.path, "kind"), "is required"))
@@ -548,7 +568,7 @@ def _notify(t: _Table, base_dir: Path, index: int) -> NotifyConfig:
         name=t.text("name", f"{kind}-{index}"),
         kind=kind,
         events=events,
-        topic=t.text("topic", "studiohook/videos/{route}/{job_id}"),
+        topic=t.text("topic", d["topic"]),
         url=t.text("url", None),
         secret=t.text("secret", None),
         path=path,
