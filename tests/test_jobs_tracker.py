@@ -97,32 +97,52 @@ async def test_a_render_costs_a_handful_of_polls_whatever_its_length(tmp_path, r
     assert tracker.tracked == 0
 
 
+class StoppedTime(VirtualTime):
+    """A virtual clock that only the test moves: a sleeper waits until `advance_to` passes it."""
+
+    def __init__(self):
+        super().__init__()
+        self._moved = anyio.Event()
+
+    async def sleep(self, seconds):
+        until = self.now + max(seconds, 0.0)
+        while self.now < until:
+            moved = self._moved
+            await moved.wait()
+
+    def advance_to(self, moment):
+        self.now = moment
+        self._moved.set()
+        self._moved = anyio.Event()
+
+
 async def test_wake_polls_at_once_instead_of_at_the_scheduled_time(tmp_path):
-    clock = VirtualTime()
+    clock = StoppedTime()
     inner = SQLiteStore(tmp_path / "t.db", clock=clock)
     await inner.open()
     store = ObservedStore(inner)
     try:
         async with (
-            running_simulator(SimulatorKnobs(render_seconds=100.0), clock=clock) as simulator,
+            running_simulator(SimulatorKnobs(render_seconds=2.0), clock=clock) as simulator,
             client_for(simulator) as client,
         ):
             job = await submitted_job(store, client, clock, "woken")
-            slots = RenderSlots(1)
-            tracker = tracker_on(store, client, slots, clock)
-            tracker.track(job)
-            await tracker.wake("job_not_tracked")  # harmless
-            clock.now += 100.0  # the render finished; the first poll is still ~5 s away
-            await tracker.wake(job.job_id)
+            tracker = tracker_on(store, client, RenderSlots(1), clock)
+            tracker.track(job)  # first poll scheduled first_guess_s (5 s) after submit
             async with anyio.create_task_group() as tg:
                 tg.start_soon(tracker.run)
-                ready = await store.wait_for(job.job_id, {S.READY, S.FAILED})
+                await anyio.wait_all_tasks_blocked()  # the loop sleeps until the first poll
+                await tracker.wake("job_not_tracked")  # harmless
+                clock.advance_to(job.submitted_at + 2.0)  # render done, poll still 3 s away
+                await tracker.wake(job.job_id)
+                # Nothing else moves the clock again: only the wake can poll before the 5 s mark.
+                ready = await store.wait_for(job.job_id, {S.READY, S.FAILED}, timeout_s=5.0)
                 tg.cancel_scope.cancel()
     finally:
         await inner.close()
     assert ready.state is S.READY
     assert ready.polls == 1
-    assert ready.ready_at == pytest.approx(ready.submitted_at + 100.0)
+    assert ready.ready_at == pytest.approx(job.submitted_at + 2.0)
 
 
 @pytest.mark.parametrize("called_back", [True, False])
