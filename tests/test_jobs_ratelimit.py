@@ -72,20 +72,34 @@ async def test_gate_never_releases_a_request_inside_a_pause():
     assert sorted(later) == pytest.approx([1003.0, 1003.5, 1004.0])
 
 
+class HeldTime(FakeTime):
+    """Sleeping blocks until the test lets go, so a pause can start mid-wait."""
+
+    def __init__(self):
+        super().__init__()
+        self.let_go = anyio.Event()
+
+    async def sleep(self, seconds):
+        await self.let_go.wait()
+        self.now += seconds
+
+
 @pytest.mark.anyio
 async def test_gate_rechecks_a_pause_that_began_while_waiting():
-    time = FakeTime()
+    time = HeldTime()
     gate = RequestGate(rate=1.0, clock=time, sleep=time.sleep)
     await gate("first")
-    reserved_before_pause = gate("second")  # would be sent at +1 s ...
 
-    async def pause_meanwhile():
-        gate.pause_until(1010.0)  # ... but a 429 pauses everything until +10 s
-        await anyio.lowlevel.checkpoint()
+    async def second():
+        await gate("second")  # its slot (+1 s) is reserved before the pause below
+        time.sent.append(time.now)
 
-    await pause_meanwhile()
-    await reserved_before_pause
-    assert time.now >= 1010.0
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(second)
+        await anyio.wait_all_tasks_blocked()  # "second" sleeps towards its slot
+        gate.pause_until(1010.0)  # a 429 pauses everything until +10 s
+        time.let_go.set()
+    assert time.sent == [1010.0]
 
 
 @pytest.mark.anyio
