@@ -156,6 +156,19 @@ def test_later_patch_wins_and_values_are_not_shared():
     assert patched["scenes"][1]["clips"][0]["effects"] == [{"type": "b"}]
 
 
+def test_one_patch_over_many_places_gives_each_its_own_copy():
+    value = [{"type": "fade"}]
+    patched = apply_patches(
+        PROMO, [(parse_selector("scenes[*].clips[type=aiModel].effects"), value)]
+    )
+    first, second = (scene["clips"][0]["effects"] for scene in patched["scenes"])
+    assert first == second == [{"type": "fade"}]
+    first.append({"type": "zoom"})
+    first[0]["type"] = "cut"
+    assert second == [{"type": "fade"}]
+    assert value == [{"type": "fade"}]
+
+
 def test_new_field_only_when_marked():
     assert paths("scenes[0].AIModel.tag", LEGACY) == []
     patched = apply_patches(LEGACY, [(parse_selector("scenes[0].AIModel.+tag"), "promo")])
