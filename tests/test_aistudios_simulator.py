@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import anyio
 import orjson
 import pytest
 from aiohttp import web
 
-from service.aistudios.simulator import SimulatorKnobs, run_simulator
+from service.aistudios.simulator import Simulator, SimulatorKnobs, run_simulator
 from tests.support.aistudios_fixtures import running_simulator, tiny_server, v3_body
 from tests.support.store_fixtures import FakeClock
 
@@ -215,13 +217,41 @@ async def test_callback_is_posted_when_the_render_finishes():
     assert sim.callbacks[0][2] == 204
 
 
+def simulator_tasks():
+    """Live tasks the simulator started: its callback supervisor and each pending callback."""
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if not task.done()
+        and (task.get_name() == "simulator-callbacks" or "Simulator._call_back" in task.get_name())
+    ]
+
+
 async def test_stop_cancels_pending_callbacks():
-    async with running_simulator(SimulatorKnobs(render_seconds=3600)) as sim:
-        async with aiohttp.ClientSession() as http:
-            body = {**v3_body(), "webhookUrl": "http://127.0.0.1:9/never"}
-            await call(http, "POST", f"{sim.base_url}/api/odin/v3/editor/project", body)
-        with anyio.fail_after(5):
-            await sim.stop()
+    render_s = 0.2
+    arrived = anyio.Event()
+
+    async def receiver(_):
+        arrived.set()
+        return web.Response(status=204)
+
+    async with tiny_server(receiver) as hook_url:
+        sim = Simulator(SimulatorKnobs(render_seconds=render_s))
+        await sim.start()
+        try:
+            async with aiohttp.ClientSession() as http:
+                body = {**v3_body(), "webhookUrl": f"{hook_url}/cb/job-1"}
+                await call(http, "POST", f"{sim.base_url}/api/odin/v3/editor/project", body)
+            assert simulator_tasks(), "the render should have a pending callback"
+        finally:
+            with anyio.fail_after(5):
+                await sim.stop()
+        assert simulator_tasks() == []
+        # A callback that survived stop() would arrive right after the render ends; waiting
+        # several render lengths (returning early if one arrives) shows none is coming.
+        with anyio.move_on_after(render_s * 5):
+            await arrived.wait()
+    assert not arrived.is_set()
     assert sim.callbacks == []
 
 
