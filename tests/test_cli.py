@@ -3,13 +3,12 @@
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.support.mqtt_fixtures import free_port, port_answers
+from tests.support.mqtt_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.integration
@@ -114,59 +113,37 @@ def test_submit_wait_on_the_shipped_config_uses_the_simulator_and_saves_an_mp4(t
     assert video.read_bytes()[4:8] == b"ftyp"
 
 
-def test_submit_against_a_standalone_simulator_prints_a_downloadable_url(tmp_path):
-    port = free_port()
-    simulator = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "simulator",
-            "--port",
-            str(port),
-            "--render-seconds",
-            "0.5",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+def test_submit_against_a_standalone_simulator_prints_a_downloadable_url(
+    tmp_path, simulator_process
+):
+    api_url = simulator_process(0.5).url  # returns once the simulator logged it listens
+    config = (ROOT / "config.toml").read_text()
+    config = config.replace(
+        'api_key = "${AISTUDIOS_API_KEY:-}"',
+        f'api_key = "dev-key"\nbase_url = "{api_url}"\nlegacy_base_url = "{api_url}"',
     )
-    try:
-        deadline = time.monotonic() + 15
-        while not port_answers("127.0.0.1", port):
-            assert time.monotonic() < deadline, "simulator did not start"
-            assert simulator.poll() is None, "simulator exited"
-            time.sleep(0.05)
-        config = (ROOT / "config.toml").read_text()
-        config = config.replace(
-            'api_key = "${AISTUDIOS_API_KEY:-}"',
-            f'api_key = "dev-key"\nbase_url = "http://127.0.0.1:{port}"\n'
-            f'legacy_base_url = "http://127.0.0.1:{port}"',
-        )
-        config = config.replace('file = "templates/', f'file = "{ROOT}/templates/')
-        (tmp_path / "config.toml").write_text(config)
-        result = studiohook(
-            "submit",
-            "--config",
-            str(tmp_path / "config.toml"),
-            "--route",
-            "new-product",
-            "--event",
-            str(ROOT / "examples/shopify-product-create.json"),
-            "--wait",
-            "--poll-seconds",
-            "0.2",
-            cwd=tmp_path,
-        )
-        assert result.returncode == 0, result.stderr
-        assert "simulator" not in result.stderr
-        url = result.stdout.strip().splitlines()[-1]
-        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback
-            assert response.headers["Content-Type"] == "video/mp4"
-            assert response.read()[4:8] == b"ftyp"
-    finally:
-        simulator.terminate()
-        simulator.wait(timeout=10)
+    config = config.replace('file = "templates/', f'file = "{ROOT}/templates/')
+    (tmp_path / "config.toml").write_text(config)
+    result = studiohook(
+        "submit",
+        "--config",
+        str(tmp_path / "config.toml"),
+        "--route",
+        "new-product",
+        "--event",
+        str(ROOT / "examples/shopify-product-create.json"),
+        "--wait",
+        "--poll-seconds",
+        "0.2",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "simulator" not in result.stderr
+    url = result.stdout.strip().splitlines()[-1]
+    assert url.startswith(f"{api_url}/")
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback
+        assert response.headers["Content-Type"] == "video/mp4"
+        assert response.read()[4:8] == b"ftyp"
 
 
 def test_jobs_command_reports_an_unreachable_service(tmp_path):
