@@ -496,14 +496,24 @@ async def test_a_create_answer_without_its_id_is_ambiguous():
 
 
 async def test_separate_hosts_get_separate_sessions():
-    async def handler(request):
-        return json_response({"success": True, "data": {"progress": 1, "host": request.host}})
+    reached = {"v3": [], "legacy": []}
+
+    def answering(server, progress):
+        async def handler(request):
+            reached[server].append(request.path)
+            return json_response({"success": True, "data": {"progress": progress}})
+
+        return handler
 
     async with (
-        tiny_server(handler) as v3_url,
-        tiny_server(handler) as legacy_url,
+        tiny_server(answering("v3", 11)) as v3_url,
+        tiny_server(answering("legacy", 22)) as legacy_url,
         AIStudiosClient(base_url=v3_url, legacy_base_url=legacy_url, api_key="k") as c,
     ):
-        assert (await c.progress_v3("a")).progress == 1.0
-        assert (await c.progress_legacy("a")).progress == 1.0
+        assert (await c.progress_v3("a")).progress == 11.0
+        assert (await c.progress_legacy("b")).progress == 22.0
         assert len(c._sessions) == 2
+    assert reached == {
+        "v3": ["/api/odin/v3/editor/progress/a"],
+        "legacy": ["/api/odin/editor/progress/b"],
+    }
