@@ -1,5 +1,7 @@
 """File target: JSON lines appended, fsynced, parseable."""
 
+import os
+
 import orjson
 import pytest
 
@@ -29,6 +31,30 @@ async def test_appends_one_parseable_line_per_message(tmp_path):
     assert lines[0] == b'{"existing": true}'
     assert [orjson.loads(line) for line in lines[1:]] == [orjson.loads(p) for p in payloads]
     assert path.read_bytes().endswith(b"\n")
+
+
+async def test_each_line_is_fsynced_on_the_file_after_it_is_written(tmp_path, monkeypatch):
+    # A power cut cannot be staged in a test, so os.fsync is observed (then really called):
+    # which file each fsync was for, and how much of it had been written by then.
+    path = tmp_path / "events.jsonl"
+    synced = []
+    real_fsync = os.fsync
+
+    def observed_fsync(fd):
+        info = os.fstat(fd)
+        synced.append((info.st_dev, info.st_ino, info.st_size))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", observed_fsync)
+    target = FileNotifier(NotifyConfig(name="log", kind="file", path=path))
+    sizes = []
+    for i, payload in enumerate([b'{"a":1}', b'{"b":22}']):
+        await target.deliver(
+            OutboxMessage(id=i, job_id="j", target="log", event_type="x", payload=payload)
+        )
+        sizes.append(path.stat().st_size)
+    info = path.stat()
+    assert synced == [(info.st_dev, info.st_ino, size) for size in sizes]
 
 
 async def test_creates_missing_parent_directories(tmp_path):
