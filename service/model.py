@@ -224,15 +224,22 @@ class OutboxMessage:
     next_attempt_at: float = 0.0
     status: str = "pending"
     last_error: str | None = None
+    export_name: str = ""
+    """The job's round this announces: its export name, which an operator's retry renews."""
 
 
 @dataclass(frozen=True, slots=True)
 class NewOutboxMessage:
-    """An outbox row to insert in the same transaction as a terminal transition."""
+    """An outbox row to insert in the same transaction as a terminal transition.
+
+    `export_name` names the round: each retry of a job announces its own outcome once, and a
+    replay within one round cannot announce twice. The store refuses a row of another round.
+    """
 
     target: str
     event_type: str
     payload: bytes = field(repr=False)
+    export_name: str
 
 
 def job_id_for(source: str, dedupe_key: str, route: str) -> str:

@@ -86,7 +86,9 @@ class Harness:
         event = sample_event(key)
         new_job = sample_job(event)
         await self.store.accept_event(event, [new_job])
-        job = ready_job(job_id=new_job.job_id, event_id=event.event_id)
+        job = ready_job(
+            job_id=new_job.job_id, event_id=event.event_id, export_name=new_job.export_name
+        )
         rows = outbox_rows(job, "video.ready", targets)
         way = [JobState.RECEIVED, JobState.MAPPED, JobState.SUBMITTING, JobState.SUBMITTED]
         for current, following in itertools.pairwise(way):
@@ -204,9 +206,9 @@ async def test_failures_back_off_on_the_schedule_and_keep_the_webhook_id(harness
     assert 4.0 <= delays[0] <= 6.0
     assert 24.0 <= delays[1] <= 36.0
     assert 96.0 <= delays[2] <= 144.0
-    job_id = sample_job(sample_event("b")).job_id
+    job = sample_job(sample_event("b"))
     ids = {r.webhook_id for r in webhook_receiver.received}
-    assert ids == {webhook_id(job_id, "video.ready", "crm")}
+    assert ids == {webhook_id(job.job_id, job.export_name, "video.ready", "crm")}
     assert len(webhook_receiver.received) == 4
     assert all(r.signature_ok for r in webhook_receiver.received)
 

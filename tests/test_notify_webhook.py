@@ -15,13 +15,20 @@ from tests.support.notify_fixtures import WEBHOOK_SECRET, ready_job
 pytestmark = pytest.mark.anyio
 
 
-def message(target: str = "crm", event_type: str = "video.ready") -> OutboxMessage:
+ROUND_ONE = ready_job().export_name
+ROUND_TWO = f"{ROUND_ONE}/r1700000060000"
+
+
+def message(
+    target: str = "crm", event_type: str = "video.ready", export_name: str = ROUND_ONE
+) -> OutboxMessage:
     return OutboxMessage(
         id=1,
         job_id=ready_job().job_id,
         target=target,
         event_type=event_type,
         payload=ready_payload(ready_job(event_id="evt_1")),
+        export_name=export_name,
     )
 
 
@@ -38,7 +45,7 @@ async def test_delivers_a_signed_payload(webhook_receiver):
     assert got.signature_ok
     assert got.body == message().payload
     assert got.timestamp == "1700000000"
-    assert got.webhook_id == webhook_id(ready_job().job_id, "video.ready", "crm")
+    assert got.webhook_id == webhook_id(ready_job().job_id, ROUND_ONE, "video.ready", "crm")
     assert got.webhook_id.startswith("msg_")
 
 
@@ -58,14 +65,34 @@ async def test_retries_keep_the_id_and_sign_each_attempt_time(webhook_receiver):
     assert second.signature_ok
 
 
-def test_webhook_id_differs_per_target_and_event_type():
+async def test_retries_of_a_round_keep_the_id_and_a_retried_job_gets_a_new_one(
+    webhook_receiver,
+):
+    webhook_receiver.answer(503)
+    async with aclosing(notifier(webhook_receiver.url)) as hook:
+        with pytest.raises(DeliveryError):
+            await hook.deliver(message(event_type="video.failed"))
+        await hook.deliver(message(event_type="video.failed"))
+        await hook.deliver(message(event_type="video.failed", export_name=ROUND_TWO))
+    first, again, next_round = webhook_receiver.received
+    assert first.webhook_id == again.webhook_id
+    assert next_round.webhook_id != first.webhook_id
+    assert next_round.webhook_id == webhook_id(ready_job().job_id, ROUND_TWO, "video.failed", "crm")
+    assert all(r.signature_ok for r in webhook_receiver.received)
+
+
+def test_webhook_id_differs_per_round_target_and_event_type():
     ids = {
-        webhook_id("job_1", "video.ready", "a"),
-        webhook_id("job_1", "video.ready", "b"),
-        webhook_id("job_1", "video.failed", "a"),
-        webhook_id("job_2", "video.ready", "a"),
+        webhook_id("job_1", "sh-x", "video.ready", "a"),
+        webhook_id("job_1", "sh-x", "video.ready", "b"),
+        webhook_id("job_1", "sh-x", "video.failed", "a"),
+        webhook_id("job_1", "sh-x/r1", "video.ready", "a"),
+        webhook_id("job_2", "sh-x", "video.ready", "a"),
     }
-    assert len(ids) == 4
+    assert len(ids) == 5
+    assert webhook_id("job_1", "sh-x", "video.ready", "a") == webhook_id(
+        "job_1", "sh-x", "video.ready", "a"
+    )
 
 
 async def test_wrong_secret_fails_the_receivers_check(webhook_receiver):

@@ -7,6 +7,7 @@ from dataclasses import replace
 import anyio
 import pytest
 
+from service.jobs.retry import retry_update
 from service.model import (
     EventStatus,
     JobState,
@@ -22,8 +23,22 @@ pytestmark = pytest.mark.anyio
 R, M, S = JobState.RECEIVED, JobState.MAPPED, JobState.SUBMITTING
 
 
-def ready_message(target: str = "mqtt") -> NewOutboxMessage:
-    return NewOutboxMessage(target=target, event_type="video.ready", payload=b'{"type":"ready"}')
+def ready_message(export_name: str, target: str = "mqtt") -> NewOutboxMessage:
+    return NewOutboxMessage(
+        target=target,
+        event_type="video.ready",
+        payload=b'{"type":"ready"}',
+        export_name=export_name,
+    )
+
+
+def failed_message(export_name: str, target: str = "mqtt") -> NewOutboxMessage:
+    return NewOutboxMessage(
+        target=target,
+        event_type="video.failed",
+        payload=f'{{"round":"{export_name}"}}'.encode(),
+        export_name=export_name,
+    )
 
 
 async def accept(store, key: str, routes: tuple[str, ...] = ("new-product",)):
@@ -158,7 +173,7 @@ async def test_stale_transition_raises_and_changes_nothing(engine_store):
             {JobState.SUBMITTED},
             JobState.READY,
             JobUpdate(progress=100.0),
-            [ready_message()],
+            [ready_message(job.export_name)],
         )
     unchanged = await engine_store.get_job(job.job_id)
     assert (unchanged.state, unchanged.progress) == (R, 0.0)
@@ -278,27 +293,57 @@ async def test_outbox_rows_are_written_with_the_transition(engine_store):
         {JobState.SUBMITTED},
         JobState.READY,
         None,
-        [ready_message("mqtt"), ready_message("hook")],
+        [ready_message(job.export_name, "mqtt"), ready_message(job.export_name, "hook")],
     )
     due = await engine_store.due_outbox(START_TIME)
-    assert [(m.job_id, m.target, m.event_type) for m in due] == [
-        (job.job_id, "mqtt", "video.ready"),
-        (job.job_id, "hook", "video.ready"),
+    assert [(m.job_id, m.target, m.event_type, m.export_name) for m in due] == [
+        (job.job_id, "mqtt", "video.ready", job.export_name),
+        (job.job_id, "hook", "video.ready", job.export_name),
     ]
     assert due[0].payload == b'{"type":"ready"}'
     assert (due[0].attempts, due[0].status, due[0].last_error) == (0, "pending", None)
     assert await engine_store.outbox_pending_for_job(job.job_id) == 2
 
 
-async def test_replayed_terminal_transition_cannot_enqueue_twice(engine_store):
-    # The replay: an operator retried the job and it ended the same way again.
+async def test_replayed_terminal_transition_of_one_round_cannot_enqueue_twice(engine_store):
+    # The replay: the job went round again under the same export name and ended the same way.
     _, [job] = await accept(engine_store, "k1")
+    round_one = [failed_message(job.export_name)]
     await walk(engine_store, job.job_id, M, S)
-    await engine_store.transition(job.job_id, {S}, JobState.FAILED, None, [ready_message()])
+    await engine_store.transition(job.job_id, {S}, JobState.FAILED, None, round_one)
     await walk(engine_store, job.job_id, R, M, S)
-    await engine_store.transition(job.job_id, {S}, JobState.FAILED, None, [ready_message()])
+    await engine_store.transition(job.job_id, {S}, JobState.FAILED, None, round_one)
     assert await engine_store.outbox_backlog() == 1
     assert len(await engine_store.job_history(job.job_id)) == 8
+
+
+async def test_retried_job_that_fails_again_announces_its_new_round(engine_store, store_clock):
+    _, [job] = await accept(engine_store, "k1")
+    await walk(engine_store, job.job_id, M)
+    await engine_store.transition(
+        job.job_id, {M}, JobState.FAILED, None, [failed_message(job.export_name)]
+    )
+    store_clock.advance(60)
+    retry = retry_update(await engine_store.get_job(job.job_id), now=store_clock())
+    retried = await engine_store.transition(job.job_id, {JobState.FAILED}, M, retry)
+    assert retried.export_name == f"{job.export_name}/r{int(store_clock() * 1000)}"
+
+    with pytest.raises(ValueError, match="round"):
+        await engine_store.transition(
+            job.job_id, {M}, JobState.FAILED, None, [failed_message(job.export_name)]
+        )
+    assert (await engine_store.get_job(job.job_id)).state is M
+    await engine_store.transition(
+        job.job_id, {M}, JobState.FAILED, None, [failed_message(retried.export_name)]
+    )
+
+    due = await engine_store.due_outbox(store_clock())
+    assert [(m.event_type, m.export_name) for m in due] == [
+        ("video.failed", job.export_name),
+        ("video.failed", retried.export_name),
+    ]
+    assert due[1].payload == f'{{"round":"{retried.export_name}"}}'.encode()
+    assert await engine_store.outbox_pending_for_job(job.job_id) == 2
 
 
 async def test_due_outbox_order_retry_dead_and_delivered(engine_store, store_clock):
@@ -306,7 +351,9 @@ async def test_due_outbox_order_retry_dead_and_delivered(engine_store, store_clo
     for n in range(3):
         _, [job] = await accept(engine_store, f"k{n}")
         await walk(engine_store, job.job_id, M)
-        await engine_store.transition(job.job_id, {M}, JobState.FAILED, None, [ready_message()])
+        await engine_store.transition(
+            job.job_id, {M}, JobState.FAILED, None, [failed_message(job.export_name)]
+        )
         ids.append(job.job_id)
         store_clock.advance(1)
     assert await engine_store.due_outbox(START_TIME - 1) == []
@@ -386,7 +433,7 @@ async def test_purge_dedupe_keeps_recent_and_unfinished(engine_store, store_cloc
     week = 7 * 86400
     old = START_TIME
 
-    async def old_event(key, final_state, *, outbox=(), received_at=old):
+    async def old_event(key, final_state, *, announce=False, received_at=old):
         event = sample_event(key, received_at=received_at)
         job = sample_job(event)
         await engine_store.accept_event(event, [job])
@@ -394,14 +441,15 @@ async def test_purge_dedupe_keeps_recent_and_unfinished(engine_store, store_cloc
             on_the_way = WAY_TO[final_state]
             await walk(engine_store, job.job_id, *on_the_way)
             before = on_the_way[-1] if on_the_way else R
+            outbox = [ready_message(job.export_name)] if announce else []
             await engine_store.transition(job.job_id, {before}, final_state, None, outbox)
         return job
 
     done = await old_event("done", JobState.FAILED)
-    await old_event("pending-outbox", JobState.FAILED, outbox=[ready_message()])
+    await old_event("pending-outbox", JobState.FAILED, announce=True)
     await old_event("running", R)
     await old_event("recent", JobState.IGNORED, received_at=old + 2 * week)
-    delivered = await old_event("delivered", JobState.NOTIFIED, outbox=[ready_message()])
+    delivered = await old_event("delivered", JobState.NOTIFIED, announce=True)
     due = await engine_store.due_outbox(old + 10 * week)
     [row] = [m for m in due if m.job_id == delivered.job_id]
     await engine_store.outbox_delivered(row.id)

@@ -81,7 +81,8 @@ def outbox_rows(
 ) -> list[NewOutboxMessage]:
     """One row per target subscribed to `event_type`, for the terminal transition to insert.
 
-    The payload is built once, so every target announces exactly the same bytes.
+    The payload is built once, so every target announces exactly the same bytes. Rows carry
+    the job's export name, its round: a retried job announces its new outcome again.
     """
     if event_type == VIDEO_READY:
         payload = ready_payload(job)
@@ -90,7 +91,12 @@ def outbox_rows(
     else:
         raise ValueError(f"unknown event type {event_type!r}")
     return [
-        NewOutboxMessage(target=target.name, event_type=event_type, payload=payload)
+        NewOutboxMessage(
+            target=target.name,
+            event_type=event_type,
+            payload=payload,
+            export_name=job.export_name,
+        )
         for target in targets
         if event_type in target.events
     ]

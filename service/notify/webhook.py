@@ -1,11 +1,13 @@
 """Webhook target: POST each event, signed the Standard Webhooks way.
 
-The `webhook-id` is derived from (job, event type, target), so every retry and every re-send
-after a crash carries the same id and a receiver can dedupe on it. Status handling:
-2xx delivered; 410 Gone disables this target for the message (dead at once); 429 and 5xx
-retry on the sender's schedule, honouring Retry-After; connection errors and timeouts retry;
-any other status (3xx, 4xx) is retried `OTHER_STATUS_ATTEMPTS` times in case it was a
-deploy hiccup on the receiver's side, then the message is dead.
+The `webhook-id` is derived from (job, round, event type, target), so every delivery retry and
+every re-send after a crash carries the same id and a receiver can dedupe on it, while an
+operator's retry of the job (a new round: a new export name) announces under a new id.
+
+Status handling: 2xx delivered; 410 Gone disables this target for the message (dead at once);
+429 and 5xx retry on the sender's schedule, honouring Retry-After; connection errors and
+timeouts retry; any other status (3xx, 4xx) is retried `OTHER_STATUS_ATTEMPTS` times in case
+it was a deploy hiccup on the receiver's side, then the message is dead.
 """
 
 from __future__ import annotations
@@ -35,10 +37,10 @@ DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=30.0, connect=10.0)
 _RETRY_STATUSES = frozenset({HTTPStatus.REQUEST_TIMEOUT, HTTPStatus.TOO_MANY_REQUESTS})
 
 
-def webhook_id(job_id: str, event_type: str, target: str) -> str:
-    """Derive the stable message id a receiver dedupes on."""
-    digest = hashlib.sha256(f"{job_id}\x00{event_type}\x00{target}".encode()).hexdigest()
-    return f"msg_{digest[:32]}"
+def webhook_id(job_id: str, export_name: str, event_type: str, target: str) -> str:
+    """Derive the message id a receiver dedupes on: stable within one round of the job."""
+    key = f"{job_id}\x00{export_name}\x00{event_type}\x00{target}"
+    return f"msg_{hashlib.sha256(key.encode()).hexdigest()[:32]}"
 
 
 def _error_for_status(status: int, retry_after_s: float | None) -> DeliveryError:
@@ -77,7 +79,7 @@ class WebhookNotifier:
 
     def headers_for(self, message: OutboxMessage, timestamp: int) -> dict[str, str]:
         """Build the Standard Webhooks headers for one attempt at `timestamp` (epoch seconds)."""
-        msg_id = webhook_id(message.job_id, message.event_type, message.target)
+        msg_id = webhook_id(message.job_id, message.export_name, message.event_type, message.target)
         headers = {
             "content-type": "application/json",
             "webhook-id": msg_id,

@@ -87,7 +87,9 @@ class Store(Protocol):
         """Move a job, record the transition and insert outbox rows, in one transaction.
 
         Raises StaleTransitionError when the job is not in `from_states`, so two paths (a
-        callback and a poll, say) can never both act on the same move.
+        callback and a poll, say) can never both act on the same move. An outbox row is
+        inserted once per (job, target, event type, round), the round being the job's export
+        name: a replay cannot announce twice, a retried job announces its new outcome.
         """
 
     def add_outbox_listener(self, listener: Callable[[], None]) -> None:

@@ -72,6 +72,9 @@ _V1 = (
     CREATE TABLE outbox (
         id              INTEGER PRIMARY KEY,
         job_id          TEXT NOT NULL REFERENCES jobs (job_id),
+        -- The job's round: an operator's retry renews the export name, and each round
+        -- announces its outcome once per target (the UNIQUE below).
+        export_name     TEXT NOT NULL,
         target          TEXT NOT NULL,
         event_type      TEXT NOT NULL,
         payload         BLOB NOT NULL,
@@ -82,7 +85,7 @@ _V1 = (
         last_error      TEXT,
         created_at      REAL NOT NULL,
         delivered_at    REAL,
-        UNIQUE (job_id, target, event_type)
+        UNIQUE (job_id, target, event_type, export_name)
     )
     """,
     "CREATE INDEX outbox_due ON outbox (status, next_attempt_at)",

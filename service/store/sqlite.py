@@ -197,8 +197,9 @@ class SQLiteStore:
         """Compare-and-set the state with its history row and outbox rows, atomically.
 
         Raises StaleTransitionError (UnknownJobError for a missing job); an outbox row that
-        already exists for (job, target, event type) is not inserted again. A move that
-        `ALLOWED_TRANSITIONS` does not list is a bug in the caller: ValueError, nothing written.
+        already exists for (job, target, event type, round) is not inserted again. A move that
+        `ALLOWED_TRANSITIONS` does not list, or an outbox row of another round than the job's
+        export name, is a bug in the caller: ValueError, nothing written.
         """
         work = functools.partial(
             sql.transition,

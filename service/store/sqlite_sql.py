@@ -38,7 +38,7 @@ CLEARABLE_COLUMNS = frozenset(f.name for f in dataclasses.fields(Job) if f.defau
 _JOB_SELECT = f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs"  # noqa: S608 - names come from the Job dataclass
 _OUTBOX_SELECT = (
     "SELECT id, job_id, target, event_type, payload, attempts, next_attempt_at, status, "
-    "last_error FROM outbox"
+    "last_error, export_name FROM outbox"
 )
 _TERMINAL = tuple(sorted(TERMINAL_STATES))
 _TERMINAL_IN = f"({', '.join('?' * len(_TERMINAL))})"
@@ -76,6 +76,7 @@ def _outbox_from_row(row: sqlite3.Row) -> OutboxMessage:
         next_attempt_at=row["next_attempt_at"],
         status=row["status"],
         last_error=row["last_error"],
+        export_name=row["export_name"],
     )
 
 
@@ -261,13 +262,31 @@ def transition(
         note=update.note if update else None,
     )
     for message in outbox:
-        conn.execute(
-            "INSERT INTO outbox (job_id, target, event_type, payload, next_attempt_at, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (job_id, target, event_type) DO NOTHING",
-            (job_id, message.target, message.event_type, message.payload, now, now),
-        )
+        _enqueue(conn, job, message, now)
     return job
+
+
+def _enqueue(conn: sqlite3.Connection, job: Job, message: NewOutboxMessage, now: float) -> None:
+    """Insert one announcement of the job's current round, unless that round already has it."""
+    if message.export_name != job.export_name:
+        raise ValueError(
+            f"job {job.job_id}: outbox row of round {message.export_name!r},"
+            f" but the job is in round {job.export_name!r}"
+        )
+    conn.execute(
+        "INSERT INTO outbox (job_id, export_name, target, event_type, payload, next_attempt_at,"
+        " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (job_id, target, event_type, export_name) DO NOTHING",
+        (
+            job.job_id,
+            job.export_name,
+            message.target,
+            message.event_type,
+            message.payload,
+            now,
+            now,
+        ),
+    )
 
 
 def update_job(conn: sqlite3.Connection, job_id: str, update: JobUpdate, now: float) -> Job:

@@ -50,7 +50,14 @@ def outbox_for(job: Job, event_type: str) -> list[NewOutboxMessage]:
         "download_url": job.download_url,
         "error": job.error_message,
     }
-    return [NewOutboxMessage(target=TARGET, event_type=event_type, payload=orjson.dumps(payload))]
+    return [
+        NewOutboxMessage(
+            target=TARGET,
+            event_type=event_type,
+            payload=orjson.dumps(payload),
+            export_name=job.export_name,
+        )
+    ]
 
 
 def legacy_body() -> dict[str, Any]:
