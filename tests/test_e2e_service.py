@@ -174,11 +174,21 @@ async def test_mapping_error_rejects_job_with_reason_and_retry_is_guarded(tmp_pa
         async with http.post(f"{svc.http_url}/jobs/nope/retry", headers=auth) as response:
             assert response.status == 404
         assert svc.simulator.export_count == 0
-        failed = [
-            orjson.loads(line) for line in (tmp_path / "videos.jsonl").read_bytes().splitlines()
-        ]
-        assert failed[0]["type"] == "video.failed"
-        assert failed[0]["error"]["code"] == "mapping_error"
+
+        def announced():
+            announcements = tmp_path / "videos.jsonl"
+            lines = announcements.read_bytes().splitlines() if announcements.exists() else []
+            return [orjson.loads(line) for line in lines]
+
+        async def both_rounds_announced():
+            return len(announced()) >= 2
+
+        await eventually(both_rounds_announced, what="a video.failed for each round")
+        failed = announced()
+        assert len(failed) == 2  # the first round and the retried one, each announced once
+        assert [line["type"] for line in failed] == ["video.failed"] * 2
+        assert [line["job_id"] for line in failed] == [job_id] * 2
+        assert [line["error"]["code"] for line in failed] == ["mapping_error"] * 2
 
 
 async def test_callback_brings_the_confirming_poll_forward(tmp_path, mqtt_broker):
