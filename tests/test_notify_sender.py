@@ -373,3 +373,50 @@ async def test_a_failed_job_transition_after_the_mark_is_retried(harness, webhoo
         tg.cancel_scope.cancel()
     assert harness.done == [job_id]
     assert len(webhook_receiver.received) == 1
+
+
+class Recording:
+    """A target that counts deliveries and can hold the first one until released."""
+
+    def __init__(self) -> None:
+        self.delivered: list[int] = []
+        self.release = anyio.Event()
+        self.holding = anyio.Event()
+
+    async def deliver(self, message: OutboxMessage) -> None:
+        self.holding.set()
+        await self.release.wait()
+        self.delivered.append(message.id)
+
+
+async def test_a_row_that_ends_during_a_scan_is_not_sent_again(harness):
+    (row_id,) = await harness.add_ready_job("scan-race", [NotifyConfig(name="rec", kind="file")])
+    target = Recording()
+    real_due = harness.store.due_outbox
+    stale: list = []
+    scan_may_return = anyio.Event()
+
+    async def slow_scan(now, limit=100):
+        rows = await real_due(now, limit)
+        if target.holding.is_set() and not stale:
+            stale.extend(rows)  # read before the delivery below is marked
+            await scan_may_return.wait()
+        return rows
+
+    harness.store.due_outbox = slow_scan
+    async with anyio.create_task_group() as tg:
+        sender = await start(tg, harness, {"rec": target})
+        with anyio.fail_after(10):
+            await target.holding.wait()
+            sender.wake()  # a second scan starts while the row is being delivered
+            while not stale:
+                await anyio.sleep(0)
+        target.release.set()
+        assert await harness.next_mark() == ("delivered", row_id)
+        await harness.wait_done(1)
+        await anyio.wait_all_tasks_blocked()  # the delivery has ended; the scan still waits
+        scan_may_return.set()  # it returns its snapshot, which still has the row as pending
+        await anyio.wait_all_tasks_blocked()
+        tg.cancel_scope.cancel()
+    assert [r.id for r in stale] == [row_id]
+    assert target.delivered == [row_id]

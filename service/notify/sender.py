@@ -103,6 +103,7 @@ class OutboxSender:
         self._max_concurrency = max_concurrency
         self._idle_poll_s = idle_poll_s
         self._in_flight: set[int] = set()
+        self._ended_during_scan: set[int] | None = None
         self._wake = anyio.Event()
         self._retry_dues: list[float] = []
         self._settle_lock = anyio.Lock()
@@ -140,12 +141,18 @@ class OutboxSender:
         if free <= 0:
             return math.inf  # a finishing delivery wakes the loop
         now = self._clock()
+        # A delivery that ends while the scan reads may be in the scan's older snapshot as
+        # still pending: remember what ended meanwhile so it is not sent a second time.
+        self._ended_during_scan = set()
         try:
             rows = await self._store.due_outbox(now, limit=free + len(self._in_flight))
         except StoreUnavailableError as exc:
             log.warning("outbox_scan_failed", error=str(exc))
             return STORE_RETRY_S
-        for row in [r for r in rows if r.id not in self._in_flight][:free]:
+        finally:
+            ended, self._ended_during_scan = self._ended_during_scan, None
+        busy = self._in_flight | ended
+        for row in [r for r in rows if r.id not in busy][:free]:
             self._in_flight.add(row.id)
             tg.start_soon(self._deliver, row, name=f"outbox-{row.id}")
         while self._retry_dues and self._retry_dues[0] <= now:
@@ -162,6 +169,8 @@ class OutboxSender:
             self._remember_due(self._clock() + STORE_RETRY_S)
         finally:
             self._in_flight.discard(row.id)
+            if self._ended_during_scan is not None:
+                self._ended_during_scan.add(row.id)
             self.wake()
 
     async def _attempt(self, row: OutboxMessage) -> None:
