@@ -30,7 +30,6 @@ REGISTRY: Mapping[str, Handler] = MappingProxyType(
 )
 
 
-
 def handler_for(kind: str) -> Handler:
     """The built-in handler of a source kind (the generic JSON one when it has none)."""
     return REGISTRY.get(kind) or REGISTRY["json"]
