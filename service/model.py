@@ -246,3 +246,24 @@ def job_id_for(source: str, dedupe_key: str, route: str) -> str:
     """Derive the job id from its idempotency key, so a redelivery maps to the same job."""
     digest = hashlib.sha256(f"{source}\x00{dedupe_key}\x00{route}".encode()).hexdigest()
     return f"job_{digest[:24]}"
+
+
+# --- what the operator console reads ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Announcement:
+    """An outbox row as an operator inspects it: the message, when it was written, delivered."""
+
+    message: OutboxMessage
+    created_at: float
+    delivered_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MinuteActivity:
+    """Events received and videos made ready in one wall-clock minute (`minute` is its start)."""
+
+    minute: float
+    events: int = 0
+    videos: int = 0

@@ -11,10 +11,13 @@ from typing import Protocol
 
 from service.model import (
     Acceptance,
+    Announcement,
+    EventStatus,
     InboundEvent,
     Job,
     JobState,
     JobUpdate,
+    MinuteActivity,
     NewJob,
     NewOutboxMessage,
     OutboxMessage,
@@ -70,8 +73,13 @@ class Store(Protocol):
         route: str | None = None,
         limit: int = 50,
         after: str | None = None,
+        source: str | None = None,
+        created_since: float | None = None,
     ) -> list[Job]:
-        """A page of jobs for the admin API, newest first, continuing after job id `after`."""
+        """A page of jobs for the admin API and console, newest first, after job id `after`.
+
+        `source` and `created_since` (epoch seconds) narrow the page like `state` and `route`.
+        """
 
     async def job_history(self, job_id: str) -> list[Transition]:
         """Every transition of one job, in order."""
@@ -127,3 +135,36 @@ class Store(Protocol):
 
     async def ping(self) -> None:
         """Prove the store is writable; raise StoreUnavailableError otherwise."""
+
+    # --- operator console reads (read-only; nothing here is on a path that moves money) ---
+
+    async def list_events(
+        self,
+        *,
+        status: EventStatus | None = None,
+        source: str | None = None,
+        limit: int = 50,
+        before: int | None = None,
+    ) -> list[StoredEvent]:
+        """A page of inbox rows, newest first, continuing below row id `before`."""
+
+    async def count_events_by_status(self) -> dict[EventStatus, int]:
+        """Inbox rows by status, zeros included: the dead letters waiting are `rejected`."""
+
+    async def jobs_of_event(self, event_row: int) -> list[Job]:
+        """The jobs one inbox row became."""
+
+    async def job_announcements(self, job_id: str) -> list[Announcement]:
+        """Every outbox row of one job (all rounds and targets) with its delivery record."""
+
+    async def count_outbox_by_status(self) -> dict[str, int]:
+        """Outbox rows by status: `pending`, `delivered`, `dead`."""
+
+    async def activity_per_minute(self, since: float) -> list[MinuteActivity]:
+        """Events received and videos made ready per minute since `since` (empty minutes out)."""
+
+    async def exports_by_route(self, since: float) -> dict[str, int]:
+        """Paid exports accepted by the API since `since`, per route."""
+
+    async def count_jobs_by_route(self) -> dict[str, dict[JobState, int]]:
+        """Jobs per route and state."""

@@ -23,16 +23,20 @@ import anyio
 from service.log import get_logger
 from service.model import (
     Acceptance,
+    Announcement,
+    EventStatus,
     InboundEvent,
     Job,
     JobState,
     JobUpdate,
+    MinuteActivity,
     NewJob,
     NewOutboxMessage,
     OutboxMessage,
     StoredEvent,
     Transition,
 )
+from service.store import sqlite_reads as reads
 from service.store import sqlite_sql as sql
 from service.store.base import StoreUnavailableError
 from service.store.schema import MIGRATIONS, SCHEMA_VERSION
@@ -243,10 +247,20 @@ class SQLiteStore:
         route: str | None = None,
         limit: int = 50,
         after: str | None = None,
+        source: str | None = None,
+        created_since: float | None = None,
     ) -> list[Job]:
         """A page of jobs, newest first, continuing after job id `after`."""
         return await self._read(
-            functools.partial(sql.list_jobs, state=state, route=route, limit=limit, after=after)
+            functools.partial(
+                sql.list_jobs,
+                state=state,
+                route=route,
+                limit=limit,
+                after=after,
+                source=source,
+                created_since=created_since,
+            )
         )
 
     async def job_history(self, job_id: str) -> list[Transition]:
@@ -314,6 +328,51 @@ class SQLiteStore:
     async def ping(self) -> None:
         """Commit a heartbeat row: proves the database takes durable writes right now."""
         await self._write(functools.partial(sql.heartbeat, now=self._clock()))
+
+    # --- operator console reads -----------------------------------------------------------
+
+    async def list_events(
+        self,
+        *,
+        status: EventStatus | None = None,
+        source: str | None = None,
+        limit: int = 50,
+        before: int | None = None,
+    ) -> list[StoredEvent]:
+        """A page of inbox rows, newest first, continuing below row id `before`."""
+        return await self._read(
+            functools.partial(
+                reads.list_events, status=status, source=source, limit=limit, before=before
+            )
+        )
+
+    async def count_events_by_status(self) -> dict[EventStatus, int]:
+        """Inbox rows by status, zeros included."""
+        return await self._read(reads.count_events_by_status)
+
+    async def jobs_of_event(self, event_row: int) -> list[Job]:
+        """The jobs one inbox row became."""
+        return await self._read(functools.partial(reads.jobs_of_event, event_row=event_row))
+
+    async def job_announcements(self, job_id: str) -> list[Announcement]:
+        """Every outbox row of one job with its delivery record."""
+        return await self._read(functools.partial(reads.job_announcements, job_id=job_id))
+
+    async def count_outbox_by_status(self) -> dict[str, int]:
+        """Outbox rows by status."""
+        return await self._read(reads.count_outbox_by_status)
+
+    async def activity_per_minute(self, since: float) -> list[MinuteActivity]:
+        """Events received and videos made ready per minute since `since`."""
+        return await self._read(functools.partial(reads.activity_per_minute, since=since))
+
+    async def exports_by_route(self, since: float) -> dict[str, int]:
+        """Paid exports accepted by the API since `since`, per route."""
+        return await self._read(functools.partial(reads.exports_by_route, since=since))
+
+    async def count_jobs_by_route(self) -> dict[str, dict[JobState, int]]:
+        """Jobs per route and state."""
+        return await self._read(reads.count_jobs_by_route)
 
 
 def _run_read(work: Callable[[sqlite3.Connection], T], connection: sqlite3.Connection) -> T:

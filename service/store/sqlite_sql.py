@@ -320,6 +320,9 @@ def list_jobs(
     route: str | None,
     limit: int,
     after: str | None,
+    *,
+    source: str | None = None,
+    created_since: float | None = None,
 ) -> list[Job]:
     """A page of jobs, newest first; an unknown `after` id yields an empty page."""
     clauses: list[str] = []
@@ -330,6 +333,12 @@ def list_jobs(
     if route is not None:
         clauses.append("route = ?")
         params.append(route)
+    if source is not None:
+        clauses.append("source = ?")
+        params.append(source)
+    if created_since is not None:
+        clauses.append("created_at >= ?")
+        params.append(created_since)
     if after is not None:
         clauses.append("(created_at, seq) < (SELECT created_at, seq FROM jobs WHERE job_id = ?)")
         params.append(after)
