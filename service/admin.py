@@ -36,6 +36,29 @@ def job_view(job: Job) -> dict[str, Any]:
     return data
 
 
+class RetryRefusedError(Exception):
+    """The job cannot be retried now; the message says why (its state, or that it moved)."""
+
+
+async def retry_failed_job(store: Store, job: Job) -> Job:
+    """Send a failed or rejected job back to be mapped from its event, under a new export name.
+
+    The one place an operator's retry is decided, for the admin API and the console alike.
+    """
+    if job.state not in ADMIN_RETRYABLE:
+        raise RetryRefusedError(
+            f"job is {job.state.value}; only failed or rejected jobs are retried"
+        )
+    try:
+        moved = await store.transition(
+            job.job_id, ADMIN_RETRYABLE, JobState.RECEIVED, retry_update(job)
+        )
+    except StaleTransitionError as exc:
+        raise RetryRefusedError("job changed meanwhile; look again") from exc
+    log.info("job.retry", job_id=job.job_id)
+    return moved
+
+
 class AdminApi:
     """Routes for operators; the admin token (when set) guards everything under /jobs."""
 
@@ -146,19 +169,10 @@ class AdminApi:
         job = await self._job_or_error(request)
         if isinstance(job, web.Response):
             return job
-        job_id = job.job_id
-        if job.state not in ADMIN_RETRYABLE:
-            return _json(
-                {"error": f"job is {job.state.value}; only failed or rejected jobs are retried"},
-                status=409,
-            )
         try:
-            job = await self._store.transition(
-                job_id, ADMIN_RETRYABLE, JobState.RECEIVED, retry_update(job)
-            )
-        except StaleTransitionError:
-            return _json({"error": "job changed meanwhile; look again"}, status=409)
-        log.info("job.retry", job_id=job_id)
+            job = await retry_failed_job(self._store, job)
+        except RetryRefusedError as exc:
+            return _json({"error": str(exc)}, status=409)
         self._on_retry()
         return _json(job_view(job), status=202)
 

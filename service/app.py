@@ -27,6 +27,8 @@ from service.aistudios.errors import AIStudiosError
 from service.aistudios.simulator import Simulator, SimulatorKnobs
 from service.catalog import Catalog, load_catalog
 from service.config import Config, ConfigError
+from service.console.server import PREFIX as CONSOLE_PREFIX
+from service.console.server import Console
 from service.ingress.mqtt import MqttIngress
 from service.ingress.webhooks import webhook_routes
 from service.intake import StoreIntake
@@ -62,11 +64,14 @@ class Running:
 async def _serve_http(
     cfg: Config,
     routes: Sequence[web.RouteDef],
+    subapps: Mapping[str, web.Application],
     *,
     task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     app = web.Application(client_max_size=cfg.http.max_body_bytes + 1)
     app.add_routes(routes)
+    for prefix, subapp in subapps.items():
+        app.add_subapp(prefix, subapp)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=cfg.service.shutdown_grace_s)
     await runner.setup()
     site = web.TCPSite(runner, cfg.http.host, cfg.http.port)
@@ -223,13 +228,21 @@ class _Parts:
     ) -> None:
         cfg = self.cfg
         pipeline, sender, intake, ingress = self.build()
+        checks = _readiness_checks(self.store, self.client, ingress)
         admin = AdminApi(
             store=self.store,
             metrics=self.metrics,
-            checks=_readiness_checks(self.store, self.client, ingress),
+            checks=checks,
             on_callback=pipeline.on_callback,
             on_retry=pipeline.notify_new_jobs,
             admin_token=cfg.http.admin_token,
+        )
+        console = Console(
+            store=self.store,
+            cfg=cfg,
+            templates=self.catalog.templates,
+            checks=checks,
+            on_retry=pipeline.notify_new_jobs,
         )
         routes = [
             *webhook_routes(
@@ -248,7 +261,9 @@ class _Parts:
                 # The trigger may come while intake is still starting (a broker that is down):
                 # it must stop the start-up as well as a running service.
                 intake_group.start_soon(_stop_intake_on, shutdown, intake_group, name="shutdown")
-                http_url = await intake_group.start(_serve_http, cfg, routes, name="http")
+                http_url = await intake_group.start(
+                    _serve_http, cfg, routes, {CONSOLE_PREFIX: console.app()}, name="http"
+                )
                 if ingress is not None:
                     await intake_group.start(ingress.run, name="mqtt-ingress")
                 log.info("service.ready", http=http_url, simulator=simulator is not None)

@@ -1,0 +1,290 @@
+"""The operator console in a real headless chromium, against the whole service in-process.
+
+One service (real HTTP, SQLite, Mosquitto, the simulator rendering in 3 s) and one browser
+serve the whole module; each test saves a screenshot under its temporary directory, and, when
+STUDIOHOOK_CONSOLE_SCREENSHOTS names a directory, the overview and job pages for the README.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import aiohttp
+import aiomqtt
+import orjson
+import pytest
+
+from service.aistudios.simulator import SimulatorKnobs
+from service.console import server as console_server
+from service.model import EventStatus, JobState
+from tests.support.browser_fixtures import chromium
+from tests.support.service_fixtures import (
+    EXAMPLES,
+    eventually,
+    make_config,
+    running_service,
+    shopify_headers,
+    unique_prefix,
+)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+TOKEN = "console-test-token-7f3a"
+RENDER_S = 3.0
+SHOPIFY_BODY = (EXAMPLES / "shopify-product-create.json").read_bytes()
+README_SHOTS = os.environ.get("STUDIOHOOK_CONSOLE_SCREENSHOTS")
+
+
+@pytest.fixture(scope="module")
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def console(tmp_path_factory, mqtt_broker):
+    """The service with its console, a browser, and a logged-in page context."""
+    tmp_path = tmp_path_factory.mktemp("console")
+    prefix = unique_prefix()
+    cfg = make_config(
+        tmp_path,
+        broker_port=mqtt_broker.port,
+        prefix=prefix,
+        admin_token=TOKEN,
+        download=True,
+        extra_aistudios="stall_seconds = 1.5",
+    )
+    refresh = pytest.MonkeyPatch()
+    refresh.setattr(console_server, "LIVE_REFRESH_S", 0.2)
+    try:
+        async with (
+            running_service(cfg, SimulatorKnobs(render_seconds=RENDER_S)) as svc,
+            chromium() as browser,
+            aiohttp.ClientSession() as http,
+        ):
+            # The console's CSP forbids eval; Playwright's wait_for_function needs it.
+            context = await browser.new_context(
+                viewport={"width": 1280, "height": 900}, bypass_csp=True
+            )
+            page = await context.new_page()
+            await page.goto(f"{svc.http_url}/ui/login")
+            await page.fill("#token", TOKEN)
+            await page.click("button[type=submit]")
+            await page.wait_for_url(f"{svc.http_url}/ui/")
+            yield Console(svc, browser, context, page, http, prefix)
+            await context.close()
+    finally:
+        refresh.undo()
+
+
+class Console:
+    def __init__(self, svc, browser, context, page, http, prefix):  # noqa: PLR0917 - one test's parts
+        self.svc, self.browser, self.context, self.page = svc, browser, context, page
+        self.http, self.prefix = http, prefix
+        self.url = f"{svc.http_url}/ui"
+        self.deliveries = 0
+
+    async def send_webhook(self):
+        self.deliveries += 1
+        delivery = f"console-{self.prefix}-{self.deliveries}"
+        async with self.http.post(
+            f"{self.svc.http_url}/hooks/shop",
+            data=SHOPIFY_BODY,
+            headers=shopify_headers(SHOPIFY_BODY, delivery),
+        ) as response:
+            assert response.status == 202
+            return (await response.json())["jobs"][0]
+
+    async def wait_state(self, job_id, *states, timeout_s=20.0):
+        async def reached():
+            job = await self.svc.store.get_job(job_id)
+            return job is not None and job.state in states
+
+        await eventually(reached, timeout_s=timeout_s, what=f"{job_id} in {states}")
+
+
+async def shoot(page, tmp_path, name):
+    path = tmp_path / f"{name}.png"
+    await page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 1000
+    if README_SHOTS:
+        Path(README_SHOTS).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(README_SHOTS) / f"console-{name}.png")
+    return path
+
+
+async def test_missing_or_wrong_token_is_refused(console, tmp_path):
+    stranger = await console.browser.new_context(bypass_csp=True)
+    try:
+        page = await stranger.new_page()
+        await page.goto(f"{console.url}/jobs")
+        assert "/ui/login" in page.url
+        await page.fill("#token", "not-the-token")
+        async with page.expect_response(f"{console.url}/login") as answer:
+            await page.click("button[type=submit]")
+        assert (await answer.value).status == 401
+        assert await page.locator("[role=alert]").inner_text() == "Wrong admin token."
+        await shoot(page, tmp_path, "login-refused")
+        assert "/ui/login" in page.url
+        assert [c for c in await stranger.cookies() if c["name"] == "studiohook_session"] == []
+    finally:
+        await stranger.close()
+
+    async with console.http.get(f"{console.url}/live/overview") as response:
+        assert response.status == 401
+    async with console.http.get(
+        f"{console.url}/jobs", headers={"Authorization": "Bearer wrong"}, allow_redirects=False
+    ) as response:
+        assert response.status == 303
+        assert response.headers["Location"].startswith("/ui/login")
+    async with console.http.get(
+        f"{console.url}/routes", headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as response:
+        assert response.status == 200
+        page_text = await response.text()
+        assert "new-product" in page_text
+        assert TOKEN not in page_text
+
+
+async def test_a_new_job_appears_and_its_progress_bar_moves_without_reload(console, tmp_path):
+    page = console.page
+    await page.goto(f"{console.url}/jobs")
+    await page.evaluate(
+        """() => {
+            window.notReloaded = true;
+            window.seen = [];
+            const rows = document.getElementById('job-rows');
+            new MutationObserver(() => {
+                for (const bar of rows.querySelectorAll('tr[data-state] progress')) {
+                    window.seen.push([bar.closest('tr').id, bar.closest('tr').dataset.state, bar.value]);
+                }
+            }).observe(rows, {childList: true, subtree: true});
+        }"""
+    )
+    job_id = await console.send_webhook()
+    row = f"#row-{job_id}"
+    await page.wait_for_selector(row, timeout=10_000)
+    await page.wait_for_function(
+        f"document.querySelector('{row}')?.dataset.state === 'notified'", timeout=20_000
+    )
+    seen = [value for rid, _, value in await page.evaluate("window.seen") if rid == row[1:]]
+    moving = sorted({v for v in seen if 0 < v < 100})
+    assert len(moving) >= 2, seen
+    assert seen == sorted(seen), "the bar only moves forward"
+    assert await page.evaluate("window.notReloaded") is True
+    assert await page.locator(f"{row} .pct").inner_text() == "100%"
+    await shoot(page, tmp_path, "jobs")
+
+
+async def test_overview_shows_the_stores_figures(console, tmp_path):
+    job_id = await console.send_webhook()
+    await console.wait_state(job_id, JobState.NOTIFIED)
+    page = console.page
+    await page.goto(f"{console.url}/")
+    store = console.svc.store
+    counts = await store.count_jobs_by_state()
+    billed = sum((await store.exports_by_route(0)).values())
+    assert billed >= 1
+    assert await page.locator("#billed-today").inner_text() == str(billed)
+    assert await page.locator("#count-notified").inner_text() == str(counts[JobState.NOTIFIED])
+    assert await page.locator("#in-flight").inner_text() == "0"
+    assert await page.locator("#ready-store").get_attribute("class") == "ok"
+    assert await page.locator("#ready-mqtt").get_attribute("class") == "ok"
+    desc = await page.locator("#chart-desc").text_content()
+    assert f"{counts[JobState.NOTIFIED]} videos ready" in desc
+
+    # The figures follow the store live: a new job shows up in flight without a reload.
+    another = await console.send_webhook()
+    await page.wait_for_function("document.getElementById('in-flight')?.textContent === '1'")
+    await shoot(page, tmp_path, "overview")
+    await console.wait_state(another, JobState.NOTIFIED)
+
+
+async def test_job_detail_plays_the_video(console, tmp_path):
+    job_id = await console.send_webhook()
+    await console.wait_state(job_id, JobState.NOTIFIED)
+    page = console.page
+    await page.goto(f"{console.url}/jobs/{job_id}")
+    video = page.locator("#job-video")
+    assert await video.get_attribute("src") == f"/ui/jobs/{job_id}/video"
+    await page.wait_for_function(
+        "document.getElementById('job-video').readyState >= 1", timeout=10_000
+    )
+    duration = await page.evaluate("document.getElementById('job-video').duration")
+    assert duration > 0
+    job = await console.svc.store.get_job(job_id)
+    assert await page.locator(".facts .mono").first.inner_text() == job.project_id
+    assert "Meet " in await page.locator(".diff").inner_text()
+    assert await page.locator(".timeline li").count() == len(
+        await console.svc.store.job_history(job_id)
+    )
+    await shoot(page, tmp_path, "job")
+
+
+async def test_retry_a_failed_job_needs_the_csrf_token_and_succeeds(console, tmp_path):
+    console.svc.simulator.knobs.failing_renders_next = 1
+    job_id = await console.send_webhook()
+    await console.wait_state(job_id, JobState.FAILED)
+    page = console.page
+    await page.goto(f"{console.url}/jobs/{job_id}")
+    assert await page.locator("#job-state").inner_text() == "failed"
+
+    forged = await page.request.post(f"{console.url}/jobs/{job_id}/retry", form={})
+    assert forged.status == 403
+    wrong = await page.request.post(f"{console.url}/jobs/{job_id}/retry", form={"csrf": "x" * 64})
+    assert wrong.status == 403
+    assert (await console.svc.store.get_job(job_id)).state is JobState.FAILED
+
+    await page.click("text=Retry this job")
+    await page.wait_for_url(re.compile(r".*done=retried$"))
+    assert "Retry accepted" in await page.locator("[role=status]").inner_text()
+    await page.wait_for_function(
+        "document.getElementById('job-state')?.textContent === 'notified'", timeout=20_000
+    )
+    await page.wait_for_selector("#job-video")
+    await shoot(page, tmp_path, "job-retried")
+    notes = [t.note for t in await console.svc.store.job_history(job_id)]
+    assert "retried by operator" in notes
+
+
+async def test_dead_letters_are_listed_with_their_reason(console, mqtt_broker, tmp_path):
+    async with aiomqtt.Client("127.0.0.1", mqtt_broker.port) as client:
+        await client.publish(f"{console.prefix}/in/lamps", b"{not json", qos=1)
+        await client.publish(f"{console.prefix}/in/lamps", orjson.dumps({"title": "no id"}), qos=1)
+
+    async def two_dead():
+        counts = await console.svc.store.count_events_by_status()
+        return counts[EventStatus.REJECTED] >= 2
+
+    await eventually(two_dead, what="two dead letters")
+    page = console.page
+    await page.goto(f"{console.url}/events?status=rejected")
+    rows = page.locator("tbody tr")
+    assert await rows.count() == 2
+    reasons = await page.locator("tbody tr td:last-child").all_inner_texts()
+    assert all(reasons), reasons
+    await shoot(page, tmp_path, "events")
+    await rows.first.locator("a").click()
+    await page.wait_for_selector("text=Reason")
+    await shoot(page, tmp_path, "event")
+    await page.goto(f"{console.url}/routes")
+    assert await page.locator("h2", has_text="new-product").count() == 1
+    await shoot(page, tmp_path, "routes")
+
+
+async def test_logout_ends_the_session(console):
+    context = await console.browser.new_context(bypass_csp=True)
+    try:
+        page = await context.new_page()
+        await page.goto(f"{console.url}/login")
+        await page.fill("#token", TOKEN)
+        await page.click("button[type=submit]")
+        await page.wait_for_url(f"{console.url}/")
+        await page.click("text=Log out")
+        await page.wait_for_url(re.compile(r".*/ui/login$"))
+        await page.goto(f"{console.url}/jobs")
+        assert "/ui/login" in page.url
+    finally:
+        await context.close()
