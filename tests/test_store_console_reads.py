@@ -35,7 +35,9 @@ async def test_list_jobs_by_source_and_creation_time(engine_store, store_clock):
     since = START_TIME + 50
     recent = await engine_store.list_jobs(created_since=since)
     assert [j.job_id for j in recent] == [device, new_shop]
-    assert [j.job_id for j in await engine_store.list_jobs(source="devices", created_since=since)] == [device]
+    assert [
+        j.job_id for j in await engine_store.list_jobs(source="devices", created_since=since)
+    ] == [device]
 
 
 async def test_events_listed_newest_first_by_status_with_their_jobs(engine_store):
@@ -47,7 +49,10 @@ async def test_events_listed_newest_first_by_status_with_their_jobs(engine_store
     assert [e.event_id for e in events] == ["evt-k2", "evt-k1", "evt-k0"]
     [dead] = await engine_store.list_events(status=EventStatus.REJECTED)
     assert (dead.reason, dead.source) == ("payload is not JSON", "devices")
-    assert [e.event_id for e in await engine_store.list_events(source="shop")] == ["evt-k1", "evt-k0"]
+    assert [e.event_id for e in await engine_store.list_events(source="shop")] == [
+        "evt-k1",
+        "evt-k0",
+    ]
     assert [e.event_id for e in await engine_store.list_events(limit=1, before=events[0].id)] == [
         "evt-k1"
     ]
@@ -65,7 +70,8 @@ async def test_announcements_of_a_job_with_their_delivery_record(engine_store, s
     await submit(engine_store, job_id)
     job = await engine_store.get_job(job_id)
     rows = [
-        NewOutboxMessage(target, "video.ready", b"{}", job.export_name) for target in ("bus", "hook")
+        NewOutboxMessage(target, "video.ready", b"{}", job.export_name)
+        for target in ("bus", "hook")
     ]
     await engine_store.transition(job_id, {SUB}, JobState.READY, outbox=rows)
     store_clock.advance(5)
