@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 
 import aiohttp
@@ -105,13 +104,13 @@ class Console:
         await eventually(reached, timeout_s=timeout_s, what=f"{job_id} in {states}")
 
 
-async def shoot(page, tmp_path, name):
+async def shoot(page, tmp_path, name, *, readme=False):
     path = tmp_path / f"{name}.png"
     await page.screenshot(path=str(path), full_page=True)
     assert path.stat().st_size > 1000
-    if README_SHOTS:
+    if README_SHOTS and readme:
         Path(README_SHOTS).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, Path(README_SHOTS) / f"console-{name}.png")
+        await page.screenshot(path=str(Path(README_SHOTS) / f"console-{name}.png"))
     return path
 
 
@@ -198,7 +197,7 @@ async def test_overview_shows_the_stores_figures(console, tmp_path):
     # The figures follow the store live: a new job shows up in flight without a reload.
     another = await console.send_webhook()
     await page.wait_for_function("document.getElementById('in-flight')?.textContent === '1'")
-    await shoot(page, tmp_path, "overview")
+    await shoot(page, tmp_path, "overview", readme=True)
     await console.wait_state(another, JobState.NOTIFIED)
 
 
@@ -220,7 +219,7 @@ async def test_job_detail_plays_the_video(console, tmp_path):
     assert await page.locator(".timeline li").count() == len(
         await console.svc.store.job_history(job_id)
     )
-    await shoot(page, tmp_path, "job")
+    await shoot(page, tmp_path, "job", readme=True)
 
 
 async def test_retry_a_failed_job_needs_the_csrf_token_and_succeeds(console, tmp_path):

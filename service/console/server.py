@@ -51,7 +51,7 @@ _SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
 }
-_STATIC_VERSION = "1"
+_STATIC_VERSION = "3"
 
 
 def _environment() -> jinja2.Environment:
