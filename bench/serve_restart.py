@@ -127,6 +127,10 @@ def main() -> None:
             ["start", "median", "worst"],
             rows,
         )
+        if "install_start_s" in figures:
+            ratio = figures["restart_median_s"] / figures["install_start_s"]
+            print(f"restart / reinstalling start: {ratio:.2f}x")
+            figures["restart_vs_install_ratio"] = ratio
         emit_result("serve_restart", {k: round(v, 3) for k, v in figures.items()})
 
 
