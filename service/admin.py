@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +22,12 @@ log = get_logger("admin")
 
 ReadinessCheck = Callable[[], Awaitable[str | None]]
 """Returns None when fine, else the reason the service is not ready."""
+
+JOB_ID_PREFIX = "job_"
+MIN_SHORT_ID_CHARS = 4
+MAX_CANDIDATES = 5
+_SHORT_ID = re.compile(rf"[0-9a-f]{{{MIN_SHORT_ID_CHARS},}}")
+"""A short job id as `studiohook jobs` shows it: the first hex digits, `job_` optional."""
 
 
 def _json(data: Any, status: int = 200) -> web.Response:  # noqa: ANN401 - any JSON value
@@ -128,9 +135,24 @@ class AdminApi:
             return _json({"error": "admin token required"}, status=401)
         job_id = request.match_info["job_id"]
         job = await self._store.get_job(job_id)
-        if job is None:
-            return _json({"error": f"no job {job_id}"}, status=404)
-        return job
+        if job is not None:
+            return job
+        prefix = job_id if job_id.startswith(JOB_ID_PREFIX) else JOB_ID_PREFIX + job_id
+        if _SHORT_ID.fullmatch(prefix.removeprefix(JOB_ID_PREFIX)):
+            matches = await self._store.job_ids_with_prefix(prefix, limit=MAX_CANDIDATES + 1)
+            if len(matches) > 1:
+                listed = ", ".join(matches[:MAX_CANDIDATES])
+                more = ", …" if len(matches) > MAX_CANDIDATES else ""
+                return _json(
+                    {
+                        "error": f"job id {job_id} is ambiguous: {listed}{more}",
+                        "candidates": matches[:MAX_CANDIDATES],
+                    },
+                    status=400,
+                )
+            if matches and (job := await self._store.get_job(matches[0])) is not None:
+                return job
+        return _json({"error": f"no job {job_id}"}, status=404)
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         """`GET /jobs?state=&route=&limit=&after=`: newest first, `next` for the next page."""
@@ -149,7 +171,7 @@ class AdminApi:
         return _json({"jobs": [job_view(j) for j in jobs], "next": next_after})
 
     async def show_job(self, request: web.Request) -> web.Response:
-        """One job with its history of transitions."""
+        """One job with its history of transitions (a unique id prefix names it too)."""
         job = await self._job_or_error(request)
         if isinstance(job, web.Response):
             return job

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import anyio
 import anyio.abc
+import structlog
 from aiohttp import web
 
 from service.admin import AdminApi, ReadinessCheck
@@ -42,8 +43,11 @@ from service.notify.build import build_notifiers, outbox_rows_for
 from service.notify.sender import Notifier, OutboxSender
 from service.store.base import StaleTransitionError, Store, StoreUnavailableError
 from service.store.factory import store_from_url
+from service.summary import startup_summary
 
 log = get_logger("app")
+human_log = structlog.get_logger()
+"""Sentences for a person at a console, without the component key the event lines carry."""
 
 DEDUPE_RETENTION_S = 8 * 24 * 3600  # dedupe keys are kept at least 7 days; one day of margin
 PURGE_INTERVAL_S = 3600
@@ -267,6 +271,11 @@ class _Parts:
                 if ingress is not None:
                     await intake_group.start(ingress.run, name="mqtt-ingress")
                 log.info("service.ready", http=http_url, simulator=simulator is not None)
+                if cfg.service.log_format == "console":
+                    summary = startup_summary(
+                        cfg, http_url=http_url, api_url=api_url, simulator=simulator is not None
+                    )
+                    human_log.info(summary)
                 task_status.started(Running(http_url, api_url, simulator, self.store, pipeline))
             with anyio.move_on_after(cfg.service.shutdown_grace_s):
                 await pipeline.drain()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.metadata
 import sys
 import uuid
 from collections.abc import Sequence
@@ -16,24 +17,27 @@ import orjson
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Column, Table
 
+from handlers import HandlerError, handler_for
 from service.aistudios.client import AIStudiosClient
 from service.aistudios.connect import connect
 from service.aistudios.simulator import SimulatorKnobs, run_simulator
 from service.catalog import load_catalog
+from service.cli_tables import job_table, jobs_table
 from service.config import Config, ConfigError, config_path, load_config, read_config
+from service.ingress.dedupe import DedupeKeyError, dedupe_key, event_id_for
 from service.intake import route_context
 from service.jobs.prepare import export_request
 from service.log import configure_logging, register_secrets
 from service.mapping.render import MappingError
 from service.mapping.routes import export_name
-from service.model import RawEvent
+from service.model import RawEvent, job_id_for
 
 out = Console(highlight=False, soft_wrap=True, markup=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+WIDE_CONSOLE_WIDTH = 10_000
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -82,8 +86,9 @@ def _read_event(path: Path, source: str) -> tuple[RawEvent, bytes]:
 
 
 async def _render(
-    args: argparse.Namespace, cfg: Config, client: AIStudiosClient | None
+    args: argparse.Namespace, cfg: Config, client: AIStudiosClient | None, job_id: str | None
 ) -> tuple[str, dict[str, Any], str, Any]:
+    """The export an event file becomes; `job_id` None means the id the service would give it."""
     importer = client.import_project_legacy if client is not None else None
     catalog, problems = await load_catalog(cfg, importer)
     if problems:
@@ -99,26 +104,37 @@ async def _render(
             f"template {route.config.template!r} is a saved project: it is fetched from "
             "AI Studios at start-up, so preview needs `submit` or a running service"
         )
-    raw, _ = _read_event(Path(args.event), source.name)
-    handled = catalog.handled(route, source.kind, raw, None)
-    event_id = handled.event_id or Path(args.event).stem
+    raw, body = _read_event(Path(args.event), source.name)
+    try:
+        # The same identity the service derives at intake, so the name is the one it would use.
+        seen_by_kind = handler_for(source.kind)(raw)
+        key = dedupe_key(
+            source,
+            payload=raw.payload,
+            headers=raw.headers,
+            body=body,
+            topic=raw.topic,
+            handler_event_id=seen_by_kind.event_id,
+        )
+    except (HandlerError, DedupeKeyError) as exc:
+        raise SystemExit(f"the service would dead-letter this event: {exc}") from exc
+    handled = catalog.handled(route, source.kind, raw, seen_by_kind)
     context = route_context(
         handled,
         route=route.config.name,
         source=source.name,
-        event_id=event_id,
+        event_id=event_id_for(seen_by_kind.event_id, key),
         event_type=handled.event_type or raw.topic or "event",
     )
-    job_id = f"cli_{uuid.uuid4().hex[:12]}"
-    name = export_name(route, context, job_id)
-    api, body = export_request(catalog, route, context, name)
-    return api, body, name, catalog.templates[route.config.template]
+    name = export_name(route, context, job_id or job_id_for(source.name, key, route.config.name))
+    api, request = export_request(catalog, route, context, name)
+    return api, request, name, catalog.templates[route.config.template]
 
 
 async def _preview(args: argparse.Namespace) -> int:
     cfg = _load(args)
     try:
-        api, body, name, template = await _render(args, cfg, None)
+        api, body, name, template = await _render(args, cfg, None, None)
     except MappingError as exc:
         err.print(f"mapping error: {exc}")
         return EXIT_PROBLEMS
@@ -170,7 +186,9 @@ async def _submit(args: argparse.Namespace) -> int:
             )
         client = api.client
         try:
-            kind, body, name, _ = await _render(args, cfg, client)
+            # A manual export of its own: the service must never adopt it as one of its jobs.
+            manual_id = f"cli_{uuid.uuid4().hex[:12]}"
+            kind, body, name, _ = await _render(args, cfg, client, manual_id)
         except MappingError as exc:
             err.print(f"mapping error: {exc}")
             return EXIT_PROBLEMS
@@ -205,7 +223,10 @@ async def _jobs_request(session: aiohttp.ClientSession, args: argparse.Namespace
             if response.status != 202:  # noqa: PLR2004 - the retry contract
                 err.print(f"retry refused ({response.status}): {data.get('error')}")
                 return EXIT_PROBLEMS
-            out.print(f"{args.job_id}: {data['state']}")
+            if args.json:
+                _print_json(data)
+            else:
+                out.print(f"{data['job_id']}: {data['state']}")
             return EXIT_OK
     if args.action == "show":
         url, params = f"{base}/jobs/{args.job_id}", {}
@@ -218,10 +239,16 @@ async def _jobs_request(session: aiohttp.ClientSession, args: argparse.Namespace
         if response.status != 200:  # noqa: PLR2004 - anything else carries an error
             err.print(data.get("error", response.reason))
             return EXIT_PROBLEMS
-    if args.action == "show":
-        _print_job(data)
+    if args.json:
+        _print_json(data)
+    elif args.action == "show":
+        out.print(*job_table(data))
+    elif args.wide:
+        # Unconstrained, so nothing folds: one job per line, whole ids, for grep and copying.
+        wide = Console(highlight=False, markup=False, width=WIDE_CONSOLE_WIDTH)
+        wide.print(jobs_table(data["jobs"], WIDE_CONSOLE_WIDTH, wide=True))
     else:
-        _print_jobs(data["jobs"])
+        out.print(jobs_table(data["jobs"], out.width))
     return EXIT_OK
 
 
@@ -237,32 +264,9 @@ async def _jobs(args: argparse.Namespace) -> int:
             return EXIT_PROBLEMS
 
 
-def _print_jobs(jobs: list[dict[str, Any]]) -> None:
-    job_column = Column("job", no_wrap=True, min_width=len("job_") + 24)
-    state_column = Column("state", no_wrap=True, min_width=len("submitting"))
-    table = Table(job_column, "route", state_column, "progress", "project", "error")
-    for job in jobs:
-        table.add_row(
-            job["job_id"],
-            job["route"],
-            job["state"],
-            f"{job['progress']:.0f}%",
-            job.get("project_id") or "",
-            job.get("error_message") or "",
-        )
-    out.print(table)
-
-
-def _print_job(job: dict[str, Any]) -> None:
-    table = Table("field", "value", show_header=False)
-    for key, value in job.items():
-        if key != "history":
-            table.add_row(key, "" if value is None else str(value))
-    out.print(table)
-    history = Table("from", "to", "at", "note", title="history")
-    for step in job["history"]:
-        history.add_row(step["from"] or "", step["to"], str(step["at"]), step["note"] or "")
-    out.print(history)
+def _print_json(data: object) -> None:
+    # Not through rich: it would read `:name:` in a value as an emoji code.
+    sys.stdout.write(orjson.dumps(data).decode() + "\n")
 
 
 # --- serve / simulator ------------------------------------------------------------------
@@ -297,10 +301,34 @@ async def _simulator(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+DESCRIPTION = "Turns business events (webhooks, MQTT messages) into AI Studios avatar videos."
+EPILOG = """\
+first steps:
+  studiohook check         validate config.toml: sources, templates, routes
+  studiohook preview --route NAME --event FILE
+                           the export request an event would produce, offline
+  studiohook serve         run the daemon
+
+README.md describes config.toml, the HTTP API and the events studiohook sends."""
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("studiohook")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line, as the README documents it."""
-    parser = argparse.ArgumentParser(prog="studiohook", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="studiohook",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"studiohook {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
@@ -323,10 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--download", metavar="PATH", help="save the video (with --wait)")
     jobs = command("jobs", "list, show and retry jobs of a running service")
     jobs.add_argument("action", nargs="?", choices=["show", "retry"])
-    jobs.add_argument("job_id", nargs="?")
+    jobs.add_argument("job_id", nargs="?", help="a job id, or the short id `jobs` shows")
     jobs.add_argument("--status", help="only jobs in this state")
     jobs.add_argument("--limit", type=int, default=50)
     jobs.add_argument("--url", help="the service's admin URL (default: from [http] listen)")
+    jobs.add_argument("--wide", action="store_true", help="whole job ids, every column, no folding")
+    jobs.add_argument("--json", action="store_true", help="the admin API's JSON, for scripts")
     sim = sub.add_parser("simulator", help="run the AI Studios simulator on its own")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=9900)

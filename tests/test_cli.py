@@ -1,6 +1,8 @@
 """The command line through its real entry point (`python -m service`), as a user runs it."""
 
+import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -8,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from service.model import job_id_for
 from tests.support.mqtt_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +29,28 @@ def studiohook(*args, cwd=ROOT, timeout=60):
         timeout=timeout,
         check=False,
     )
+
+
+def test_help_says_what_studiohook_does_and_where_to_start():
+    result = studiohook("--help")
+    assert result.returncode == 0
+    description = result.stdout.split("\n\n")[1]
+    assert description == (
+        "Turns business events (webhooks, MQTT messages) into AI Studios avatar videos."
+    )
+    assert "parsing and printing" not in result.stdout
+    epilog = result.stdout.split("first steps:")[1]
+    assert "studiohook check" in epilog
+    assert "studiohook preview --route NAME --event FILE" in epilog
+    assert "README.md" in epilog
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+
+
+def test_version_comes_from_the_package_metadata():
+    result = studiohook("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"studiohook {importlib.metadata.version('studiohook')}\n"
+    assert re.fullmatch(r"studiohook \d+\.\d+\.\d+\S*\n", result.stdout)
 
 
 def test_check_accepts_the_shipped_config():
@@ -79,6 +104,18 @@ def test_preview_prints_the_export_body_and_a_diff_offline():
     assert "# diff against the template" in out
     assert '-            "org": "Hello, This is test video.",' in out
     assert '+            "org": "Meet Ceramic Pour-Over Coffee Set.' in out
+
+
+def test_preview_names_the_export_once_with_the_job_id_the_service_would_give():
+    args = ("preview", "--route", "new-product", "--event", "examples/shopify-product-create.json")
+    first, second = studiohook(*args), studiohook(*args)
+    assert first.returncode == 0, first.stderr
+    # The request header, the body and the diff all carry one name, the service's own.
+    suffixes = set(re.findall(r"Coffee Set #(\w+)", first.stdout))
+    webhook_id = "b54557e4-bdd9-4b37-8a5f-bf7d70bcd043"  # X-Shopify-Webhook-Id in the headers file
+    assert suffixes == {job_id_for("shopify", f"h:{webhook_id}", "new-product")}
+    assert first.stdout.count(f"Coffee Set #{suffixes.pop()}") == 3
+    assert second.stdout == first.stdout
 
 
 def test_preview_reports_a_mapping_error(tmp_path):

@@ -301,7 +301,7 @@ async def test_jobs_commands_list_show_and_retry_through_the_admin_api(tmp_path,
                 check=False,
             )
 
-        listing = await cli("--status", "rejected")
+        listing = await cli("--status", "rejected", "--wide")
         assert listing.returncode == 0, listing.stderr
         assert job_id in listing.stdout.decode()
         shown = await cli("show", job_id)

@@ -402,6 +402,21 @@ async def test_list_jobs_filters_and_pages_newest_first(engine_store, store_cloc
     assert await engine_store.list_jobs(after="job_unknown") == []
 
 
+async def test_job_ids_with_prefix_finds_exactly_the_ids_that_start_with_it(engine_store):
+    event = sample_event("k-prefix")
+    jobs = [
+        replace(sample_job(event, route), job_id=job_id)
+        for route, job_id in (("a", "job_ab12"), ("b", "job_ab13"), ("c", "job_ac00"))
+    ]
+    await engine_store.accept_event(event, jobs)
+    assert await engine_store.job_ids_with_prefix("job_ab") == ["job_ab12", "job_ab13"]
+    assert await engine_store.job_ids_with_prefix("job_ab1", limit=1) == ["job_ab12"]
+    assert await engine_store.job_ids_with_prefix("job_ac00") == ["job_ac00"]
+    assert await engine_store.job_ids_with_prefix("job_AB") == []  # ids are case-sensitive
+    assert await engine_store.job_ids_with_prefix("job_b") == []
+    assert await engine_store.job_ids_with_prefix("") == []
+
+
 async def test_jobs_in_states_oldest_first(engine_store, store_clock):
     ids = []
     for n in range(4):

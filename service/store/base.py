@@ -84,6 +84,9 @@ class Store(Protocol):
     async def job_history(self, job_id: str) -> list[Transition]:
         """Every transition of one job, in order."""
 
+    async def job_ids_with_prefix(self, prefix: str, limit: int = 10) -> list[str]:
+        """Up to `limit` job ids starting with `prefix`, sorted: operators type short ids."""
+
     async def transition(
         self,
         job_id: str,

@@ -267,6 +267,12 @@ class SQLiteStore:
         """Every transition of one job, in order."""
         return await self._read(functools.partial(sql.job_history, job_id=job_id))
 
+    async def job_ids_with_prefix(self, prefix: str, limit: int = 10) -> list[str]:
+        """Up to `limit` job ids starting with `prefix`, sorted."""
+        return await self._read(
+            functools.partial(sql.job_ids_with_prefix, prefix=prefix, limit=limit)
+        )
+
     async def count_jobs_by_state(self) -> dict[JobState, int]:
         """Every state with its job count, zeros included."""
         return await self._read(sql.count_jobs_by_state)

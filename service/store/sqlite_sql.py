@@ -350,6 +350,20 @@ def list_jobs(
     return [job_from_row(r) for r in rows]
 
 
+def job_ids_with_prefix(conn: sqlite3.Connection, prefix: str, limit: int) -> list[str]:
+    """Job ids starting with `prefix`, through the unique index (a range, not LIKE)."""
+    if not prefix:
+        return []
+    # Every string starting with `prefix` sorts at or after it and before its last character
+    # incremented (BINARY collation); LIKE would ignore case and bypass the index.
+    upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    rows = conn.execute(
+        "SELECT job_id FROM jobs WHERE job_id >= ? AND job_id < ? ORDER BY job_id LIMIT ?",
+        (prefix, upper, limit),
+    ).fetchall()
+    return [r["job_id"] for r in rows]
+
+
 def job_history(conn: sqlite3.Connection, job_id: str) -> list[Transition]:
     """Every transition of a job, in the order they were committed."""
     rows = conn.execute(
