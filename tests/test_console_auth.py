@@ -18,6 +18,7 @@ def test_a_session_cookie_proves_the_login_until_it_expires():
     auth = ConsoleAuth("admin-token", clock)
     cookie, principal = auth.new_session()
     assert auth.session(cookie) == principal
+    assert principal.expires_at == clock.now + SESSION_TTL_S
     clock.now += SESSION_TTL_S - 1
     assert auth.session(cookie) == principal
     clock.now += 1

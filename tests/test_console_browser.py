@@ -301,7 +301,7 @@ async def test_pages_fit_a_phone_screen(console, tmp_path):
         await phone.close()
 
 
-async def test_logout_ends_the_session(console):
+async def test_logout_ends_the_session(console, tmp_path):
     context = await console.browser.new_context(bypass_csp=True)
     try:
         page = await context.new_page()
@@ -313,5 +313,6 @@ async def test_logout_ends_the_session(console):
         await page.wait_for_url(re.compile(r".*/ui/login$"))
         await page.goto(f"{console.url}/jobs")
         assert "/ui/login" in page.url
+        await shoot(page, tmp_path, "logged-out")
     finally:
         await context.close()

@@ -10,6 +10,7 @@ import anyio
 import pytest
 from aiohttp import web
 
+from service.console.auth import SESSION_TTL_S
 from service.console.server import Console
 from service.store.sqlite import SQLiteStore
 from tests.support.service_fixtures import make_config
@@ -22,7 +23,7 @@ BEARER = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @asynccontextmanager
-async def console_at(tmp_path, *, admin_token=TOKEN):
+async def console_at(tmp_path, *, admin_token=TOKEN, clock=time.time):
     cfg = make_config(tmp_path, broker_port=1883, prefix="console-http", admin_token=admin_token)
     store = SQLiteStore(tmp_path / "console.db")
     await store.open()
@@ -37,6 +38,7 @@ async def console_at(tmp_path, *, admin_token=TOKEN):
         templates={},
         checks={"store": store_check},
         on_retry=lambda: retries.append(time.time()),
+        clock=clock,
         live_refresh_s=0.05,
     )
     app = web.Application()
@@ -145,3 +147,27 @@ async def test_open_live_streams_end_when_the_listener_stops(tmp_path):
         assert first.startswith(b"event: fragment\ndata: ")
         with anyio.fail_after(5):  # not the 30 s shutdown timeout
             await runner.cleanup()
+
+
+async def log_in(url, http):
+    async with http.get(url + "/login") as response:
+        html = await response.text()
+    csrf = html.split('name="csrf" value="')[1].split('"')[0]
+    form = {"token": TOKEN, "csrf": csrf, "next": "/ui/"}
+    async with http.post(url + "/login", data=form, allow_redirects=False) as response:
+        assert response.status == 303
+
+
+async def test_a_live_stream_ends_with_the_session_that_opened_it(tmp_path):
+    now = [time.time()]
+    async with console_at(tmp_path, clock=lambda: now[0]) as (url, http, *_):
+        await log_in(url, http)
+        async with http.get(url + "/live/overview") as stream:
+            assert stream.status == 200
+            await stream.content.readuntil(b"\n\n")
+            now[0] += SESSION_TTL_S
+            with anyio.fail_after(5):
+                assert await stream.content.read() is not None  # read to the end
+            assert stream.content.at_eof()
+        async with http.get(url + "/live/overview") as response:
+            assert response.status == 401

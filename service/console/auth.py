@@ -29,6 +29,8 @@ class Principal:
 
     nonce: str
     via: str
+    expires_at: float | None = None
+    """When a session ends (live streams stop then too); None for the bearer token."""
 
 
 class ConsoleAuth:
@@ -50,8 +52,10 @@ class ConsoleAuth:
     def new_session(self) -> tuple[str, Principal]:
         """A cookie value for a fresh login, and who it makes the browser."""
         nonce = secrets.token_urlsafe(16)
-        body = f"{int(self._clock())}.{nonce}"
-        return f"{body}.{self._mac('session', body)}", Principal(nonce, "session")
+        issued = int(self._clock())
+        body = f"{issued}.{nonce}"
+        principal = Principal(nonce, "session", issued + SESSION_TTL_S)
+        return f"{body}.{self._mac('session', body)}", principal
 
     def session(self, cookie: str | None) -> Principal | None:
         """The principal a session cookie proves, or None (forged, expired, malformed)."""
@@ -65,7 +69,7 @@ class ConsoleAuth:
             return None
         if not 0 <= self._clock() - int(issued_text) < SESSION_TTL_S:
             return None
-        return Principal(nonce, "session")
+        return Principal(nonce, "session", int(issued_text) + SESSION_TTL_S)
 
     def bearer(self, header: str | None) -> Principal | None:
         """The principal an `Authorization: Bearer <admin_token>` header proves, or None."""

@@ -89,6 +89,7 @@ class Console:
             store=store, cfg=cfg, templates=templates, checks=checks, clock=clock
         )
         self._on_retry = on_retry
+        self._clock = clock
         self._live_refresh_s = LIVE_REFRESH_S if live_refresh_s is None else live_refresh_s
         self._closing = anyio.Event()
         self._env = _environment()
@@ -349,7 +350,10 @@ class Console:
     async def _stream(
         self, request: web.Request, render: Callable[[], Awaitable[str]]
     ) -> web.StreamResponse:
-        """Server-sent events: a `fragment` whenever the rendering changes, else a heartbeat."""
+        """Server-sent events: a `fragment` whenever the rendering changes, else a heartbeat.
+
+        The stream ends with the service (shutdown) or with the session that opened it.
+        """
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -358,10 +362,13 @@ class Console:
             }
         )
         await response.prepare(request)
+        expires_at = request[_PRINCIPAL].expires_at
         last: str | None = None
         quiet_s = 0.0
         try:
             while not self._closing.is_set():
+                if expires_at is not None and self._clock() >= expires_at:
+                    break  # the session ended: the page's next reconnect is refused
                 try:
                     html = await render()
                 except StoreUnavailableError as exc:
