@@ -186,13 +186,19 @@ async def test_overview_shows_the_stores_figures(console, tmp_path):
     counts = await store.count_jobs_by_state()
     billed = sum((await store.exports_by_route(0)).values())
     assert billed >= 1
-    assert await page.locator("#billed-today").inner_text() == str(billed)
-    assert await page.locator("#count-notified").inner_text() == str(counts[JobState.NOTIFIED])
+    # The overview is read at most once a second for every open page: wait for this reading.
+    notified = counts[JobState.NOTIFIED]
+    await page.wait_for_function(
+        "([billed, notified]) =>"
+        " document.getElementById('billed-today').textContent === billed"
+        " && document.getElementById('count-notified').textContent === notified",
+        arg=[str(billed), str(notified)],
+    )
     assert await page.locator("#in-flight").inner_text() == "0"
     assert await page.locator("#ready-store").get_attribute("class") == "ok"
     assert await page.locator("#ready-mqtt").get_attribute("class") == "ok"
     desc = await page.locator("#chart-desc").text_content()
-    assert f"{counts[JobState.NOTIFIED]} videos ready" in desc
+    assert f"{notified} videos ready" in desc
 
     # The figures follow the store live: a new job shows up in flight without a reload.
     another = await console.send_webhook()
