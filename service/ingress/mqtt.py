@@ -11,6 +11,7 @@ we acknowledge, which is the back-pressure: nothing is ever dropped on our side.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import ssl
 from collections import deque
@@ -300,14 +301,16 @@ class MqttIngress:
                 event_id=acceptance.event_id,
                 duplicate=acceptance.duplicate,
                 jobs=len(acceptance.job_ids),
+                outcome=str(acceptance.status),
             )
 
     async def _dead_letter(
         self, source: SourceConfig, body: bytes, headers: Mapping[str, str], reason: str, topic: str
     ) -> None:
         acceptance = await self._intake.dead_letter(source, body, headers, reason, topic=topic)
-        log.warning(
-            "mqtt message rejected",
+        # The intake logged the warning with the reason; this line is the transport's view.
+        log.info(
+            "mqtt message dead-lettered",
             source=source.name,
             topic=topic,
             event_id=acceptance.event_id,
@@ -322,12 +325,41 @@ async def _connected(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Client]:
     Un-acked messages stay with the broker's session either way; the shielded, bounded exit
     only keeps the socket from leaking and makes shutdown prompt.
     """
-    await client.__aenter__()
+    try:
+        await client.__aenter__()
+    except BaseException:
+        _retrieve_outcomes(client)
+        raise
     try:
         yield client
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(_DISCONNECT_GRACE_S):
             await client.__aexit__(None, None, None)
+        _retrieve_outcomes(client)
+
+
+def _retrieve_outcomes(client: aiomqtt.Client) -> None:
+    """Mark the client's connect/disconnect futures as seen, now and when they settle later.
+
+    aiomqtt sets "Unexpected disconnection" on a future only its message iterator or
+    `__aexit__` reads. A connection dropped while neither waits (a SIGTERM during a reconnect,
+    an exit cut short by the grace period) left it unread, and asyncio then logged "Future
+    exception was never retrieved" at shutdown. The client is discarded after this; why its
+    connection ended has already been logged by `run`.
+    """
+    for name in ("_connected", "_disconnected"):
+        future = getattr(client, name, None)
+        if not isinstance(future, asyncio.Future):
+            continue
+        if future.done():
+            _consume_outcome(future)
+        else:
+            future.add_done_callback(_consume_outcome)
+
+
+def _consume_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _first(group: BaseExceptionGroup[Any]) -> str:
