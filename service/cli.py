@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
+from service import cli_events
 from service.aistudios.client import AIStudiosClient
 from service.aistudios.connect import connect
 from service.aistudios.simulator import SimulatorKnobs, run_simulator
@@ -237,6 +238,12 @@ async def _jobs(args: argparse.Namespace) -> int:
             return EXIT_PROBLEMS
 
 
+async def _events(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    headers = {"Authorization": f"Bearer {cfg.http.admin_token}"} if cfg.http.admin_token else {}
+    return await cli_events.run(args, args.url or _admin_url(cfg), headers)
+
+
 def _print_jobs(jobs: list[dict[str, Any]]) -> None:
     job_column = Column("job", no_wrap=True, min_width=len("job_") + 24)
     state_column = Column("state", no_wrap=True, min_width=len("submitting"))
@@ -327,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--status", help="only jobs in this state")
     jobs.add_argument("--limit", type=int, default=50)
     jobs.add_argument("--url", help="the service's admin URL (default: from [http] listen)")
+    cli_events.add_parser(command)
     sim = sub.add_parser("simulator", help="run the AI Studios simulator on its own")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=9900)
@@ -340,6 +348,7 @@ COMMANDS = {
     "preview": _preview,
     "submit": _submit,
     "jobs": _jobs,
+    "events": _events,
     "simulator": _simulator,
 }
 
