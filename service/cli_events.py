@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+import orjson
 from rich.console import Console
 from rich.table import Column, Table
 
@@ -23,6 +24,7 @@ from service.admin_events import parse_since
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 PAGE = 500
+_PIPE_WIDTH = 4000
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -61,6 +63,9 @@ def add_parser(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
 async def run(args: argparse.Namespace, base: str, headers: dict[str, str]) -> int:
     """Carry out one `events` command against the admin API at `base`."""
     out = Console(highlight=False, soft_wrap=True, markup=False)
+    if not out.is_terminal:
+        # Piped or captured: whole lines that grep finds, not a table folded to 80 columns.
+        out = Console(highlight=False, soft_wrap=True, markup=False, width=_PIPE_WIDTH)
     err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
     try:
         since = since_seconds(args.since, time.time()) if args.since else None
@@ -155,8 +160,6 @@ async def _show(api: _Admin, args: argparse.Namespace) -> int:
     out.print(headers)
     out.print("payload:")
     if "payload" in data:
-        import orjson  # noqa: PLC0415 - only `show` prints JSON
-
         out.print(orjson.dumps(data["payload"], option=orjson.OPT_INDENT_2).decode())
     else:
         out.print(data["payload_text"])
