@@ -11,7 +11,6 @@ we acknowledge, which is the back-pressure: nothing is ever dropped on our side.
 
 from __future__ import annotations
 
-import asyncio
 import random
 import ssl
 from collections import deque
@@ -32,6 +31,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from service.backoff import backoff_delay
 from service.log import get_logger
 from service.model import RawEvent
+from service.mqtt_futures import settle_outcomes
 from service.store.base import StoreUnavailableError
 
 if TYPE_CHECKING:
@@ -328,38 +328,14 @@ async def _connected(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Client]:
     try:
         await client.__aenter__()
     except BaseException:
-        _retrieve_outcomes(client)
+        settle_outcomes(client)
         raise
     try:
         yield client
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(_DISCONNECT_GRACE_S):
             await client.__aexit__(None, None, None)
-        _retrieve_outcomes(client)
-
-
-def _retrieve_outcomes(client: aiomqtt.Client) -> None:
-    """Mark the client's connect/disconnect futures as seen, now and when they settle later.
-
-    aiomqtt sets "Unexpected disconnection" on a future only its message iterator or
-    `__aexit__` reads. A connection dropped while neither waits (a SIGTERM during a reconnect,
-    an exit cut short by the grace period) left it unread, and asyncio then logged "Future
-    exception was never retrieved" at shutdown. The client is discarded after this; why its
-    connection ended has already been logged by `run`.
-    """
-    for name in ("_connected", "_disconnected"):
-        future = getattr(client, name, None)
-        if not isinstance(future, asyncio.Future):
-            continue
-        if future.done():
-            _consume_outcome(future)
-        else:
-            future.add_done_callback(_consume_outcome)
-
-
-def _consume_outcome(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
+        settle_outcomes(client)
 
 
 def _first(group: BaseExceptionGroup[Any]) -> str:
