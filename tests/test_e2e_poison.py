@@ -58,9 +58,10 @@ def assert_nothing_never_retrieved(lines: list[str]) -> None:
 def poison_config(tmp_path, port: int, prefix: str) -> str:
     # The reported expression; the good messages have ids of different lengths so that
     # `length(id)` keeps them apart.
-    return daemon_config(tmp_path, mqtt_port=port, mqtt_prefix=prefix).replace(
-        'dedupe_key = "id"', 'dedupe_key = "length(id)"'
-    )
+    # An MQTT notify target too: the run announces a burst of videos on the bus.
+    bus = f'\n[[notify]]\nname = "bus"\nkind = "mqtt"\ntopic = "{prefix}/videos/{{job_id}}"\n'
+    config = daemon_config(tmp_path, mqtt_port=port, mqtt_prefix=prefix, max_concurrent_exports=8)
+    return config.replace('dedupe_key = "id"', 'dedupe_key = "length(id)"') + bus
 
 
 def dead_letters(db_path) -> list[tuple[str, str, str]]:
@@ -76,14 +77,14 @@ def test_a_poison_message_is_dead_lettered_once_and_the_messages_after_it_flow(
     prefix = f"poison-{uuid.uuid4().hex[:8]}"
     daemon = daemon_factory(poison_config(tmp_path, mqtt_broker.port, prefix))
     assert daemon.start() is not None
-    good = [{"id": "a" * n, "title": f"Lamp {n}"} for n in (1, 2, 3)]
+    good = [{"id": "a" * n, "title": f"Lamp {n}"} for n in range(1, 13)]
     publish(mqtt_broker.port, f"{prefix}/in/lamps", {"id": 5, "title": "poison"}, *good)
 
     def all_notified() -> bool:
         states = job_states(daemon.db_path)
         return len(states) == len(good) and set(states.values()) == {"notified"}
 
-    wait_until(all_notified, what="three good jobs notified", explain=daemon.current.tail)
+    wait_until(all_notified, what="the good jobs notified", explain=daemon.current.tail)
     (poison,) = dead_letters(daemon.db_path)
     assert poison[1] == "dedupe_key"
     assert "JMESPathTypeError" in poison[2]
@@ -96,18 +97,18 @@ def test_a_poison_message_is_dead_lettered_once_and_the_messages_after_it_flow(
     # After a restart, the poison is not handed over again: it was acknowledged once, after
     # its dead letter was committed. The sentinel published meanwhile arrives alone.
     assert daemon.start() is not None
-    publish(mqtt_broker.port, f"{prefix}/in/lamps", {"id": "dddd", "title": "Sentinel"})
+    publish(mqtt_broker.port, f"{prefix}/in/lamps", {"id": "s" * 20, "title": "Sentinel"})
     sentinel = daemon.current.wait_for(
         lambda r: r.get("event") == "mqtt message accepted", what="the sentinel"
     )
     assert sentinel is not None
-    assert sentinel["event_id"] == "dddd"
+    assert sentinel["event_id"] == "s" * 20
     daemon.current.send(signal.SIGTERM)
     assert daemon.current.wait_exit() == 0
     accepted_again = daemon.current.events("mqtt message accepted")
-    assert [r["event_id"] for r in accepted_again] == ["dddd"]
+    assert [r["event_id"] for r in accepted_again] == ["s" * 20]
     keys = inbox_keys(daemon.db_path, DEVICE_SOURCE)
-    assert sorted(keys.values()) == [1] * 5  # poison, three good ones, the sentinel: once each
+    assert list(keys.values()) == [1] * (len(good) + 2)  # poison, good ones, sentinel: once each
     for run in daemon.runs:
         assert_every_line_is_json(run.lines)
         assert_nothing_never_retrieved(run.lines)
