@@ -5,7 +5,9 @@ dedupe expression, each route's handler, `when` and export name) runs user code 
 expressions on input nobody controls, so `decide` catches whatever they raise and turns it
 into a dead letter: the delivery is committed with the failing step and the exception, then
 acknowledged like any other. Only a store that cannot commit makes `accept` raise (the
-adapters answer 503 / withhold the PUBACK); a bad event never stops the daemon.
+adapters answer 503 / withhold the PUBACK); a bad event never stops the daemon. Should the
+store refuse one event's rows (a constraint, say), the delivery is kept as a dead letter of
+step `commit` by its bytes, logged at error with the traceback: visible, replayable once fixed.
 
 Both adapters (webhooks, MQTT) call `accept` and acknowledge only after it returned. Mapping
 the template happens later, in the job pipeline, so a slow or failing template never delays an
@@ -43,7 +45,7 @@ from service.model import (
     StoredEvent,
     job_id_for,
 )
-from service.store.base import StaleTransitionError, Store
+from service.store.base import StaleTransitionError, Store, StoreUnavailableError
 
 log = get_logger("intake")
 
@@ -281,10 +283,26 @@ class StoreIntake:
             reason=decision.reason,
             failed_step=decision.failed_step,
         )
-        acceptance = await self._store.accept_event(event, decision.jobs)
+        failures = decision.failures
+        try:
+            acceptance = await self._store.accept_event(event, decision.jobs)
+        except StoreUnavailableError:
+            raise
+        except Exception as exc:  # the store refused this event's rows, not every event
+            log.exception("event.commit_refused", source=source.name, event_id=event.event_id)
+            failures = (*failures, Failure("commit", "commit", describe(exc)))
+            key = body_key(body, raw.topic)
+            refused = replace(
+                event,
+                dedupe_key=key,
+                event_id=event_id_for(None, key),
+                reason="; ".join(f"{f.step}: {f.reason}" for f in failures),
+                failed_step="commit",
+            )
+            acceptance = await self._store.accept_event(refused, ())
         self._count(source.name, acceptance)
         if not acceptance.duplicate:
-            self._report(source.name, acceptance.event_id, decision.failures)
+            self._report(source.name, acceptance.event_id, failures)
             if acceptance.job_ids:
                 self._on_new_jobs()
         return acceptance

@@ -38,7 +38,7 @@ from service.ingress.mqtt import MqttIngress
 from service.ingress.webhooks import webhook_routes
 from service.intake import StoreIntake
 from service.metrics import Metrics
-from service.model import Acceptance, EventStatus, RawEvent, StoredEvent
+from service.model import Acceptance, EventStatus, JobState, RawEvent, StoredEvent
 from service.store.sqlite import SQLiteStore
 from tests.support.mqtt_fixtures import BrokerAddress
 from tests.support.service_fixtures import TEMPLATE
@@ -516,3 +516,21 @@ async def _run_until(
         task_status.started()
         await stop.wait()
         tg.cancel_scope.cancel()
+
+
+def test_an_event_the_store_refuses_is_kept_as_a_dead_letter_of_step_commit(tmp_path):
+    with rig(tmp_path) as r:
+        refuse = (
+            "CREATE TRIGGER refuse_plain BEFORE INSERT ON jobs WHEN NEW.route = 'plain'"
+            " BEGIN SELECT RAISE(ABORT, 'refused by a constraint'); END"
+        )
+        r.portal.call(r.store._write, lambda conn: conn.execute(refuse))
+        src = r.source("items")
+        body = b'{"title": "lamp"}'
+        raw = RawEvent(source="items", payload=orjson.loads(body), headers={})
+        acceptance = r.portal.call(r.intake.accept, src, raw, body)
+        row = r.assert_committed("items", acceptance)
+        assert acceptance.job_ids == ()
+        assert row.failed_step == "commit"
+        assert "IntegrityError: refused by a constraint" in row.reason
+        assert r.portal.call(r.store.jobs_in_states, {JobState.RECEIVED}) == []
