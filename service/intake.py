@@ -168,7 +168,7 @@ def decide(
     letter too, so replaying it after a fix adds just the missing job.
     """
     fallback_key = body_key(body, raw.topic)
-    fallback_type = raw.topic or "unreadable"
+    fallback_type = raw.topic or "unknown"
     try:
         handled = _checked(handler_for(source.kind)(raw))
     except Exception as exc:  # noqa: BLE001 - any payload shape can break a handler
