@@ -82,14 +82,17 @@ class Decision:
     @property
     def reason(self) -> str | None:
         """Every failure, step by step; None when the delivery is usable."""
-        if not self.failures:
-            return None
-        return "; ".join(f"{f.step}: {f.reason}" for f in self.failures)
+        return explain(self.failures) if self.failures else None
 
     @property
     def failed_step(self) -> str | None:
         """The first step that failed."""
         return self.failures[0].step if self.failures else None
+
+
+def explain(failures: Sequence[Failure]) -> str:
+    """The reason a dead letter keeps: each failing step with its exception."""
+    return "; ".join(f"{f.step}: {f.reason}" for f in failures)
 
 
 def describe(exc: BaseException) -> str:
@@ -296,7 +299,7 @@ class StoreIntake:
                 event,
                 dedupe_key=key,
                 event_id=event_id_for(None, key),
-                reason="; ".join(f"{f.step}: {f.reason}" for f in failures),
+                reason=explain(failures),
                 failed_step="commit",
             )
             acceptance = await self._store.accept_event(refused, ())
@@ -425,7 +428,7 @@ class StoreIntake:
             source=source,
             event_id=event_id,
             step=failures[0].step,
-            reason="; ".join(f"{f.step}: {f.reason}" for f in failures),
+            reason=explain(failures),
         )
 
 

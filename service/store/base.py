@@ -50,7 +50,8 @@ class Store(Protocol):
         """Commit an event and its jobs, or recognise it as a duplicate by (source, dedupe_key).
 
         Returns only after the commit is durable; concurrent callers share one commit. A
-        duplicate returns the original event id and job ids with `duplicate=True`.
+        duplicate returns the original event id and job ids with `duplicate=True`. An event
+        with a `reason` is committed as a dead letter, with the jobs of the routes that worked.
         """
 
     async def reject_event(self, event: InboundEvent, reason: str) -> Acceptance:
