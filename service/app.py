@@ -210,7 +210,11 @@ class _Parts:
         )
         store.add_outbox_listener(sender.wake)
         intake = StoreIntake(
-            store, self.catalog, on_new_jobs=pipeline.notify_new_jobs, metrics=self.metrics
+            store,
+            self.catalog,
+            on_new_jobs=pipeline.notify_new_jobs,
+            metrics=self.metrics,
+            sources=cfg.sources,
         )
         mqtt_sources = [s for s in cfg.sources if s.kind == "mqtt"]
         ingress = None
@@ -234,6 +238,7 @@ class _Parts:
             on_callback=pipeline.on_callback,
             on_retry=pipeline.notify_new_jobs,
             admin_token=cfg.http.admin_token,
+            replay=intake.replay,
         )
         routes = [
             *webhook_routes(

@@ -23,6 +23,7 @@ import anyio
 from service.log import get_logger
 from service.model import (
     Acceptance,
+    EventStatus,
     InboundEvent,
     Job,
     JobState,
@@ -30,6 +31,7 @@ from service.model import (
     NewJob,
     NewOutboxMessage,
     OutboxMessage,
+    Replay,
     StoredEvent,
     Transition,
 )
@@ -183,6 +185,37 @@ class SQLiteStore:
     async def get_event(self, row: int) -> StoredEvent | None:
         """Read one inbox row."""
         return await self._read(functools.partial(sql.get_event, row=row))
+
+    async def list_events(
+        self,
+        *,
+        status: EventStatus | None = None,
+        source: str | None = None,
+        since: float | None = None,
+        event_id: str | None = None,
+        limit: int = 50,
+        cursor: int | None = None,
+    ) -> list[StoredEvent]:
+        """A page of inbox rows, newest first, below row id `cursor`."""
+        return await self._read(
+            functools.partial(
+                sql.list_events,
+                status=status,
+                source=source,
+                since=since,
+                event_id=event_id,
+                limit=limit,
+                cursor=cursor,
+            )
+        )
+
+    async def replay_event(self, row: int, decided: InboundEvent, jobs: Sequence[NewJob]) -> Replay:
+        """Re-decide a stored event and add the jobs it lacks, in one commit."""
+        return await self._write(
+            functools.partial(
+                sql.replay_event, row=row, decided=decided, jobs=tuple(jobs), now=self._clock()
+            )
+        )
 
     # --- jobs -----------------------------------------------------------------------------
 
