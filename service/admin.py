@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from service.admin_events import EventsApi, ReplayEvent
 from service.jobs.retry import retry_update
 from service.jobs.states import ADMIN_RETRYABLE
 from service.log import get_logger
@@ -67,7 +68,7 @@ async def retry_failed_job(store: Store, job: Job) -> Job:
 
 
 class AdminApi:
-    """Routes for operators; the admin token (when set) guards everything under /jobs."""
+    """Routes for operators; the admin token (when set) guards /jobs and /events."""
 
     def __init__(
         self,
@@ -78,6 +79,7 @@ class AdminApi:
         on_callback: Callable[[str, str], Awaitable[bool]],
         on_retry: Callable[[], None],
         admin_token: str | None,
+        replay: ReplayEvent | None = None,
     ) -> None:
         self._store = store
         self._metrics = metrics
@@ -85,6 +87,7 @@ class AdminApi:
         self._on_callback = on_callback
         self._on_retry = on_retry
         self._admin_token = admin_token
+        self._events = None if replay is None else EventsApi(store, replay, self._authorised)
 
     def routes(self) -> list[web.RouteDef]:
         """Every admin and callback route."""
@@ -97,6 +100,7 @@ class AdminApi:
             web.post("/jobs/{job_id}/retry", self.retry_job),
             web.get("/callbacks/{job_id}/{token}", self.callback),
             web.post("/callbacks/{job_id}/{token}", self.callback),
+            *(self._events.routes() if self._events is not None else ()),
         ]
 
     async def healthz(self, _: web.Request) -> web.Response:

@@ -215,7 +215,11 @@ class _Parts:
         )
         store.add_outbox_listener(sender.wake)
         intake = StoreIntake(
-            store, self.catalog, on_new_jobs=pipeline.notify_new_jobs, metrics=self.metrics
+            store,
+            self.catalog,
+            on_new_jobs=pipeline.notify_new_jobs,
+            metrics=self.metrics,
+            sources=cfg.sources,
         )
         mqtt_sources = [s for s in cfg.sources if s.kind == "mqtt"]
         ingress = None
@@ -240,6 +244,7 @@ class _Parts:
             on_callback=pipeline.on_callback,
             on_retry=pipeline.notify_new_jobs,
             admin_token=cfg.http.admin_token,
+            replay=intake.replay,
         )
         console = Console(
             store=self.store,
@@ -247,6 +252,7 @@ class _Parts:
             templates=self.catalog.templates,
             checks=checks,
             on_retry=pipeline.notify_new_jobs,
+            replay=intake.replay,
         )
         routes = [
             *webhook_routes(

@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from handlers import HandlerError, handler_for
+from service import cli_events
 from service.aistudios.client import AIStudiosClient
 from service.aistudios.connect import connect
 from service.aistudios.simulator import SimulatorKnobs, run_simulator
@@ -269,6 +270,12 @@ def _print_json(data: object) -> None:
     sys.stdout.write(orjson.dumps(data).decode() + "\n")
 
 
+async def _events(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    headers = {"Authorization": f"Bearer {cfg.http.admin_token}"} if cfg.http.admin_token else {}
+    return await cli_events.run(args, args.url or _admin_url(cfg), headers)
+
+
 # --- serve / simulator ------------------------------------------------------------------
 
 
@@ -357,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--url", help="the service's admin URL (default: from [http] listen)")
     jobs.add_argument("--wide", action="store_true", help="whole job ids, every column, no folding")
     jobs.add_argument("--json", action="store_true", help="the admin API's JSON, for scripts")
+    cli_events.add_parser(command)
     sim = sub.add_parser("simulator", help="run the AI Studios simulator on its own")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=9900)
@@ -370,6 +378,7 @@ COMMANDS = {
     "preview": _preview,
     "submit": _submit,
     "jobs": _jobs,
+    "events": _events,
     "simulator": _simulator,
 }
 

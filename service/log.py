@@ -21,6 +21,7 @@ _SECRET_KEY = re.compile(
     r"(secret|token|password|passwd|authorization|signature|api_key|user_key|hmac)", re.IGNORECASE
 )
 _secret_values: set[str] = set()
+_stdlib_handlers: list[logging.Handler] = []
 
 
 def register_secrets(values: Iterable[str | None]) -> None:
@@ -39,6 +40,11 @@ def _mask(value: Any) -> Any:  # noqa: ANN401 - log values are of any type
     if isinstance(value, list | tuple):
         return [_mask(v) for v in value]
     return value
+
+
+def masked(value: Any) -> Any:  # noqa: ANN401 - any JSON-like value
+    """A copy with secret-named keys and known secret values masked, as the logs show it."""
+    return _mask(value)
 
 
 def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:  # noqa: ANN401 - structlog processor signature
@@ -64,21 +70,45 @@ def configure_logging(
         renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=False)
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        redact,
+    ]
+    _route_stdlib_logging(level, stream or sys.stderr, shared, renderer)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            redact,
-            renderer,
-        ],
+        processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def _route_stdlib_logging(level: str, stream: TextIO, shared: list[Any], renderer: Any) -> None:  # noqa: ANN401 - structlog renderers have no common type
+    """Send library loggers (aiomqtt, aiohttp, asyncio) through the same processors.
+
+    With `log_format = "json"` every line the process writes must be one JSON object; left
+    alone, aiomqtt's "There are N pending publish calls." and asyncio's own errors came out as
+    plain text. Warnings go the same way.
+    """
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    for previous in _stdlib_handlers:
+        root.removeHandler(previous)
+    _stdlib_handlers[:] = [handler]
+    root.addHandler(handler)
+    root.setLevel(logging.getLevelNamesMapping()[level.upper()])
+    logging.captureWarnings(capture=True)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

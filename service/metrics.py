@@ -18,8 +18,15 @@ class Metrics:
         r = self.registry
         self.events = Counter(
             "studiohook_events_total",
-            "Deliveries by source and outcome (accepted, duplicate, rejected).",
+            "Deliveries by source and outcome (accepted, duplicate, dead_lettered).",
             ["source", "outcome"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "studiohook_dead_letters_total",
+            "Dead-lettered deliveries by source and the step that failed (handler, dedupe_key,"
+            " when, export_name, route_handler, payload).",
+            ["source", "step"],
             registry=r,
         )
         self.jobs = Gauge(

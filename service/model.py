@@ -48,7 +48,8 @@ ALLOWED_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     JobState.RECONCILE: frozenset({JobState.SUBMITTED, JobState.MAPPED, JobState.FAILED}),
     JobState.SUBMITTED: frozenset({JobState.READY, JobState.FAILED}),
     JobState.READY: frozenset({JobState.NOTIFIED}),
-    JobState.NOTIFIED: frozenset(),
+    # notified -> received only for an operator's deliberate re-render (a new round, paid again).
+    JobState.NOTIFIED: frozenset({JobState.RECEIVED}),
     JobState.IGNORED: frozenset(),
     # An operator's retry sends a failed or rejected job back to be mapped from its event.
     JobState.FAILED: frozenset({JobState.MAPPED, JobState.RECEIVED}),
@@ -59,11 +60,15 @@ only ways into `submitted` are `submitting` and `reconcile` (where the export wa
 
 
 class EventStatus(StrEnum):
-    """What became of an inbox event: routed to jobs, matched no route, or could not be read."""
+    """What became of an inbox event: routed to jobs, matched no route, or dead-lettered.
+
+    A dead letter is a delivery some step could not use (unreadable payload, a handler, dedupe
+    expression, `when` or export name that raised): kept with its reason for `events replay`.
+    """
 
     ROUTED = "routed"
     IGNORED = "ignored"
-    REJECTED = "rejected"
+    DEAD_LETTERED = "dead_lettered"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +85,10 @@ class InboundEvent:
     body: bytes
     headers: Mapping[str, str]
     received_at: float
+    reason: str | None = None
+    """Set for a dead letter: the exception type and message that made the delivery unusable."""
+    failed_step: str | None = None
+    """Set for a dead letter: which step raised (`handler`, `dedupe_key`, `routes.NAME.when`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +149,29 @@ class StoredEvent:
     received_at: float
     status: EventStatus
     reason: str | None = None
+    failed_step: str | None = None
+    replays: int = 0
+    """How many times an operator replayed the event through the configuration of the day."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayedJob:
+    """One route's answer to a replay: a job made now, or the one that already existed."""
+
+    job_id: str
+    route: str
+    state: JobState
+    created: bool
+    rerendered: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """What replaying one stored event did; `duplicate_of` names the row it turned out to be."""
+
+    event: StoredEvent
+    jobs: tuple[ReplayedJob, ...]
+    duplicate_of: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

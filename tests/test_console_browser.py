@@ -17,14 +17,17 @@ import orjson
 import pytest
 
 from service.aistudios.simulator import SimulatorKnobs
+from service.config import load_config
 from service.console import server as console_server
 from service.model import EventStatus, JobState
+from tests.support import flaky_handler
 from tests.support.browser_fixtures import chromium
 from tests.support.service_fixtures import (
     EXAMPLES,
+    PATCHES,
     eventually,
-    make_config,
     running_service,
+    service_config_text,
     shopify_headers,
     unique_prefix,
 )
@@ -32,6 +35,7 @@ from tests.support.service_fixtures import (
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 TOKEN = "console-test-token-7f3a"
+CMS_TOKEN = "cms-token-51c2"
 RENDER_S = 3.0
 SHOPIFY_BODY = (EXAMPLES / "shopify-product-create.json").read_bytes()
 README_SHOTS = os.environ.get("STUDIOHOOK_CONSOLE_SCREENSHOTS")
@@ -47,7 +51,7 @@ async def console(tmp_path_factory, mqtt_broker):
     """The service with its console, a browser, and a logged-in page context."""
     tmp_path = tmp_path_factory.mktemp("console")
     prefix = unique_prefix()
-    cfg = make_config(
+    text = service_config_text(
         tmp_path,
         broker_port=mqtt_broker.port,
         prefix=prefix,
@@ -55,6 +59,22 @@ async def console(tmp_path_factory, mqtt_broker):
         download=True,
         extra_aistudios="stall_seconds = 1.5",
     )
+    # A CMS source whose route runs the user's own (for now broken) handler.
+    text += f"""
+[[sources]]
+name = "cms"
+kind = "json"
+secrets = ["{CMS_TOKEN}"]
+
+[[routes]]
+name = "cms-entry"
+source = "cms"
+template = "promo"
+handler = "tests.support.flaky_handler:handle"
+{PATCHES}"""
+    (tmp_path / "config.toml").write_text(text)
+    cfg = load_config(tmp_path / "config.toml", env={})
+    flaky_handler.broken = True
     refresh = pytest.MonkeyPatch()
     refresh.setattr(console_server, "LIVE_REFRESH_S", 0.2)
     try:
@@ -268,11 +288,11 @@ async def test_dead_letters_are_listed_with_their_reason(console, mqtt_broker, t
 
     async def two_dead():
         counts = await console.svc.store.count_events_by_status()
-        return counts[EventStatus.REJECTED] >= 2
+        return counts[EventStatus.DEAD_LETTERED] >= 2
 
     await eventually(two_dead, what="two dead letters")
     page = console.page
-    await page.goto(f"{console.url}/events?status=rejected")
+    await page.goto(f"{console.url}/events?status=dead_lettered")
     rows = page.locator("tbody tr")
     assert await rows.count() == 2
     reasons = await page.locator("tbody tr td:last-child").all_inner_texts()
@@ -284,6 +304,49 @@ async def test_dead_letters_are_listed_with_their_reason(console, mqtt_broker, t
     await page.goto(f"{console.url}/routes")
     assert await page.locator("h2", has_text="new-product").count() == 1
     await shoot(page, tmp_path, "routes")
+
+
+async def test_a_dead_letter_is_replayed_from_its_page_after_the_fix(console, tmp_path):
+    entry = {"title": "Walnut desk", "image_url": "https://img.example/desk.png"}
+    async with console.http.post(
+        f"{console.svc.http_url}/hooks/cms",
+        data=orjson.dumps(entry),
+        headers={"Authorization": f"Bearer {CMS_TOKEN}", "Content-Type": "application/json"},
+    ) as response:
+        assert response.status == 202
+        assert (await response.json())["status"] == "dead_lettered"
+    [dead] = await console.svc.store.list_events(status=EventStatus.DEAD_LETTERED, source="cms")
+    assert "cms handler bug" in dead.reason
+
+    page = console.page
+    await page.goto(f"{console.url}/events?status=dead_lettered&source=cms")
+    await page.locator("tbody tr a").first.click()
+    assert "cms handler bug" in await page.locator(".problem-text").inner_text()
+    assert await page.locator("text=This event became no job.").count() == 1
+
+    forged = await page.request.post(f"{console.url}/events/{dead.id}/replay", form={})
+    assert forged.status == 403
+    assert (await console.svc.store.get_event(dead.id)).status is EventStatus.DEAD_LETTERED
+
+    flaky_handler.broken = False  # the operator fixes the handler
+    await page.click("text=Replay this event")
+    await page.wait_for_url(re.compile(r".*replayed=1$"))
+    assert "1 new job(s)" in await page.locator("[role=status]").inner_text()
+    job_link = page.locator("a[href^='/ui/jobs/job_']")
+    job_id = (await job_link.inner_text()).strip()
+    assert (await console.svc.store.get_event(dead.id)).status is EventStatus.ROUTED
+    await shoot(page, tmp_path, "event-replayed")
+    await console.wait_state(job_id, JobState.NOTIFIED)
+
+    # Replaying again finds the job that exists: nothing new, nothing paid.
+    exports = console.svc.simulator.export_count
+    csrf = await page.locator("meta[name=csrf-token]").get_attribute("content")
+    again = await page.request.post(
+        f"{console.url}/events/{dead.id}/replay", form={"csrf": csrf}, max_redirects=0
+    )
+    assert again.status == 303
+    assert again.headers["location"].endswith("replayed=0")
+    assert console.svc.simulator.export_count == exports
 
 
 async def test_pages_fit_a_phone_screen(console, tmp_path):

@@ -262,6 +262,7 @@ def test_sigterm_during_an_export_lets_it_commit_exits_0_and_the_job_resumes(
     assert run.signalled_at is not None
     assert time.monotonic() - run.signalled_at < 2.0 + 1.0  # grace + interpreter exit
     assert run.events("service.stopped"), run.tail()
+    assert not [line for line in run.lines if "never retrieved" in line], run.tail()
     # The POST under way was allowed to finish and its outcome committed: nothing to reconcile.
     assert job_states(daemon.db_path) == {job: "submitted"}
 

@@ -49,7 +49,7 @@ async def test_a_routes_own_handler_decides_when_and_the_export_name(tmp_path, s
     assert job.export_name == f"Custom Lamp #{job_id}"
 
 
-async def test_a_routes_handler_that_fails_rejects_only_that_job(tmp_path, store):
+async def test_a_routes_handler_that_fails_dead_letters_the_event_with_its_step(tmp_path, store):
     path = tmp_path / "config.toml"
     path.write_text(CONFIG)
     cfg = load_config(path, env={})
@@ -59,10 +59,12 @@ async def test_a_routes_handler_that_fails_rejects_only_that_job(tmp_path, store
     raw = RawEvent(source="items", payload=orjson.loads(body), headers={})
     with anyio.fail_after(5):
         acceptance = await intake.accept(cfg.sources[0], raw, body)
-    (job_id,) = acceptance.job_ids
-    job = await store.get_job(job_id)
-    assert job.state is JobState.REJECTED
-    assert job.error_code == "mapping_error"
+    assert acceptance.status is EventStatus.DEAD_LETTERED
+    assert acceptance.job_ids == ()
+    (event,) = await store.list_events(status=EventStatus.DEAD_LETTERED)
+    assert event.failed_step == "routes.custom.handler"
+    assert "KeyError" in event.reason
+    assert event.body == body
 
 
 async def test_check_accepts_a_header_name_as_dedupe_key_and_refuses_bad_jmespath(tmp_path):

@@ -33,8 +33,9 @@ def test_reconcile_resolves_three_ways_and_never_posts_directly():
     assert not can_transition(S.RECONCILE, S.SUBMITTING)
 
 
-def test_terminal_states_only_leave_through_admin_retry():
-    assert ALLOWED[S.NOTIFIED] == frozenset()
+def test_terminal_states_only_leave_through_admin_retry_or_a_rerender():
+    # notified -> received only: an operator's `events replay --rerender` (a new, paid round).
+    assert ALLOWED[S.NOTIFIED] == frozenset({S.RECEIVED})
     assert ALLOWED[S.IGNORED] == frozenset()
     assert can_transition(S.FAILED, S.MAPPED)
     assert can_transition(S.REJECTED, S.MAPPED)

@@ -99,7 +99,7 @@ class SqliteIntake:
         if not duplicate:
             self.committed.append(key)
         self._notify()
-        status = EventStatus.REJECTED if reason else EventStatus.IGNORED
+        status = EventStatus.DEAD_LETTERED if reason else EventStatus.IGNORED
         return Acceptance(event_id=key, job_ids=(), duplicate=duplicate, status=status)
 
     def _notify(self) -> None:
@@ -222,6 +222,7 @@ async def test_commit_then_ack_is_not_redelivered_and_headers_reach_the_intake(m
             "event_id": "m1",
             "duplicate": False,
             "jobs": 0,
+            "outcome": "ignored",
         }
     ]
     await setup.assert_nothing_redelivered(expect_calls=["m1"])
@@ -294,7 +295,7 @@ async def test_unreadable_payloads_are_dead_lettered_with_reason_and_acked(mqtt_
     assert reasons[1].startswith("payload is not UTF-8")
     assert reasons[2] is None
     assert [row[3] for row in intake.rows()][:2] == [b"{not json", b"\xff\xfe"]
-    rejected = [e for e in logs if e["event"] == "mqtt message rejected"]
+    rejected = [e for e in logs if e["event"] == "mqtt message dead-lettered"]
     assert [e["source"] for e in rejected] == ["sensors", "sensors"]
     await setup.assert_nothing_redelivered(expect_calls=intake.calls.copy())
 

@@ -47,19 +47,19 @@ async def test_events_listed_newest_first_by_status_with_their_jobs(engine_store
 
     events = await engine_store.list_events()
     assert [e.event_id for e in events] == ["evt-k2", "evt-k1", "evt-k0"]
-    [dead] = await engine_store.list_events(status=EventStatus.REJECTED)
+    [dead] = await engine_store.list_events(status=EventStatus.DEAD_LETTERED)
     assert (dead.reason, dead.source) == ("payload is not JSON", "devices")
     assert [e.event_id for e in await engine_store.list_events(source="shop")] == [
         "evt-k1",
         "evt-k0",
     ]
-    assert [e.event_id for e in await engine_store.list_events(limit=1, before=events[0].id)] == [
+    assert [e.event_id for e in await engine_store.list_events(limit=1, cursor=events[0].id)] == [
         "evt-k1"
     ]
     assert await engine_store.count_events_by_status() == {
         EventStatus.ROUTED: 1,
         EventStatus.IGNORED: 1,
-        EventStatus.REJECTED: 1,
+        EventStatus.DEAD_LETTERED: 1,
     }
     assert [j.job_id for j in await engine_store.jobs_of_event(events[2].id)] == [job]
     assert await engine_store.jobs_of_event(events[1].id) == []

@@ -134,14 +134,14 @@ async def test_event_without_jobs_is_ignored(engine_store):
 
 async def test_reject_event_keeps_reason_and_dedupes(engine_store):
     rejected = await engine_store.reject_event(sample_event("bad"), "body is not JSON")
-    assert rejected.status is EventStatus.REJECTED
+    assert rejected.status is EventStatus.DEAD_LETTERED
     assert not rejected.duplicate
 
     again = await engine_store.reject_event(sample_event("bad"), "still not JSON")
     assert again.duplicate
     accepted_later, _ = await accept(engine_store, "bad")
     assert accepted_later.duplicate
-    assert accepted_later.status is EventStatus.REJECTED
+    assert accepted_later.status is EventStatus.DEAD_LETTERED
     assert accepted_later.job_ids == ()
 
 

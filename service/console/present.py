@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,10 +18,6 @@ import orjson
 from service.model import Job, JobState, MinuteActivity
 
 FULL_PROGRESS = 100.0
-REDACTED = "***"
-_SECRET_HEADER = re.compile(
-    r"(secret|token|password|authorization|signature|hmac|cookie|api[-_]?key)", re.IGNORECASE
-)
 _MINUTE_S = 60
 
 
@@ -88,14 +83,6 @@ def pretty_json(data: bytes | None) -> str:
     except orjson.JSONDecodeError:
         return data.decode("utf-8", errors="replace")
     return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
-
-
-def redact_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
-    """Headers sorted by name, values of secret-looking ones masked: pages hold no secrets."""
-    return [
-        (name, REDACTED if _SECRET_HEADER.search(name) else value)
-        for name, value in sorted(headers.items())
-    ]
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ from service.console.auth import (
 )
 from service.console.views import ConsoleViews, JobFilter
 from service.log import get_logger
-from service.model import EventStatus
+from service.model import EventStatus, Replay
 from service.store.base import Store, StoreUnavailableError
 
 log = get_logger("console")
@@ -80,6 +80,7 @@ class Console:
         templates: Mapping[str, Any],
         checks: Mapping[str, ReadinessCheck],
         on_retry: Callable[[], None],
+        replay: Callable[[int], Awaitable[Replay]] | None = None,
         clock: Callable[[], float] = time.time,
         live_refresh_s: float | None = None,
     ) -> None:
@@ -89,6 +90,7 @@ class Console:
             store=store, cfg=cfg, templates=templates, checks=checks, clock=clock
         )
         self._on_retry = on_retry
+        self._replay = replay
         self._clock = clock
         self._live_refresh_s = LIVE_REFRESH_S if live_refresh_s is None else live_refresh_s
         self._closing = anyio.Event()
@@ -113,6 +115,7 @@ class Console:
                 web.get("/jobs/{job_id}/video", self.video),
                 web.get("/events", self.events),
                 web.get(r"/events/{row:\d+}", self.event),
+                web.post(r"/events/{row:\d+}/replay", self.replay),
                 web.get("/routes", self.routes),
                 web.get("/live/overview", self.live_overview),
                 web.get("/live/jobs", self.live_jobs),
@@ -290,7 +293,7 @@ class Console:
         return web.FileResponse(path, headers={"Content-Type": "video/mp4"})
 
     async def events(self, request: web.Request) -> web.Response:
-        """The inbox, newest first; `rejected` events are the dead letters."""
+        """The inbox, newest first; `dead_lettered` events are the dead letters."""
         query = request.query
         try:
             status = EventStatus(query["status"]) if query.get("status") else None
@@ -305,7 +308,36 @@ class Console:
         data = await self._views.event(int(request.match_info["row"]))
         if data is None:
             return self._render("missing.html", request=request, status=404, what="event")
-        return self._render("event.html", request=request, active="events", **data)
+        replayed = request.query.get("replayed", "")
+        notice = None
+        if replayed.isdigit():
+            notice = f"Replayed through the current configuration: {replayed} new job(s)."
+        return self._render(
+            "event.html",
+            request=request,
+            active="events",
+            notice=notice,
+            can_replay=self._replay is not None,
+            **data,
+        )
+
+    async def replay(self, request: web.Request) -> web.Response:
+        """The Replay button: the stored event through the current configuration.
+
+        The same replay as `POST /events/{id}/replay` without `rerender`: a route whose job
+        exists reports that job and costs nothing.
+        """
+        row = int(request.match_info["row"])
+        if self._replay is None:
+            return web.Response(status=404, text="replay is not available here")
+        try:
+            result = await self._replay(row)
+        except LookupError:
+            return self._render("missing.html", request=request, status=404, what="event")
+        created = sum(1 for job in result.jobs if job.created)
+        log.info("console.replay", row=row, created=created, status=str(result.event.status))
+        target = result.duplicate_of if result.duplicate_of is not None else row
+        return _see_other(f"{PREFIX}/events/{target}?{urlencode({'replayed': created})}")
 
     async def routes(self, request: web.Request) -> web.Response:
         """Each route's configuration, counts and failure rate."""

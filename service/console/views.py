@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 
 from service.admin import ReadinessCheck
+from service.admin_events import redacted_headers
 from service.config import Config
 from service.console import present
 from service.jobs.states import ADMIN_RETRYABLE, IN_FLIGHT
@@ -30,6 +31,8 @@ shares one reading per second instead of each making its own."""
 HOUR_S = 3600.0
 SINCE_CHOICES: Mapping[str, float] = {"1h": HOUR_S, "24h": 24 * HOUR_S, "7d": 7 * 24 * HOUR_S}
 VIDEO_STATES = frozenset({JobState.READY, JobState.NOTIFIED})
+REPLAYABLE = frozenset({EventStatus.DEAD_LETTERED, EventStatus.IGNORED})
+"""Events the page offers to replay: what the configuration could now turn into jobs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,9 +223,9 @@ class ConsoleViews:
     async def events(
         self, status: EventStatus | None, source: str | None, before: int | None
     ) -> dict[str, Any]:
-        """One page of the inbox, newest first; `rejected` are the dead letters."""
+        """One page of the inbox, newest first; `dead_lettered` are the dead letters."""
         events = await self._store.list_events(
-            status=status, source=source, limit=PAGE_SIZE, before=before
+            status=status, source=source, limit=PAGE_SIZE, cursor=before
         )
         query = {"status": status.value if status else None, "source": source}
         older = None
@@ -246,7 +249,8 @@ class ConsoleViews:
         return {
             "event": event,
             "payload": present.pretty_json(event.body),
-            "headers": present.redact_headers(event.headers),
+            "headers": sorted(redacted_headers(event.headers).items()),
+            "replayable": event.status in REPLAYABLE,
             "jobs": await self._store.jobs_of_event(row),
         }
 

@@ -31,6 +31,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from service.backoff import backoff_delay
 from service.log import get_logger
 from service.model import RawEvent
+from service.mqtt_futures import settle_outcomes
 from service.store.base import StoreUnavailableError
 
 if TYPE_CHECKING:
@@ -300,14 +301,16 @@ class MqttIngress:
                 event_id=acceptance.event_id,
                 duplicate=acceptance.duplicate,
                 jobs=len(acceptance.job_ids),
+                outcome=str(acceptance.status),
             )
 
     async def _dead_letter(
         self, source: SourceConfig, body: bytes, headers: Mapping[str, str], reason: str, topic: str
     ) -> None:
         acceptance = await self._intake.dead_letter(source, body, headers, reason, topic=topic)
-        log.warning(
-            "mqtt message rejected",
+        # The intake logged the warning with the reason; this line is the transport's view.
+        log.info(
+            "mqtt message dead-lettered",
             source=source.name,
             topic=topic,
             event_id=acceptance.event_id,
@@ -322,12 +325,17 @@ async def _connected(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Client]:
     Un-acked messages stay with the broker's session either way; the shielded, bounded exit
     only keeps the socket from leaking and makes shutdown prompt.
     """
-    await client.__aenter__()
+    try:
+        await client.__aenter__()
+    except BaseException:
+        settle_outcomes(client)
+        raise
     try:
         yield client
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(_DISCONNECT_GRACE_S):
             await client.__aexit__(None, None, None)
+        settle_outcomes(client)
 
 
 def _first(group: BaseExceptionGroup[Any]) -> str:

@@ -19,6 +19,7 @@ import anyio
 import orjson
 
 from service.log import get_logger
+from service.mqtt_futures import settle_outcomes
 from service.notify.payload import EVENT_TYPES
 from service.notify.sender import DeliveryError
 
@@ -155,7 +156,11 @@ class MqttNotifier:
             try:
                 await client.__aenter__()
             except aiomqtt.MqttError as exc:
+                settle_outcomes(client)
                 raise DeliveryError(f"cannot connect to the broker: {exc}") from exc
+            except BaseException:
+                settle_outcomes(client)
+                raise
             log.info("mqtt_notify_connected", target=self._name, client_id=self._client_id)
             self._client = client
             return client
@@ -168,3 +173,4 @@ class MqttNotifier:
                 await client.__aexit__(None, None, None)
             except aiomqtt.MqttError as exc:
                 log.info("mqtt_notify_disconnect_failed", target=self._name, error=str(exc))
+        settle_outcomes(client)

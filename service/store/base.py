@@ -21,6 +21,7 @@ from service.model import (
     NewJob,
     NewOutboxMessage,
     OutboxMessage,
+    Replay,
     StoredEvent,
     Transition,
 )
@@ -51,7 +52,8 @@ class Store(Protocol):
         """Commit an event and its jobs, or recognise it as a duplicate by (source, dedupe_key).
 
         Returns only after the commit is durable; concurrent callers share one commit. A
-        duplicate returns the original event id and job ids with `duplicate=True`.
+        duplicate returns the original event id and job ids with `duplicate=True`. An event
+        with a `reason` is committed as a dead letter, with the jobs of the routes that worked.
         """
 
     async def reject_event(self, event: InboundEvent, reason: str) -> Acceptance:
@@ -59,6 +61,30 @@ class Store(Protocol):
 
     async def get_event(self, row: int) -> StoredEvent | None:
         """Read one inbox row."""
+
+    async def list_events(
+        self,
+        *,
+        status: EventStatus | None = None,
+        source: str | None = None,
+        since: float | None = None,
+        event_id: str | None = None,
+        limit: int = 50,
+        cursor: int | None = None,
+    ) -> list[StoredEvent]:
+        """A page of inbox rows, newest first, below row id `cursor` (the last page's end).
+
+        `since` is unix seconds of receipt. The admin API, `studiohook events` and the console
+        read dead letters through this.
+        """
+
+    async def replay_event(self, row: int, decided: InboundEvent, jobs: Sequence[NewJob]) -> Replay:
+        """Commit what the current configuration makes of a stored event, in one transaction.
+
+        The row takes `decided`'s identity and outcome (dead letter or not); each job is
+        inserted unless a job with its id exists, which is reported instead (a replay never
+        pays twice). LookupError when the row does not exist.
+        """
 
     async def get_job(self, job_id: str) -> Job | None:
         """Read one job."""
@@ -140,16 +166,6 @@ class Store(Protocol):
         """Prove the store is writable; raise StoreUnavailableError otherwise."""
 
     # --- operator console reads (read-only; nothing here is on a path that moves money) ---
-
-    async def list_events(
-        self,
-        *,
-        status: EventStatus | None = None,
-        source: str | None = None,
-        limit: int = 50,
-        before: int | None = None,
-    ) -> list[StoredEvent]:
-        """A page of inbox rows, newest first, continuing below row id `before`."""
 
     async def count_events_by_status(self) -> dict[EventStatus, int]:
         """Inbox rows by status, zeros included: the dead letters waiting are `rejected`."""

@@ -97,7 +97,16 @@ _V1 = (
     """,
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+_V2 = (
+    # Dead letters: "rejected" events are now called what they are, keep the step that failed,
+    # and count the operator's replays; listing by status reads the status index.
+    "UPDATE events SET status = 'dead_lettered' WHERE status = 'rejected'",
+    "ALTER TABLE events ADD COLUMN failed_step TEXT",
+    "ALTER TABLE events ADD COLUMN replays INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX events_status ON events (status, id)",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
 """Statements of each migration; `MIGRATIONS[n]` moves user_version from n to n + 1."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

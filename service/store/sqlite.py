@@ -33,6 +33,7 @@ from service.model import (
     NewJob,
     NewOutboxMessage,
     OutboxMessage,
+    Replay,
     StoredEvent,
     Transition,
 )
@@ -188,6 +189,37 @@ class SQLiteStore:
         """Read one inbox row."""
         return await self._read(functools.partial(sql.get_event, row=row))
 
+    async def list_events(
+        self,
+        *,
+        status: EventStatus | None = None,
+        source: str | None = None,
+        since: float | None = None,
+        event_id: str | None = None,
+        limit: int = 50,
+        cursor: int | None = None,
+    ) -> list[StoredEvent]:
+        """A page of inbox rows, newest first, below row id `cursor`."""
+        return await self._read(
+            functools.partial(
+                sql.list_events,
+                status=status,
+                source=source,
+                since=since,
+                event_id=event_id,
+                limit=limit,
+                cursor=cursor,
+            )
+        )
+
+    async def replay_event(self, row: int, decided: InboundEvent, jobs: Sequence[NewJob]) -> Replay:
+        """Re-decide a stored event and add the jobs it lacks, in one commit."""
+        return await self._write(
+            functools.partial(
+                sql.replay_event, row=row, decided=decided, jobs=tuple(jobs), now=self._clock()
+            )
+        )
+
     # --- jobs -----------------------------------------------------------------------------
 
     async def transition(
@@ -336,21 +368,6 @@ class SQLiteStore:
         await self._write(functools.partial(sql.heartbeat, now=self._clock()))
 
     # --- operator console reads -----------------------------------------------------------
-
-    async def list_events(
-        self,
-        *,
-        status: EventStatus | None = None,
-        source: str | None = None,
-        limit: int = 50,
-        before: int | None = None,
-    ) -> list[StoredEvent]:
-        """A page of inbox rows, newest first, continuing below row id `before`."""
-        return await self._read(
-            functools.partial(
-                reads.list_events, status=status, source=source, limit=limit, before=before
-            )
-        )
 
     async def count_events_by_status(self) -> dict[EventStatus, int]:
         """Inbox rows by status, zeros included."""

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import sqlite3
 
-import orjson
-
 from service.model import (
     Announcement,
     EventStatus,
@@ -18,55 +16,11 @@ from service.model import (
     JobState,
     MinuteActivity,
     OutboxMessage,
-    StoredEvent,
 )
 from service.store.sqlite_sql import JOB_COLUMNS, job_from_row
 
-_EVENT_SELECT = (
-    "SELECT id, source, dedupe_key, event_id, event_type, body, headers, received_at,"
-    " status, reason FROM events"
-)
 _JOB_SELECT = f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs"  # noqa: S608 - names come from the Job dataclass
 _MINUTE_S = 60
-
-
-def _event_from_row(row: sqlite3.Row) -> StoredEvent:
-    return StoredEvent(
-        id=row["id"],
-        source=row["source"],
-        dedupe_key=row["dedupe_key"],
-        event_id=row["event_id"],
-        event_type=row["event_type"],
-        body=row["body"],
-        headers=orjson.loads(row["headers"]),
-        received_at=row["received_at"],
-        status=EventStatus(row["status"]),
-        reason=row["reason"],
-    )
-
-
-def list_events(
-    conn: sqlite3.Connection,
-    status: EventStatus | None,
-    source: str | None,
-    limit: int,
-    before: int | None,
-) -> list[StoredEvent]:
-    """A page of inbox rows, newest first, continuing below row id `before`."""
-    clauses: list[str] = []
-    params: list[object] = []
-    if status is not None:
-        clauses.append("status = ?")
-        params.append(EventStatus(status).value)
-    if source is not None:
-        clauses.append("source = ?")
-        params.append(source)
-    if before is not None:
-        clauses.append("id < ?")
-        params.append(before)
-    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-    rows = conn.execute(f"{_EVENT_SELECT}{where} ORDER BY id DESC LIMIT ?", (*params, limit))
-    return [_event_from_row(r) for r in rows.fetchall()]
 
 
 def count_events_by_status(conn: sqlite3.Connection) -> dict[EventStatus, int]:

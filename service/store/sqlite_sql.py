@@ -25,6 +25,8 @@ from service.model import (
     NewJob,
     NewOutboxMessage,
     OutboxMessage,
+    Replay,
+    ReplayedJob,
     StoredEvent,
     Transition,
 )
@@ -106,7 +108,7 @@ def _insert_event(
 ) -> int:
     cursor = conn.execute(
         "INSERT INTO events (source, dedupe_key, event_id, event_type, body, headers,"
-        " received_at, status, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " received_at, status, reason, failed_step) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             event.source,
             event.dedupe_key,
@@ -117,6 +119,7 @@ def _insert_event(
             event.received_at,
             status.value,
             reason,
+            event.failed_step if reason is not None else None,
         ),
     )
     row = cursor.lastrowid
@@ -128,34 +131,17 @@ def _insert_event(
 def accept_event(
     conn: sqlite3.Connection, event: InboundEvent, jobs: Sequence[NewJob], now: float
 ) -> Acceptance:
-    """Insert the event and its jobs, or return the original acceptance of a duplicate."""
+    """Insert the event and its jobs, or return the original acceptance of a duplicate.
+
+    An event with a `reason` is a dead letter, possibly with the jobs of its other routes.
+    """
     existing = _existing_acceptance(conn, event)
     if existing is not None:
         return existing
-    status = EventStatus.ROUTED if jobs else EventStatus.IGNORED
-    event_row = _insert_event(conn, event, status, None)
+    status = _status_of(event.reason, has_jobs=bool(jobs))
+    event_row = _insert_event(conn, event, status, event.reason)
     for job in jobs:
-        conn.execute(
-            "INSERT INTO jobs (job_id, event_row, event_id, source, route, state, export_name,"
-            " created_at, updated_at, error_code, error_message)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                job.job_id,
-                event_row,
-                event.event_id,
-                event.source,
-                job.route,
-                job.state.value,
-                job.export_name,
-                now,
-                now,
-                job.error_code,
-                job.error_message,
-            ),
-        )
-        _record_transition(
-            conn, job_id=job.job_id, from_state=None, to_state=job.state, at=now, note=None
-        )
+        _insert_job(conn, job, event_row, event, now)
     return Acceptance(
         event_id=event.event_id,
         job_ids=tuple(job.job_id for job in jobs),
@@ -164,14 +150,117 @@ def accept_event(
     )
 
 
+def _status_of(reason: str | None, *, has_jobs: bool) -> EventStatus:
+    if reason is not None:
+        return EventStatus.DEAD_LETTERED
+    return EventStatus.ROUTED if has_jobs else EventStatus.IGNORED
+
+
+def _insert_job(
+    conn: sqlite3.Connection,
+    job: NewJob,
+    event_row: int,
+    event: InboundEvent,
+    now: float,
+    *,
+    note: str | None = None,
+) -> None:
+    conn.execute(
+        "INSERT INTO jobs (job_id, event_row, event_id, source, route, state, export_name,"
+        " created_at, updated_at, error_code, error_message)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            job.job_id,
+            event_row,
+            event.event_id,
+            event.source,
+            job.route,
+            job.state.value,
+            job.export_name,
+            now,
+            now,
+            job.error_code,
+            job.error_message,
+        ),
+    )
+    _record_transition(
+        conn, job_id=job.job_id, from_state=None, to_state=job.state, at=now, note=note
+    )
+
+
 def reject_event(conn: sqlite3.Connection, event: InboundEvent, reason: str) -> Acceptance:
     """Insert a dead-lettered event, or return the original acceptance of a duplicate."""
-    existing = _existing_acceptance(conn, event)
-    if existing is not None:
-        return existing
-    _insert_event(conn, event, EventStatus.REJECTED, reason)
-    return Acceptance(
-        event_id=event.event_id, job_ids=(), duplicate=False, status=EventStatus.REJECTED
+    return accept_event(conn, dataclasses.replace(event, reason=reason), (), 0.0)
+
+
+def replay_event(
+    conn: sqlite3.Connection, *, row: int, decided: InboundEvent, jobs: Sequence[NewJob], now: float
+) -> Replay:
+    """Re-decide a stored event: new identity and outcome, jobs only for routes without one.
+
+    `decided` carries what the current configuration makes of the row (its body and headers
+    are not rewritten). When its dedupe key now names another stored event, that event is the
+    same delivery: the row is marked a duplicate of it and nothing is created.
+    """
+    stored = get_event(conn, row)
+    if stored is None:
+        raise LookupError(f"no event {row}")
+    if decided.dedupe_key != stored.dedupe_key:
+        other = conn.execute(
+            "SELECT id FROM events WHERE source = ? AND dedupe_key = ?",
+            (stored.source, decided.dedupe_key),
+        ).fetchone()
+        if other is not None:
+            conn.execute(
+                "UPDATE events SET status = ?, reason = ?, failed_step = NULL,"
+                " replays = replays + 1 WHERE id = ?",
+                (EventStatus.IGNORED.value, f"same event as #{other['id']}", row),
+            )
+            return Replay(_replayed(conn, row), _jobs_of(conn, other["id"]), other["id"])
+    replayed: list[ReplayedJob] = []
+    for job in jobs:
+        found = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (job.job_id,)).fetchone()
+        if found is None:
+            _insert_job(conn, job, row, decided, now, note="replayed by operator")
+            replayed.append(ReplayedJob(job.job_id, job.route, job.state, created=True))
+        else:
+            replayed.append(
+                ReplayedJob(job.job_id, job.route, JobState(found["state"]), created=False)
+            )
+    has_jobs = (
+        bool(jobs)
+        or conn.execute("SELECT 1 FROM jobs WHERE event_row = ? LIMIT 1", (row,)).fetchone()
+        is not None
+    )
+    conn.execute(
+        "UPDATE events SET dedupe_key = ?, event_id = ?, event_type = ?, status = ?, reason = ?,"
+        " failed_step = ?, replays = replays + 1 WHERE id = ?",
+        (
+            decided.dedupe_key,
+            decided.event_id,
+            decided.event_type,
+            _status_of(decided.reason, has_jobs=has_jobs).value,
+            decided.reason,
+            decided.failed_step if decided.reason is not None else None,
+            row,
+        ),
+    )
+    return Replay(_replayed(conn, row), tuple(replayed))
+
+
+def _replayed(conn: sqlite3.Connection, row: int) -> StoredEvent:
+    event = get_event(conn, row)
+    if event is None:
+        raise sqlite3.InternalError(f"event {row} vanished inside its own transaction")
+    return event
+
+
+def _jobs_of(conn: sqlite3.Connection, row: int) -> tuple[ReplayedJob, ...]:
+    found = conn.execute(
+        "SELECT job_id, route, state FROM jobs WHERE event_row = ? ORDER BY seq", (row,)
+    ).fetchall()
+    return tuple(
+        ReplayedJob(j["job_id"], j["route"], JobState(j["state"]), created=False) for j in found
     )
 
 
@@ -390,15 +479,50 @@ def count_jobs_by_state(conn: sqlite3.Connection) -> dict[JobState, int]:
     return counts
 
 
+_EVENT_SELECT = (
+    "SELECT id, source, dedupe_key, event_id, event_type, body, headers, received_at,"
+    " status, reason, failed_step, replays FROM events"
+)
+
+
 def get_event(conn: sqlite3.Connection, row: int) -> StoredEvent | None:
     """One inbox row, or None."""
-    found = conn.execute(
-        "SELECT id, source, dedupe_key, event_id, event_type, body, headers, received_at,"
-        " status, reason FROM events WHERE id = ?",
-        (row,),
-    ).fetchone()
-    if found is None:
-        return None
+    found = conn.execute(f"{_EVENT_SELECT} WHERE id = ?", (row,)).fetchone()
+    return _event_from_row(found) if found is not None else None
+
+
+def list_events(
+    conn: sqlite3.Connection,
+    *,
+    status: EventStatus | None,
+    source: str | None,
+    since: float | None,
+    event_id: str | None,
+    limit: int,
+    cursor: int | None,
+) -> list[StoredEvent]:
+    """A page of inbox rows, newest first, continuing below row id `cursor`."""
+    clauses: list[str] = []
+    params: list[object] = []
+    for column, value in (("status", status), ("source", source), ("event_id", event_id)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(str(value))
+    if since is not None:
+        clauses.append("received_at >= ?")
+        params.append(since)
+    if cursor is not None:
+        clauses.append("id < ?")
+        params.append(cursor)
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    rows = conn.execute(
+        f"{_EVENT_SELECT}{where} ORDER BY id DESC LIMIT ?",
+        (*params, limit),
+    ).fetchall()
+    return [_event_from_row(r) for r in rows]
+
+
+def _event_from_row(found: sqlite3.Row) -> StoredEvent:
     return StoredEvent(
         id=found["id"],
         source=found["source"],
@@ -410,6 +534,8 @@ def get_event(conn: sqlite3.Connection, row: int) -> StoredEvent | None:
         received_at=found["received_at"],
         status=EventStatus(found["status"]),
         reason=found["reason"],
+        failed_step=found["failed_step"],
+        replays=found["replays"],
     )
 
 
