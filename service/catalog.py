@@ -99,7 +99,7 @@ async def load_catalog(
                 templates[template.name] = load_template_file(template.file)
             except TemplateError as exc:
                 problems.append(Problem(f"templates[{i}].file", str(exc)))
-        elif template.project_id is not None:
+        elif template.kind == "legacy-project" and template.project_id is not None:
             legacy.add(template.name)
             if import_project is not None:
                 templates[template.name] = await import_project(template.project_id)
