@@ -22,6 +22,7 @@ import anyio
 import orjson
 from aiohttp import web
 
+from service.aistudios import simulator_v3
 from service.log import get_logger
 
 if TYPE_CHECKING:
@@ -42,7 +43,14 @@ _FLOAT_KNOBS = frozenset(
     {"render_seconds", "token_ttl_s", "retry_after_s", "stall_at", "callback_delay_s"}
 )
 _BOOL_KNOBS = frozenset({"list_only_exported"})
-_CREATES = frozenset({("POST", f"{V3}/editor/project"), ("POST", f"{LEGACY}/editor/project")})
+_CREATES = frozenset(
+    {
+        ("POST", f"{V3}/editor/project"),
+        ("POST", f"{LEGACY}/editor/project"),
+        ("POST", simulator_v3.TEMPLATE_MODIFY_PATH),
+        ("POST", simulator_v3.PROJECT_MODIFY_PATH),
+    }
+)
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -113,6 +121,8 @@ class Simulator:
         self.export_count = 0
         self.requests: list[tuple[float, str, str]] = []
         self.callbacks: list[tuple[str, dict[str, Any], int | None]] = []
+        self.server_templates: dict[str, dict[str, Any]] = {}
+        self.modify_requests: list[dict[str, Any]] = []
         self._tokens: dict[str, float] = {}
         self._video = (
             resources.files("service.aistudios").joinpath("assets/sample.mp4").read_bytes()
@@ -181,6 +191,7 @@ class Simulator:
         app.router.add_get("/_simulator/state", self._state)
         app.router.add_post("/_simulator/knobs", self._set_knobs)
         app.router.add_get("/_simulator/videos/{id}.mp4", self._video_file)
+        simulator_v3.install(app, self)
         return app
 
     @web.middleware
