@@ -57,7 +57,15 @@ def _print_problems(problems: Sequence[object]) -> None:
 
 async def _check(args: argparse.Namespace) -> int:
     cfg, problems = read_config(config_path(args.config))
-    catalog, catalog_problems = await load_catalog(cfg)
+    saved = [t for t in cfg.templates if t.project_id or t.layout_project_id]
+    if saved and not cfg.aistudios.uses_simulator:
+        # Reads only (free): saved projects are checked against what is really there.
+        async with connect(cfg) as api:
+            catalog, catalog_problems = await load_catalog(cfg, api.client)
+    else:
+        if saved:
+            err.print("no AI Studios credentials: saved projects are checked for syntax only")
+        catalog, catalog_problems = await load_catalog(cfg)
     problems = [*problems, *catalog_problems]
     if problems:
         _print_problems(problems)
@@ -84,8 +92,7 @@ def _read_event(path: Path, source: str) -> tuple[RawEvent, bytes]:
 async def _render(
     args: argparse.Namespace, cfg: Config, client: AIStudiosClient | None
 ) -> tuple[str, dict[str, Any], str, Any]:
-    importer = client.import_project_legacy if client is not None else None
-    catalog, problems = await load_catalog(cfg, importer)
+    catalog, problems = await load_catalog(cfg, client)
     if problems:
         raise ConfigError(list(problems))
     route = catalog.routes.get(args.route)
@@ -188,6 +195,29 @@ async def _submit(args: argparse.Namespace) -> int:
             await _download(url, Path(args.download))
             err.print(f"saved {args.download}")
     return EXIT_OK
+
+
+# --- reload ------------------------------------------------------------------------------
+
+
+async def _reload(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    base = args.url or _admin_url(cfg)
+    headers = {"Authorization": f"Bearer {cfg.http.admin_token}"} if cfg.http.admin_token else {}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        try:
+            async with session.post(f"{base}/templates/reload") as response:
+                data = await response.json()
+        except aiohttp.ClientConnectionError as exc:
+            err.print(f"cannot reach the service at {base}: {exc}")
+            return EXIT_PROBLEMS
+    if response.status != 200:  # noqa: PLR2004 - anything else carries an error
+        err.print(f"reload refused ({response.status}): {data.get('error')}")
+        return EXIT_PROBLEMS
+    outcomes: dict[str, str] = data["templates"]
+    for name, outcome in outcomes.items():
+        out.print(f"{name}: {outcome}")
+    return EXIT_OK if all(o == "ok" for o in outcomes.values()) else EXIT_PROBLEMS
 
 
 # --- jobs ----------------------------------------------------------------------------------
@@ -321,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--wait", action="store_true", help="follow the render to the end")
             p.add_argument("--poll-seconds", type=float, default=2.0)
             p.add_argument("--download", metavar="PATH", help="save the video (with --wait)")
+    reload = command("reload", "fetch saved-project templates again in a running service")
+    reload.add_argument("--url", help="the service's admin URL (default: from [http] listen)")
     jobs = command("jobs", "list, show and retry jobs of a running service")
     jobs.add_argument("action", nargs="?", choices=["show", "retry"])
     jobs.add_argument("job_id", nargs="?")
@@ -340,6 +372,7 @@ COMMANDS = {
     "preview": _preview,
     "submit": _submit,
     "jobs": _jobs,
+    "reload": _reload,
     "simulator": _simulator,
 }
 

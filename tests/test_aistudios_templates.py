@@ -165,7 +165,7 @@ async def test_project_modify_changes_the_project_in_place(simulator):
             {"projectId": "mine", "updates": {"title_1": "Changed"}},
         )
     assert (status, answer["data"]["projectId"]) == (200, "mine")
-    assert texts(simulator.projects["mine"].scenes)[1][2] == "Changed"
+    assert texts(simulator.saved_v3_projects["mine"].scenes)[1][2] == "Changed"
     assert simulator.export_count == 0
 
 
@@ -199,6 +199,8 @@ async def test_client_project_modify_sends_is_export_true(aistudios_client, simu
     assert await aistudios_client.project_modify("mine", {"scripts": "Hi"}) == "mine"
     assert simulator.modify_requests[-1]["isExport"] is True
     assert simulator.export_count == 1
+    assert simulator.projects["mine"].scenes[0]["scripts"][0]["org"] == "Hi"
+    assert (await aistudios_client.progress_v3("mine")).progress >= 0
 
 
 async def test_a_refused_updates_key_is_permanent_and_bills_nothing(aistudios_client, simulator):

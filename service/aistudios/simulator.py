@@ -122,6 +122,7 @@ class Simulator:
         self.requests: list[tuple[float, str, str]] = []
         self.callbacks: list[tuple[str, dict[str, Any], int | None]] = []
         self.server_templates: dict[str, dict[str, Any]] = {}
+        self.saved_v3_projects: dict[str, SimProject] = {}
         self.modify_requests: list[dict[str, Any]] = []
         self._tokens: dict[str, float] = {}
         self._video = (
@@ -177,6 +178,7 @@ class Simulator:
 
     def _build_app(self) -> web.Application:
         app = web.Application(middlewares=[self._api_gate], client_max_size=16 * 1024 * 1024)
+        simulator_v3.install(app, self)  # first: its GET of saved projects falls through to ours
         app.router.add_post(TOKEN_PATH, self._issue_token)
         app.router.add_get(f"{V3}/auth", self._confirm_auth)
         app.router.add_post(f"{V3}/editor/project", self._create_v3)
@@ -191,7 +193,6 @@ class Simulator:
         app.router.add_get("/_simulator/state", self._state)
         app.router.add_post("/_simulator/knobs", self._set_knobs)
         app.router.add_get("/_simulator/videos/{id}.mp4", self._video_file)
-        simulator_v3.install(app, self)
         return app
 
     @web.middleware

@@ -29,19 +29,27 @@ TEMPLATE_MODIFY_PATH = f"{V3}/template/modify"
 PROJECT_MODIFY_PATH = f"{V3}/project/modify"
 SAMPLE_PROJECT_ID = "sample-v3-project"
 SAMPLE_TEMPLATE_ID = "sample-template"
+SAMPLE_LAYOUT_PROJECT_ID = "sample-template-layout"
+"""A saved project made from the sample template: what `layout_project_id` points at."""
 
 
 def install(app: web.Application, simulator: Simulator) -> None:
     """Add the template routes to the simulator's app and seed the samples the README uses."""
     handlers = _Handlers(simulator)
+    app.router.add_get(f"{V3}/editor/project/{{id}}", handlers.get_project)
     app.router.add_post(TEMPLATE_MODIFY_PATH, handlers.template_modify)
     app.router.add_post(PROJECT_MODIFY_PATH, handlers.project_modify)
     save_v3_project(simulator, SAMPLE_PROJECT_ID, sample_saved_project())
     save_server_template(simulator, SAMPLE_TEMPLATE_ID, sample_server_template())
+    save_v3_project(simulator, SAMPLE_LAYOUT_PROJECT_ID, sample_server_template())
 
 
 def save_v3_project(simulator: Simulator, project_id: str, document: dict[str, Any]) -> SimProject:
-    """A project saved in the v3 editor (never exported), readable with GET …/project/{id}."""
+    """A project saved in the v3 editor (never exported), readable with GET …/project/{id}.
+
+    Kept apart from the simulator's exports, so `projects` and `exports_named` hold only
+    what the API was asked to create.
+    """
     from service.aistudios.simulator import SimProject  # noqa: PLC0415 - simulator imports us
 
     project = SimProject(
@@ -53,7 +61,7 @@ def save_v3_project(simulator: Simulator, project_id: str, document: dict[str, A
         rendering=False,
         orientation=str(document.get("orientation") or "landscape"),
     )
-    simulator.projects[project_id] = project
+    simulator.saved_v3_projects[project_id] = project
     return project
 
 
@@ -66,6 +74,14 @@ class _Handlers:
     def __init__(self, simulator: Simulator) -> None:
         self.sim = simulator
         self.received: list[dict[str, Any]] = simulator.modify_requests
+
+    async def get_project(self, request: web.Request) -> web.StreamResponse:
+        """A saved project, whole; any other id is the simulator's own GET (its exports)."""
+        project = self.sim.saved_v3_projects.get(request.match_info["id"])
+        if project is None:
+            return await self.sim._get_v3(request)  # noqa: SLF001 - the simulator's own sub-module
+        document = self.sim._project_document(project, self.sim.clock())  # noqa: SLF001
+        return web.json_response({"success": True, "data": {"project": document}})
 
     async def template_modify(self, request: web.Request) -> web.Response:
         body = await _json_object(request)
@@ -94,7 +110,8 @@ class _Handlers:
         problem = _modify_problem(body, "projectId")
         if problem is not None:
             return _failure(400, problem)
-        project = self.sim.projects.get(body["projectId"])
+        project_id = body["projectId"]
+        project = self.sim.saved_v3_projects.get(project_id) or self.sim.projects.get(project_id)
         if project is None:
             return _failure(404, "project not found")
         try:
@@ -107,8 +124,10 @@ class _Handlers:
         if isinstance(body.get("webhookUrl"), str):
             project.webhook_url = body["webhookUrl"]
         exporting = body.get("isExport") is True
-        if exporting:
+        if exporting:  # from now on it is an export the API was asked for
             project.created_at = self.sim.clock()
+            self.sim.saved_v3_projects.pop(project.id, None)
+            self.sim.projects[project.id] = project
         return self._maybe_export(request, project, exporting=exporting)
 
     def _maybe_export(
