@@ -20,6 +20,7 @@ from rich.table import Column, Table
 
 from service.aistudios.client import AIStudiosClient
 from service.aistudios.connect import connect
+from service.aistudios.paid_requests import TEMPLATE_MODIFY_API, paid_request
 from service.aistudios.simulator import SimulatorKnobs, run_simulator
 from service.catalog import load_catalog
 from service.config import Config, ConfigError, config_path, load_config, read_config
@@ -34,6 +35,11 @@ out = Console(highlight=False, soft_wrap=True, markup=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+FLOWS = {
+    "v3": "v3 export",
+    "legacy": "legacy export of a saved project",
+    TEMPLATE_MODIFY_API: "server-side template",
+}
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -101,10 +107,11 @@ async def _render(
     source = cfg.source(args.source or route.config.source)
     if source is None:
         raise SystemExit(f"no source named {args.source!r}")
-    if route.config.template not in catalog.templates:
+    template_name = route.config.template
+    if template_name not in catalog.templates and template_name not in catalog.server_templates:
         raise SystemExit(
-            f"template {route.config.template!r} is a saved project: it is fetched from "
-            "AI Studios at start-up, so preview needs `submit` or a running service"
+            f"template {template_name!r} is a saved project: preview reads it from AI Studios, "
+            "which needs credentials ([aistudios] api_key, or app_id and user_key)"
         )
     raw, _ = _read_event(Path(args.event), source.name)
     handled = catalog.handled(route, source.kind, raw, None)
@@ -119,22 +126,46 @@ async def _render(
     job_id = f"cli_{uuid.uuid4().hex[:12]}"
     name = export_name(route, context, job_id)
     api, body = export_request(catalog, route, context, name)
-    return api, body, name, catalog.templates[route.config.template]
+    return api, body, name, catalog.templates.get(template_name)
+
+
+async def _preview_render(
+    args: argparse.Namespace, cfg: Config
+) -> tuple[str, dict[str, Any], str, Any]:
+    """Render offline; a saved project is read (free) when credentials allow it."""
+    saved = any(t.project_id for t in cfg.templates)
+    if not saved or cfg.aistudios.uses_simulator:
+        return await _render(args, cfg, None)
+    async with connect(cfg) as api:
+        return await _render(args, cfg, api.client)
 
 
 async def _preview(args: argparse.Namespace) -> int:
     cfg = _load(args)
     try:
-        api, body, name, template = await _render(args, cfg, None)
+        api, body, name, template = await _preview_render(args, cfg)
     except MappingError as exc:
         err.print(f"mapping error: {exc}")
         return EXIT_PROBLEMS
-    out.print(f"# export request ({api} API), name {name!r}")
-    rendered = orjson.dumps(body, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
-    out.print(rendered, markup=False)
+    a = cfg.aistudios
+    webhook = f"{cfg.http.public_url}/callbacks/<job_id>/<token>" if cfg.http.public_url else None
+    request = paid_request(
+        api,
+        body,
+        name=name,
+        base_url=a.base_url,
+        legacy_base_url=a.legacy_base_url,
+        webhook_url=webhook,
+    )
+    out.print(f"# {request.method} {request.url}  ({FLOWS.get(api, api)}), name {name!r}")
+    rendered = orjson.dumps(request.body, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+    out.print(rendered.decode(), markup=False)
+    if template is None:
+        out.print("# the template is kept by AI Studios: it applies `updates` to it")
+        return EXIT_OK
     before = orjson.dumps(template, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
     diff = difflib.unified_diff(
-        before.splitlines(), rendered.splitlines(), "template", "export", lineterm="", n=1
+        before.splitlines(), rendered.decode().splitlines(), "template", "export", lineterm="", n=1
     )
     out.print("# diff against the template")
     for line in diff:
@@ -155,7 +186,7 @@ async def _download(url: str, dest: Path) -> None:
 
 
 async def _wait_for(client: AIStudiosClient, api: str, project_id: str, poll_s: float) -> str:
-    poll = client.progress_v3 if api == "v3" else client.progress_legacy
+    poll = client.progress_legacy if api == "legacy" else client.progress_v3
     columns = (TextColumn("rendering"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"))
     with Progress(*columns, TimeElapsedColumn(), console=err, transient=True) as bar:
         task = bar.add_task("render", total=100)
@@ -181,7 +212,11 @@ async def _submit(args: argparse.Namespace) -> int:
         except MappingError as exc:
             err.print(f"mapping error: {exc}")
             return EXIT_PROBLEMS
-        if kind == "v3":
+        if kind == TEMPLATE_MODIFY_API:
+            project_id = await client.template_modify(
+                body["templateId"], body["updates"], name=name
+            )
+        elif kind == "v3":
             project_id = await client.export_v3(body, name=name)
         else:
             project_id = await client.export_legacy(body["scenes"])

@@ -11,13 +11,14 @@ from typing import Any
 
 import orjson
 
+from service.aistudios.paid_requests import TEMPLATE_MODIFY_API
 from service.catalog import Catalog
 from service.config import Config
 from service.intake import route_context
 from service.jobs.context import OutboxFor, end_with_error
 from service.log import get_logger
 from service.mapping.render import MappingError
-from service.mapping.routes import TEMPLATE_MODIFY_API, CompiledRoute, build_export, build_updates
+from service.mapping.routes import CompiledRoute, build_export, build_updates
 from service.model import (
     Job,
     JobState,

@@ -18,10 +18,10 @@ import orjson
 import structlog
 
 from service.aistudios.errors import AmbiguousError, PermanentError, RetryableError
+from service.aistudios.paid_requests import TEMPLATE_MODIFY_API
 from service.backoff import backoff_delay
 from service.jobs.schedule import retry_delay
 from service.log import get_logger
-from service.mapping.routes import TEMPLATE_MODIFY_API
 from service.model import Job, JobState, JobUpdate
 from service.store.base import StaleTransitionError, StoreUnavailableError
 

@@ -220,10 +220,6 @@ def build_export(route: CompiledRoute, template: Any, context: Mapping[str, Any]
         raise MappingError(f"patch {exc}") from exc
 
 
-TEMPLATE_MODIFY_API = "v3-template"
-"""A job's `api` when its paid call is `POST /api/odin/v3/template/modify`."""
-
-
 def build_updates(route: CompiledRoute, context: Mapping[str, Any]) -> dict[str, str]:
     """The `updates` of a server-side template: each patch key with its value as text.
 
