@@ -1,8 +1,9 @@
 """Templates and compiled routes, loaded once and checked together.
 
 `studiohook check` and start-up share this, so a config that passes `check` is exactly a config
-the daemon accepts. Templates of the older API (`project_id`) need the network: offline they
-are syntax-checked only, at start-up they are imported and checked in full.
+the daemon accepts. Saved projects (`project_id`, either API) and the layout project of a
+server-side template need the network: offline they are syntax-checked only, at start-up (and
+in `check` with credentials) they are read and checked in full.
 """
 
 from __future__ import annotations
