@@ -2,6 +2,9 @@
 
 import pytest
 
+from service.config import RouteConfig
+from service.mapping.render import MappingError
+from service.mapping.routes import build_updates, compile_routes
 from service.mapping.selectors import apply_patches, explain_no_match, find, parse_selector
 from service.mapping.updates import (
     Layout,
@@ -163,3 +166,38 @@ def test_apply_updates_changes_only_what_the_keys_address():
     assert changed["scenes"][1]["scripts"] == SAVED["scenes"][1]["scripts"]
     with pytest.raises(UpdateKeyError, match="title_5"):
         apply_updates(SAVED, {"title_5": "x"})
+
+
+# --- a route's patches as `updates` -------------------------------------------------------
+
+
+def updates_route(patches: tuple[tuple[str, str], ...]):
+
+    config = RouteConfig(name="r", source="s", template="t", patches=patches)
+    routes, problems = compile_routes([config], {"t": None})
+    assert problems == []
+    return routes["r"]
+
+
+def test_updates_are_the_rendered_patch_values_as_text():
+
+    route = updates_route((("title", "{{ product.title }}"), ("scripts_1", "{{ product.price }}")))
+    context = {"product": {"title": "Lamp", "price": 19.5}}
+    assert build_updates(route, context) == {"title": "Lamp", "scripts_1": "19.5"}
+
+
+@pytest.mark.parametrize(
+    ("expression", "reason"),
+    [
+        ("{{ product.tags }}", "the value is list, not text"),
+        ("{{ product.active }}", "the value is bool, not text"),
+        ("{{ product.missing }}", "product.missing is undefined"),
+    ],
+)
+def test_an_update_that_is_not_text_is_a_mapping_error(expression, reason):
+
+    route = updates_route((("title", expression),))
+    context = {"product": {"tags": ["a"], "active": True}}
+    with pytest.raises(MappingError, match=reason) as info:
+        build_updates(route, context)
+    assert str(info.value).startswith('update "title": ')
