@@ -89,3 +89,32 @@ def test_killed_in_the_paid_call_window_each_job_is_exported_once(
     assert simulator.state()["export_count"] == len(jobs)
     announced = ready_lines(tmp_path / "videos.jsonl")
     assert all(announced.get(job, 0) >= 1 for job in jobs), announced
+
+
+def test_sighup_fetches_saved_projects_again_and_the_daemon_keeps_serving(
+    tmp_path: Path,
+    daemon_factory: Callable[[str], Daemon],
+    simulator_process: Callable[[float], SimulatorProcess],
+) -> None:
+    simulator = simulator_process(0.3)
+    daemon = daemon_factory(flow_config(tmp_path, simulator.url, "saved-project"))
+    url = daemon.start()
+    assert url is not None
+    run = daemon.current
+    assert not run.events("template.refreshed")
+    run.send(signal.SIGHUP)
+    refreshed = run.wait_for(
+        lambda r: r.get("event") == "template.refreshed", what="template.refreshed"
+    )
+    assert refreshed is not None
+    assert refreshed["template"] == "promo"
+    assert refreshed["project_id"] == SAMPLE_PROJECT_ID
+    webhook_id = f"after-hup-{uuid.uuid4().hex[:8]}"
+    assert post_delivery(url, webhook_id, "Lamp") == 202
+    job = shop_job_id(webhook_id)
+    wait_until(
+        lambda: job_states(daemon.db_path) == {job: "notified"},
+        what="the job notified after the reload",
+        explain=run.tail,
+    )
+    assert run.process.poll() is None
