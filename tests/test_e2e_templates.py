@@ -45,6 +45,12 @@ api = "v3"
 name = "tpl"
 template_id = "{SAMPLE_TEMPLATE_ID}"
 """,
+    "legacy-project": """
+[[templates]]
+name = "tpl"
+project_id = "sample-project"
+api = "legacy"
+""",
 }
 PATCHES = {
     "saved-project": """
@@ -56,6 +62,10 @@ PATCHES = {
 title = "{{ product.title }}"
 title_2 = "{{ product.vendor }}"
 scripts_1 = "Only {{ product.price }}."
+""",
+    "legacy-project": """
+"scenes[0].AIModel.script" = "Meet {{ product.title }}."
+"scenes[0].clips[type=image].detail.url" = "{{ product.image_url }}"
 """,
 }
 
@@ -218,3 +228,22 @@ async def test_reload_endpoint_swaps_in_an_edited_saved_project(tmp_path):
         await deliver_and_wait_ready(tmp_path, svc, "after-reload")
         (export,) = [p for p in sim.projects.values() if p.rendering]
     assert export.scenes[0]["clips"][2]["text"] == "Edited."
+
+
+async def test_legacy_saved_project_flow(tmp_path):
+    async with running_service(config(tmp_path, "legacy-project")) as svc:
+        ready = await deliver_and_wait_ready(tmp_path, svc, "legacy-1")
+        sim = svc.simulator
+        assert sim is not None
+        job = await svc.store.get_job(ready["job_id"])
+        assert job is not None
+        assert job.api == "legacy"
+        (export,) = [p for p in sim.projects.values() if p.api == "legacy"]
+        assert sim.export_count == 1
+        saved = sim.saved_projects["sample-project"].scenes
+    assert export.id == ready["project_id"]
+    (scene,) = export.scenes
+    assert scene["AIModel"] == {**saved[0]["AIModel"], "script": f"Meet {EVENT['title']}."}
+    background, image, text = scene["clips"]
+    assert (background, text) == (saved[0]["clips"][0], saved[0]["clips"][2])
+    assert image["detail"] == {**saved[0]["clips"][1]["detail"], "url": EVENT["image"]["src"]}
