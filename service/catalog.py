@@ -128,14 +128,10 @@ async def fetch_saved_project(
 
 def routes_problems_for(cfg: Config, name: str, document: Any) -> list[Problem]:  # noqa: ANN401 - a JSON document
     """Every route on template `name` checked against `document` (a re-fetched saved project)."""
-    routes = [(i, r) for i, r in enumerate(cfg.routes) if r.template == name]
-    _, problems = compile_routes([r for _, r in routes], {name: document})
-    renumbered = []
-    for problem in problems:
-        local = int(problem.location.split("]", 1)[0].removeprefix("routes["))
-        where = f"routes[{routes[local][0]}]" + problem.location.split("]", 1)[1]
-        renumbered.append(Problem(where, problem.message))
-    return renumbered
+    available = {t.name: document if t.name == name else None for t in cfg.templates}
+    _, problems = compile_routes(cfg.routes, available)
+    on_template = {f"routes[{i}]" for i, r in enumerate(cfg.routes) if r.template == name}
+    return [p for p in problems if p.location.split(".", 1)[0] in on_template]
 
 
 def _updates_problems(cfg: Config, layouts: Mapping[str, Any]) -> list[Problem]:

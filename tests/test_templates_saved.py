@@ -235,3 +235,28 @@ async def test_the_loop_reloads_on_request_and_when_refresh_seconds_pass(
         await eventually(refreshed, timeout_s=5, what="refresh after refresh_seconds")
         assert refresher.freshness["t"].fetched_at == clock()
         tg.cancel_scope.cancel()
+
+
+async def test_a_refused_edit_names_the_route_by_its_place_in_the_config(
+    tmp_path, aistudios_client, simulator
+):
+    template = Path(__file__).resolve().parent.parent / "templates" / "product-promo.json"
+    text = config_text(f'project_id = "{SAMPLE_PROJECT_ID}"\napi = "v3"')
+    text = text.replace(
+        "[[templates]]",
+        f'[[templates]]\nname = "file"\nfile = "{template}"\n\n'
+        '[[routes]]\nname = "first"\nsource = "shop"\ntemplate = "file"\n\n[[templates]]',
+        1,
+    )
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    cfg = load_config(path, env={})
+    assert [r.template for r in cfg.routes] == ["file", "t"]
+    catalog, problems = await load_catalog(cfg, aistudios_client)
+    assert problems == []
+    saved_image(simulator)["tag"] = "bird-image"
+    outcome = (await TemplateRefresher(cfg, catalog, aistudios_client).refresh(["t"]))["t"]
+    assert outcome.startswith(
+        "kept the previous version: "
+        'routes[1].patches."scenes[0].clips[tag=parrot-image].source_url": '
+    )
