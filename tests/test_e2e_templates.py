@@ -6,9 +6,13 @@ lost answer to the paid call is reconciled by name into exactly one billed expor
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import aiohttp
+import anyio
+import anyio.to_thread
 import orjson
 import pytest
 
@@ -247,3 +251,21 @@ async def test_legacy_saved_project_flow(tmp_path):
     background, image, text = scene["clips"]
     assert (background, text) == (saved[0]["clips"][0], saved[0]["clips"][2])
     assert image["detail"] == {**saved[0]["clips"][1]["detail"], "url": EVENT["image"]["src"]}
+
+
+async def test_reload_command_prints_each_templates_outcome(tmp_path):
+    cfg = config(tmp_path, "saved-project")
+    async with running_service(cfg) as svc:
+        argv = [sys.executable, "-m", "service", "reload", "--config", str(cfg.path)]
+        argv += ["--url", svc.http_url]
+        ok = await anyio.to_thread.run_sync(
+            lambda: subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        )
+        assert (ok.returncode, ok.stdout) == (0, "tpl: ok\n"), ok.stderr
+        assert svc.simulator is not None
+        del svc.simulator.saved_v3_projects[SAMPLE_PROJECT_ID]
+        kept = await anyio.to_thread.run_sync(
+            lambda: subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        )
+    assert kept.returncode == 1
+    assert kept.stdout == ("tpl: kept the previous version: could not be read: project not found\n")
