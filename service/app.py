@@ -44,6 +44,7 @@ from service.notify.sender import Notifier, OutboxSender
 from service.store.base import StaleTransitionError, Store, StoreUnavailableError
 from service.store.factory import store_from_url
 from service.summary import startup_summary
+from service.template_refresh import ReloadRequests, TemplateRefresher, reload_routes
 
 log = get_logger("app")
 human_log = structlog.get_logger()
@@ -63,6 +64,7 @@ class Running:
     simulator: Simulator | None
     store: Store
     pipeline: JobPipeline
+    templates: TemplateRefresher | None = None
 
 
 async def _serve_http(
@@ -107,9 +109,13 @@ async def run_service(
     *,
     shutdown: anyio.Event,
     simulator_knobs: SimulatorKnobs | None = None,
+    reload_requests: ReloadRequests | None = None,
     task_status: anyio.abc.TaskStatus[Running] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run until `shutdown` is set (signals in production, an event in tests)."""
+    """Run until `shutdown` is set (signals in production, an event in tests).
+
+    `reload_requests` is how SIGHUP reaches the saved-template refresher.
+    """
     if cfg.aistudios.uses_simulator:
         log.warning(
             "aistudios.simulator",
@@ -127,13 +133,14 @@ async def run_service(
                     cfg, knobs=simulator_knobs, before_request=gate, on_call=metrics.on_api_call
                 )
             )
-            catalog, problems = await load_catalog(cfg, api.client.import_project_legacy)
+            catalog, problems = await load_catalog(cfg, api.client)
             if problems:
                 raise ConfigError(problems)
             notifiers = await stack.enter_async_context(
                 build_notifiers(cfg, store, (api.api_url, api.legacy_url))
             )
-            parts = _Parts(cfg, store, api.client, gate, catalog, notifiers, metrics)
+            refresher = TemplateRefresher(cfg, catalog, api.client, requests=reload_requests)
+            parts = _Parts(cfg, store, api.client, gate, catalog, notifiers, metrics, refresher)
             await parts.run(api.simulator, api.api_url, shutdown, task_status)
     finally:
         with anyio.CancelScope(shield=True):
@@ -190,6 +197,7 @@ class _Parts:
     catalog: Catalog
     notifiers: Mapping[str, Notifier]
     metrics: Metrics
+    refresher: TemplateRefresher
 
     def outbox_for(self, job: Job, event_type: str) -> Sequence[NewOutboxMessage]:
         return outbox_rows_for(self.cfg, job, event_type)
@@ -262,11 +270,13 @@ class _Parts:
                 body_timeout_s=cfg.http.body_timeout_s,
             ),
             *admin.routes(),
+            *reload_routes(self.refresher, cfg.http.admin_token),
         ]
         async with anyio.create_task_group() as workers:
             await workers.start(pipeline.run, name="jobs")
             await workers.start(sender.run, name="outbox")
             workers.start_soon(_purge_dedupe, self.store, name="dedupe-purge")
+            workers.start_soon(self.refresher.run, name="template-refresh")
             async with anyio.create_task_group() as intake_group:
                 # The trigger may come while intake is still starting (a broker that is down):
                 # it must stop the start-up as well as a running service.
@@ -282,7 +292,9 @@ class _Parts:
                         cfg, http_url=http_url, api_url=api_url, simulator=simulator is not None
                     )
                     human_log.info(summary)
-                task_status.started(Running(http_url, api_url, simulator, self.store, pipeline))
+                task_status.started(
+                    Running(http_url, api_url, simulator, self.store, pipeline, self.refresher)
+                )
             with anyio.move_on_after(cfg.service.shutdown_grace_s):
                 await pipeline.drain()
             workers.cancel_scope.cancel()
@@ -295,17 +307,21 @@ async def _stop_intake_on(shutdown: anyio.Event, intake: anyio.abc.TaskGroup) ->
 
 
 async def run_until_signalled(cfg: Config) -> None:
-    """`studiohook serve`: SIGTERM or SIGINT is the shutdown trigger."""
+    """`studiohook serve`: SIGTERM or SIGINT is the shutdown trigger, SIGHUP a template reload."""
     shutdown = anyio.Event()
+    reload_requests = ReloadRequests()
 
     async def wait_for_signal() -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 log.info("service.signal", signal=signal.Signals(signum).name)
+                if signum == signal.SIGHUP:
+                    reload_requests.request()
+                    continue
                 shutdown.set()
                 return
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(wait_for_signal, name="signals")
-        await run_service(cfg, shutdown=shutdown)
+        await run_service(cfg, shutdown=shutdown, reload_requests=reload_requests)
         tg.cancel_scope.cancel()

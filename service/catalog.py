@@ -1,25 +1,44 @@
 """Templates and compiled routes, loaded once and checked together.
 
 `studiohook check` and start-up share this, so a config that passes `check` is exactly a config
-the daemon accepts. Templates of the older API (`project_id`) need the network: offline they
-are syntax-checked only, at start-up they are imported and checked in full.
+the daemon accepts. Saved projects (`project_id`, either API) and the layout project of a
+server-side template need the network: offline they are syntax-checked only, at start-up (and
+in `check` with credentials) they are read and checked in full.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from handlers import Handler, HandlerError, handler_for
-from service.config import Config, Problem
+from service.aistudios.errors import AIStudiosError
+from service.config import Config, Problem, TemplateConfig
 from service.ingress.dedupe import DedupeKeyError, compile_dedupe_expression, header_name_of
 from service.mapping.routes import CompiledRoute, compile_routes, load_handler
-from service.mapping.templates import TemplateError, load_template_file
+from service.mapping.templates import TemplateError, check_template_shape, load_template_file
+from service.mapping.updates import (
+    UpdateKeyError,
+    duplicate_keys,
+    layout_of,
+    layout_problem,
+    parse_update_key,
+)
 from service.model import HandledEvent, RawEvent
 from service.notify.mqtt import topic_template_problem
 
-ImportProject = Callable[[str], Awaitable[dict[str, Any]]]
+
+class SavedProjectReader(Protocol):
+    """The free reads that turn a saved project into a template (the API client has them)."""
+
+    async def import_project_legacy(self, project_id: str) -> dict[str, Any]:
+        """A project saved on the older aistudios.com."""
+        ...
+
+    async def fetch_saved_project_v3(self, project_id: str) -> dict[str, Any]:
+        """A project saved in today's v3 editor."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,14 +46,23 @@ class Catalog:
     """Everything the mapping needs: template documents by name and compiled routes by name.
 
     `legacy` names the templates that came from the older import API: their jobs are exported
-    through that API's `{scenes}` endpoint. `handlers` holds the routes' own handlers, imported
-    once here, so intake (matching, `when`, export name) and mapping see the same context.
+    through that API's `{scenes}` endpoint. `server_templates` maps the names of server-side
+    templates to their `templateId`: their routes' patches are `updates` keys. `handlers` holds
+    the routes' own handlers, imported once here, so intake (matching, `when`, export name) and
+    mapping see the same context.
     """
 
     templates: Mapping[str, Any]
     routes: Mapping[str, CompiledRoute]
     legacy: frozenset[str]
     handlers: Mapping[str, Handler] = field(default_factory=dict)
+    server_templates: Mapping[str, str] = field(default_factory=dict)
+
+    def replace_template(self, name: str, document: Any) -> None:  # noqa: ANN401 - a JSON document
+        """Swap in a re-fetched saved project: jobs mapped from now on use it."""
+        if not isinstance(self.templates, dict):
+            raise TypeError("this catalog's templates cannot be replaced")
+        self.templates[name] = document
 
     def handled(
         self, route: CompiledRoute, source_kind: str, raw: RawEvent, default: HandledEvent | None
@@ -86,29 +114,116 @@ def _route_handlers(cfg: Config) -> tuple[dict[str, Handler], list[Problem]]:
     return handlers, problems
 
 
-async def load_catalog(
-    cfg: Config, import_project: ImportProject | None = None
-) -> tuple[Catalog, list[Problem]]:
-    """Load every template and compile every route; return all problems found."""
-    problems: list[Problem] = []
-    templates: dict[str, Any] = {}
-    legacy: set[str] = set()
+async def fetch_saved_project(
+    reader: SavedProjectReader, template: TemplateConfig
+) -> dict[str, Any]:
+    """Read a saved project through its API and check it is a template; TemplateError if not."""
+    project_id = template.project_id or ""
+    if template.kind == "legacy-project":
+        document = await reader.import_project_legacy(project_id)
+    else:
+        document = await reader.fetch_saved_project_v3(project_id)
+    return check_template_shape(document, f"saved project {project_id!r}")
+
+
+def routes_problems_for(cfg: Config, name: str, document: Any) -> list[Problem]:  # noqa: ANN401 - a JSON document
+    """Every route on template `name` checked against `document` (a re-fetched saved project)."""
+    available = {t.name: document if t.name == name else None for t in cfg.templates}
+    _, problems = compile_routes(cfg.routes, available)
+    on_template = {f"routes[{i}]" for i, r in enumerate(cfg.routes) if r.template == name}
+    return [p for p in problems if p.location.split(".", 1)[0] in on_template]
+
+
+def _updates_problems(cfg: Config, layouts: Mapping[str, Any]) -> list[Problem]:
+    """Routes on server-side templates: each patch key must be an `updates` key it takes."""
+    kinds = {t.name: t.kind for t in cfg.templates}
+    problems = []
+    for i, route in enumerate(cfg.routes):
+        if kinds.get(route.template) != "server-template":
+            continue
+        keys = []
+        layout = layouts.get(route.template)
+        for key_text, _ in route.patches:
+            at = f'routes[{i}].patches."{key_text}"'
+            try:
+                key = parse_update_key(key_text)
+            except UpdateKeyError as exc:
+                problems.append(Problem(at, str(exc)))
+                continue
+            keys.append(key)
+            problem = layout_problem(key, layout_of(layout)) if layout is not None else None
+            if problem is not None:
+                problems.append(Problem(at, f"template {route.template!r}: {problem}"))
+        for first, second in duplicate_keys(keys):
+            problems.append(
+                Problem(
+                    f'routes[{i}].patches."{second.text}"',
+                    f"addresses the same place as {first.text!r}",
+                )
+            )
+    return problems
+
+
+@dataclass
+class _Loaded:
+    templates: dict[str, Any] = field(default_factory=dict)
+    layouts: dict[str, Any] = field(default_factory=dict)
+    legacy: set[str] = field(default_factory=set)
+    server: dict[str, str] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+
+async def _read_templates(cfg: Config, reader: SavedProjectReader | None) -> _Loaded:
+    loaded = _Loaded()
     for i, template in enumerate(cfg.templates):
         if template.file is not None:
             try:
-                templates[template.name] = load_template_file(template.file)
+                loaded.templates[template.name] = load_template_file(template.file)
             except TemplateError as exc:
-                problems.append(Problem(f"templates[{i}].file", str(exc)))
+                loaded.problems.append(Problem(f"templates[{i}].file", str(exc)))
+            continue
+        if template.template_id is not None:
+            loaded.server[template.name] = template.template_id
+        if template.kind == "legacy-project":
+            loaded.legacy.add(template.name)
+        if reader is not None:
+            await _fetch_into(loaded, reader, template, f"templates[{i}]")
+    return loaded
+
+
+async def _fetch_into(
+    loaded: _Loaded, reader: SavedProjectReader, template: TemplateConfig, where: str
+) -> None:
+    """Fetch a saved project (or a server template's layout project); a failure is a problem."""
+    try:
+        if template.template_id is not None and template.layout_project_id is not None:
+            layout = await reader.fetch_saved_project_v3(template.layout_project_id)
+            loaded.layouts[template.name] = layout
         elif template.project_id is not None:
-            legacy.add(template.name)
-            if import_project is not None:
-                templates[template.name] = await import_project(template.project_id)
-    available: dict[str, Any | None] = {t.name: templates.get(t.name) for t in cfg.templates}
+            loaded.templates[template.name] = await fetch_saved_project(reader, template)
+    except (AIStudiosError, TemplateError) as exc:
+        key = "layout_project_id" if template.template_id is not None else "project_id"
+        reason = exc.message if isinstance(exc, AIStudiosError) else str(exc)
+        loaded.problems.append(Problem(f"{where}.{key}", f"could not be read: {reason}"))
+
+
+async def load_catalog(
+    cfg: Config, reader: SavedProjectReader | None = None
+) -> tuple[Catalog, list[Problem]]:
+    """Load every template and compile every route; return all problems found.
+
+    Without a `reader` (offline: `check` with no credentials, `preview`) saved projects are
+    not fetched and their routes are checked for syntax only.
+    """
+    loaded = await _read_templates(cfg, reader)
+    problems = loaded.problems
+    available: dict[str, Any | None] = {t.name: loaded.templates.get(t.name) for t in cfg.templates}
     routes, route_problems = compile_routes(cfg.routes, available)
     problems.extend(route_problems)
+    problems.extend(_updates_problems(cfg, loaded.layouts))
     problems.extend(_source_problems(cfg))
     problems.extend(_notify_problems(cfg))
     handlers, handler_problems = _route_handlers(cfg)
     problems.extend(handler_problems)
-    catalog = Catalog(templates, routes, frozenset(legacy), handlers)
+    catalog = Catalog(loaded.templates, routes, frozenset(loaded.legacy), handlers, loaded.server)
     return catalog, problems

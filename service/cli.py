@@ -22,6 +22,7 @@ from handlers import HandlerError, handler_for
 from service import cli_events
 from service.aistudios.client import AIStudiosClient
 from service.aistudios.connect import connect
+from service.aistudios.paid_requests import TEMPLATE_MODIFY_API, paid_request
 from service.aistudios.simulator import SimulatorKnobs, run_simulator
 from service.catalog import load_catalog
 from service.cli_tables import job_table, jobs_table
@@ -39,6 +40,11 @@ err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 WIDE_CONSOLE_WIDTH = 10_000
+FLOWS = {
+    "v3": "v3 export",
+    "legacy": "legacy export of a saved project",
+    TEMPLATE_MODIFY_API: "server-side template",
+}
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -62,7 +68,15 @@ def _print_problems(problems: Sequence[object]) -> None:
 
 async def _check(args: argparse.Namespace) -> int:
     cfg, problems = read_config(config_path(args.config))
-    catalog, catalog_problems = await load_catalog(cfg)
+    saved = [t for t in cfg.templates if t.project_id or t.layout_project_id]
+    if saved and not cfg.aistudios.uses_simulator:
+        # Reads only (free): saved projects are checked against what is really there.
+        async with connect(cfg) as api:
+            catalog, catalog_problems = await load_catalog(cfg, api.client)
+    else:
+        if saved:
+            err.print("no AI Studios credentials: saved projects are checked for syntax only")
+        catalog, catalog_problems = await load_catalog(cfg)
     problems = [*problems, *catalog_problems]
     if problems:
         _print_problems(problems)
@@ -90,8 +104,7 @@ async def _render(
     args: argparse.Namespace, cfg: Config, client: AIStudiosClient | None, job_id: str | None
 ) -> tuple[str, dict[str, Any], str, Any]:
     """The export an event file becomes; `job_id` None means the id the service would give it."""
-    importer = client.import_project_legacy if client is not None else None
-    catalog, problems = await load_catalog(cfg, importer)
+    catalog, problems = await load_catalog(cfg, client)
     if problems:
         raise ConfigError(list(problems))
     route = catalog.routes.get(args.route)
@@ -100,10 +113,11 @@ async def _render(
     source = cfg.source(args.source or route.config.source)
     if source is None:
         raise SystemExit(f"no source named {args.source!r}")
-    if route.config.template not in catalog.templates:
+    template_name = route.config.template
+    if template_name not in catalog.templates and template_name not in catalog.server_templates:
         raise SystemExit(
-            f"template {route.config.template!r} is a saved project: it is fetched from "
-            "AI Studios at start-up, so preview needs `submit` or a running service"
+            f"template {template_name!r} is a saved project: preview reads it from AI Studios, "
+            "which needs credentials ([aistudios] api_key, or app_id and user_key)"
         )
     raw, body = _read_event(Path(args.event), source.name)
     try:
@@ -129,22 +143,46 @@ async def _render(
     )
     name = export_name(route, context, job_id or job_id_for(source.name, key, route.config.name))
     api, request = export_request(catalog, route, context, name)
-    return api, request, name, catalog.templates[route.config.template]
+    return api, request, name, catalog.templates.get(template_name)
+
+
+async def _preview_render(
+    args: argparse.Namespace, cfg: Config
+) -> tuple[str, dict[str, Any], str, Any]:
+    """Render offline; a saved project is read (free) when credentials allow it."""
+    saved = any(t.project_id for t in cfg.templates)
+    if not saved or cfg.aistudios.uses_simulator:
+        return await _render(args, cfg, None, None)
+    async with connect(cfg) as api:
+        return await _render(args, cfg, api.client, None)
 
 
 async def _preview(args: argparse.Namespace) -> int:
     cfg = _load(args)
     try:
-        api, body, name, template = await _render(args, cfg, None, None)
+        api, body, name, template = await _preview_render(args, cfg)
     except MappingError as exc:
         err.print(f"mapping error: {exc}")
         return EXIT_PROBLEMS
-    out.print(f"# export request ({api} API), name {name!r}")
-    rendered = orjson.dumps(body, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
-    out.print(rendered, markup=False)
+    a = cfg.aistudios
+    webhook = f"{cfg.http.public_url}/callbacks/<job_id>/<token>" if cfg.http.public_url else None
+    request = paid_request(
+        api,
+        body,
+        name=name,
+        base_url=a.base_url,
+        legacy_base_url=a.legacy_base_url,
+        webhook_url=webhook,
+    )
+    out.print(f"# {request.method} {request.url}  ({FLOWS.get(api, api)}), name {name!r}")
+    rendered = orjson.dumps(request.body, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+    out.print(rendered.decode(), markup=False)
+    if template is None:
+        out.print("# the template is kept by AI Studios: it applies `updates` to it")
+        return EXIT_OK
     before = orjson.dumps(template, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
     diff = difflib.unified_diff(
-        before.splitlines(), rendered.splitlines(), "template", "export", lineterm="", n=1
+        before.splitlines(), rendered.decode().splitlines(), "template", "export", lineterm="", n=1
     )
     out.print("# diff against the template")
     for line in diff:
@@ -165,7 +203,7 @@ async def _download(url: str, dest: Path) -> None:
 
 
 async def _wait_for(client: AIStudiosClient, api: str, project_id: str, poll_s: float) -> str:
-    poll = client.progress_v3 if api == "v3" else client.progress_legacy
+    poll = client.progress_legacy if api == "legacy" else client.progress_v3
     columns = (TextColumn("rendering"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"))
     with Progress(*columns, TimeElapsedColumn(), console=err, transient=True) as bar:
         task = bar.add_task("render", total=100)
@@ -193,7 +231,11 @@ async def _submit(args: argparse.Namespace) -> int:
         except MappingError as exc:
             err.print(f"mapping error: {exc}")
             return EXIT_PROBLEMS
-        if kind == "v3":
+        if kind == TEMPLATE_MODIFY_API:
+            project_id = await client.template_modify(
+                body["templateId"], body["updates"], name=name
+            )
+        elif kind == "v3":
             project_id = await client.export_v3(body, name=name)
         else:
             project_id = await client.export_legacy(body["scenes"])
@@ -207,6 +249,29 @@ async def _submit(args: argparse.Namespace) -> int:
             await _download(url, Path(args.download))
             err.print(f"saved {args.download}")
     return EXIT_OK
+
+
+# --- reload ------------------------------------------------------------------------------
+
+
+async def _reload(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    base = args.url or _admin_url(cfg)
+    headers = {"Authorization": f"Bearer {cfg.http.admin_token}"} if cfg.http.admin_token else {}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        try:
+            async with session.post(f"{base}/templates/reload") as response:
+                data = await response.json()
+        except aiohttp.ClientConnectionError as exc:
+            err.print(f"cannot reach the service at {base}: {exc}")
+            return EXIT_PROBLEMS
+    if response.status != 200:  # noqa: PLR2004 - anything else carries an error
+        err.print(f"reload refused ({response.status}): {data.get('error')}")
+        return EXIT_PROBLEMS
+    outcomes: dict[str, str] = data["templates"]
+    for name, outcome in outcomes.items():
+        out.print(f"{name}: {outcome}")
+    return EXIT_OK if all(o == "ok" for o in outcomes.values()) else EXIT_PROBLEMS
 
 
 # --- jobs ----------------------------------------------------------------------------------
@@ -356,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--wait", action="store_true", help="follow the render to the end")
             p.add_argument("--poll-seconds", type=float, default=2.0)
             p.add_argument("--download", metavar="PATH", help="save the video (with --wait)")
+    reload = command("reload", "fetch saved-project templates again in a running service")
+    reload.add_argument("--url", help="the service's admin URL (default: from [http] listen)")
     jobs = command("jobs", "list, show and retry jobs of a running service")
     jobs.add_argument("action", nargs="?", choices=["show", "retry"])
     jobs.add_argument("job_id", nargs="?", help="a job id, or the short id `jobs` shows")
@@ -379,6 +446,7 @@ COMMANDS = {
     "submit": _submit,
     "jobs": _jobs,
     "events": _events,
+    "reload": _reload,
     "simulator": _simulator,
 }
 

@@ -143,13 +143,42 @@ class SourceConfig:
     token_header: str = "Authorization"  # noqa: S105 - a header name, not a secret
 
 
+TEMPLATE_APIS = frozenset({"v3", "legacy"})
+
+
 @dataclass(frozen=True, slots=True)
 class TemplateConfig:
-    """A video template: a v3 JSON file, or a saved project fetched through the older API."""
+    """A video template, from one of four sources (the README's table says which is which).
+
+    - `file`: a v3 JSON template on disk, exported with `POST /api/odin/v3/editor/project`;
+    - `project_id` + `api = "v3"`: a project saved in today's editor, fetched with
+      `GET /api/odin/v3/editor/project/{id}`, patched, exported like a file template;
+    - `project_id` + `api = "legacy"`: a project saved on the older aistudios.com, imported,
+      patched and exported through that API's `{scenes}` endpoint;
+    - `template_id`: a server-side template; a route's patches become the `updates` of
+      `POST /api/odin/v3/template/modify`. `layout_project_id`, when set, names a saved v3
+      project that shows the template's clips, so `check` can verify tags and `_N` suffixes.
+
+    A saved project is fetched at start-up, again on reload (SIGHUP, `studiohook reload`),
+    and, when `refresh_seconds` is set, whenever it is older than that.
+    """
 
     name: str
     file: Path | None = None
     project_id: str | None = None
+    api: Literal["v3", "legacy"] | None = None
+    template_id: str | None = None
+    layout_project_id: str | None = None
+    refresh_seconds: float | None = None
+
+    @property
+    def kind(self) -> Literal["file", "v3-project", "legacy-project", "server-template"]:
+        """Which of the four template sources this is."""
+        if self.template_id is not None:
+            return "server-template"
+        if self.project_id is not None:
+            return "legacy-project" if self.api == "legacy" else "v3-project"
+        return "file"
 
 
 @dataclass(frozen=True, slots=True)
@@ -508,10 +537,20 @@ def _source(t: _Table) -> SourceConfig:
     return cfg
 
 
+_API_REQUIRED = (
+    'is required with project_id: "v3" for a project saved in today\'s editor '
+    '(app.aistudios.com), "legacy" for one saved on the older aistudios.com'
+)
+
+
 def _template(t: _Table, base_dir: Path) -> TemplateConfig:
     name = t.required_text("name")
     file_text = t.text("file", None)
-    project_id = t.text("project_id", None)
+    project_id = t.text("project_id", None) or None
+    template_id = t.text("template_id", None) or None
+    layout_project_id = t.text("layout_project_id", None) or None
+    api = t.text("api", None, choices=TEMPLATE_APIS)
+    refresh = t.number("refresh_seconds", 0.0, minimum=1) if "refresh_seconds" in t.data else None
     file = None
     if file_text is not None:
         file = Path(file_text)
@@ -519,10 +558,42 @@ def _template(t: _Table, base_dir: Path) -> TemplateConfig:
             file = base_dir / file
         if not file.is_file():
             t.problems.append(Problem(_join(t.path, "file"), f"{file} does not exist"))
-    if (file_text is None) == (project_id is None):
-        t.problems.append(Problem(t.path, "needs exactly one of file or project_id"))
+    sources = [
+        k
+        for k, v in (("file", file_text), ("project_id", project_id), ("template_id", template_id))
+        if v is not None
+    ]
+    if len(sources) != 1:
+        found = f" (found {' and '.join(sources)})" if sources else ""
+        t.problems.append(
+            Problem(t.path, f"needs exactly one of file, project_id or template_id{found}")
+        )
+    if project_id is not None and api is None and "api" not in t.data:
+        t.problems.append(Problem(_join(t.path, "api"), _API_REQUIRED))
+    if project_id is None and "api" in t.data:
+        t.problems.append(
+            Problem(_join(t.path, "api"), "applies only to project_id (a saved project)")
+        )
+    if layout_project_id is not None and template_id is None:
+        t.problems.append(
+            Problem(_join(t.path, "layout_project_id"), "applies only to template_id")
+        )
+    if refresh is not None and project_id is None:
+        t.problems.append(
+            Problem(
+                _join(t.path, "refresh_seconds"), "applies only to project_id (a saved project)"
+            )
+        )
     t.finish()
-    return TemplateConfig(name=name, file=file, project_id=project_id)
+    return TemplateConfig(
+        name=name,
+        file=file,
+        project_id=project_id,
+        api=api,  # type: ignore[arg-type]
+        template_id=template_id,
+        layout_project_id=layout_project_id,
+        refresh_seconds=refresh,
+    )
 
 
 def _route(t: _Table) -> RouteConfig:

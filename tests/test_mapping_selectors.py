@@ -101,7 +101,10 @@ def test_no_match_is_empty_and_explained(text):
 
 def test_explanation_names_the_failing_step():
     message = explain_no_match(parse_selector("scenes[0].clips[id=nope].script"), PROMO)
-    assert message == "'[id=nope]' matches nothing inside 'scenes[0].clips'"
+    assert message == (
+        "'[id=nope]' matches nothing inside 'scenes[0].clips' "
+        "(id there: aiModel-1h4ij5h8e87, image-1hgur0eiu11)"
+    )
 
 
 @pytest.mark.parametrize(

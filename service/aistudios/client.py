@@ -20,7 +20,7 @@ import anyio
 import orjson
 from yarl import URL
 
-from service.aistudios import responses
+from service.aistudios import responses, templates_v3
 from service.aistudios.errors import (
     AIStudiosError,
     AmbiguousError,
@@ -175,6 +175,47 @@ class AIStudiosClient:
         """Render progress of a legacy export (`videoUrl`, or `url` as the tutorial reads)."""
         url = self._legacy(f"editor/progress/{_segment(key)}")
         return await self._call(_Call("legacy.progress", "GET", url), responses.parse_progress)
+
+    # --- saved v3 projects and server-side templates (bodies in templates_v3.py) ---------
+
+    async def fetch_saved_project_v3(self, project_id: str) -> dict[str, Any]:
+        """A project saved in the v3 editor, as a template: its `name`, `orientation`, `scenes`."""
+        url = self._v3(f"editor/project/{_segment(project_id)}")
+        call = _Call("v3.saved_project", "GET", url)
+        return await self._call(call, templates_v3.parse_saved_project)
+
+    async def template_modify(
+        self,
+        template_id: str,
+        updates: dict[str, str],
+        *,
+        name: str,
+        webhook_url: str | None = None,
+    ) -> str:
+        """Billed: a project from a server-side template with `updates`, exported at once.
+
+        `name` is what a lost response is found by, as for `export_v3`.
+        """
+        body = templates_v3.modify_body(
+            ("templateId", template_id), updates, name=name, webhook_url=webhook_url
+        )
+        call = _Call("v3.template_modify", "POST", self._v3("template/modify"), body, create=True)
+        return await self._call(call, responses.parse_project_id)
+
+    async def project_modify(
+        self,
+        project_id: str,
+        updates: dict[str, str],
+        *,
+        name: str | None = None,
+        webhook_url: str | None = None,
+    ) -> str:
+        """Billed: change an existing project's tagged clips and scripts and export it."""
+        body = templates_v3.modify_body(
+            ("projectId", project_id), updates, name=name, webhook_url=webhook_url
+        )
+        call = _Call("v3.project_modify", "POST", self._v3("project/modify"), body, create=True)
+        return await self._call(call, responses.parse_project_id)
 
     def _v3(self, path: str) -> str:
         return f"{self._base_url}/api/odin/v3/{path}"

@@ -22,6 +22,7 @@ import anyio
 import orjson
 from aiohttp import web
 
+from service.aistudios import simulator_v3
 from service.log import get_logger
 
 if TYPE_CHECKING:
@@ -42,7 +43,14 @@ _FLOAT_KNOBS = frozenset(
     {"render_seconds", "token_ttl_s", "retry_after_s", "stall_at", "callback_delay_s"}
 )
 _BOOL_KNOBS = frozenset({"list_only_exported"})
-_CREATES = frozenset({("POST", f"{V3}/editor/project"), ("POST", f"{LEGACY}/editor/project")})
+_CREATES = frozenset(
+    {
+        ("POST", f"{V3}/editor/project"),
+        ("POST", f"{LEGACY}/editor/project"),
+        ("POST", simulator_v3.TEMPLATE_MODIFY_PATH),
+        ("POST", simulator_v3.PROJECT_MODIFY_PATH),
+    }
+)
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -113,6 +121,9 @@ class Simulator:
         self.export_count = 0
         self.requests: list[tuple[float, str, str]] = []
         self.callbacks: list[tuple[str, dict[str, Any], int | None]] = []
+        self.server_templates: dict[str, dict[str, Any]] = {}
+        self.saved_v3_projects: dict[str, SimProject] = {}
+        self.modify_requests: list[dict[str, Any]] = []
         self._tokens: dict[str, float] = {}
         self._video = (
             resources.files("service.aistudios").joinpath("assets/sample.mp4").read_bytes()
@@ -167,6 +178,7 @@ class Simulator:
 
     def _build_app(self) -> web.Application:
         app = web.Application(middlewares=[self._api_gate], client_max_size=16 * 1024 * 1024)
+        simulator_v3.install(app, self)  # first: its GET of saved projects falls through to ours
         app.router.add_post(TOKEN_PATH, self._issue_token)
         app.router.add_get(f"{V3}/auth", self._confirm_auth)
         app.router.add_post(f"{V3}/editor/project", self._create_v3)

@@ -11,13 +11,14 @@ from typing import Any
 
 import orjson
 
+from service.aistudios.paid_requests import TEMPLATE_MODIFY_API
 from service.catalog import Catalog
 from service.config import Config
 from service.intake import route_context
 from service.jobs.context import OutboxFor, end_with_error
 from service.log import get_logger
 from service.mapping.render import MappingError
-from service.mapping.routes import CompiledRoute, build_export
+from service.mapping.routes import CompiledRoute, build_export, build_updates
 from service.model import (
     Job,
     JobState,
@@ -40,8 +41,16 @@ def raw_event_of(event: StoredEvent, source_kind: str) -> RawEvent:
 def export_request(
     catalog: Catalog, route: CompiledRoute, context: dict[str, Any], export_name: str
 ) -> tuple[str, dict[str, Any]]:
-    """The API generation and body for one job: v3 template export, or the older `{scenes}`."""
+    """The flow and body of one job: v3 export, template/modify `updates`, or legacy `{scenes}`."""
     template_name = route.config.template
+    template_id = catalog.server_templates.get(template_name)
+    if template_id is not None:
+        body = {
+            "templateId": template_id,
+            "name": export_name,
+            "updates": build_updates(route, context),
+        }
+        return TEMPLATE_MODIFY_API, body
     patched = build_export(route, catalog.templates[template_name], context)
     if template_name in catalog.legacy:
         return "legacy", {"scenes": patched["scenes"]}

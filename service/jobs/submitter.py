@@ -18,6 +18,7 @@ import orjson
 import structlog
 
 from service.aistudios.errors import AmbiguousError, PermanentError, RetryableError
+from service.aistudios.paid_requests import TEMPLATE_MODIFY_API
 from service.backoff import backoff_delay
 from service.jobs.schedule import retry_delay
 from service.log import get_logger
@@ -51,6 +52,17 @@ class ExportApi(Protocol):
 
     async def export_legacy(self, scenes: list[dict[str, Any]]) -> str:
         """Export changed scenes of a saved project; returns the key to poll."""
+        ...
+
+    async def template_modify(
+        self,
+        template_id: str,
+        updates: dict[str, str],
+        *,
+        name: str,
+        webhook_url: str | None = None,
+    ) -> str:
+        """Create from a server-side template with `updates` and export; returns the project id."""
         ...
 
 
@@ -202,7 +214,7 @@ class Submitter:
         except UnusableBodyError as exc:
             await self._fail(job, {JobState.MAPPED}, "unusable_body", str(exc))
             return
-        token = secrets.token_urlsafe(24) if self._public_url and job.api == "v3" else None
+        token = secrets.token_urlsafe(24) if self._public_url and job.api != "legacy" else None
         try:
             job = await self._ctx.store.transition(
                 job_id,
@@ -240,6 +252,10 @@ class Submitter:
             if self._public_url and token
             else None
         )
+        if job.api == TEMPLATE_MODIFY_API:  # a server-side template: same name-based safety
+            return await self._ctx.api.template_modify(
+                body["templateId"], body["updates"], name=job.export_name, webhook_url=webhook
+            )
         return await self._ctx.api.export_v3(body, name=job.export_name, webhook_url=webhook)
 
     async def _record_submitted(self, job: Job, project_id: str) -> None:

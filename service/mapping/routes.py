@@ -220,6 +220,26 @@ def build_export(route: CompiledRoute, template: Any, context: Mapping[str, Any]
         raise MappingError(f"patch {exc}") from exc
 
 
+def build_updates(route: CompiledRoute, context: Mapping[str, Any]) -> dict[str, str]:
+    """The `updates` of a server-side template: each patch key with its value as text.
+
+    The API documents the values as what the tagged clip or the script shows, so a number
+    is spelled as text and a list or an object is a mapping error, not a guess.
+    """
+    updates: dict[str, str] = {}
+    for selector, expression in route.patches:
+        try:
+            value = evaluate(expression, context)
+        except MappingError as exc:
+            raise MappingError(f'update "{selector.text}": {exc}') from exc
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise MappingError(
+                f'update "{selector.text}": the value is {type(value).__name__}, not text'
+            )
+        updates[selector.text] = str(value)
+    return updates
+
+
 def export_name(route: CompiledRoute, context: Mapping[str, Any], job_id: str) -> str:
     """The project name for one job: readable, and unique through its `#job_id` suffix.
 

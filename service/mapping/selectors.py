@@ -7,6 +7,8 @@ them (`[*]`). Steps are dot-separated keys, each followed by any number of brack
 
     scenes[0].clips[id=aiModel-1h4ij5h8e87].script.org
     scenes[*].clips[type=image].source_url
+    scenes[0].clips[tag=parrot-image].source_url   (a clip tagged in the v3 editor)
+    scenes[1].scripts[1].org                       (the second line of a conversation)
     scenes[0].AIModel.script                       (legacy imported project)
 
 Every step must match something that exists: a typo must fail `studiohook check`, not render a
@@ -233,16 +235,16 @@ def _get(document: Any, path: Path) -> Any:  # noqa: ANN401 - JSON value
     return node
 
 
-def _walk(steps: Sequence[Step], document: Any) -> tuple[list[Path], int]:  # noqa: ANN401 - JSON value
-    """Paths matched, and how many steps matched before the set went empty."""
+def _walk(steps: Sequence[Step], document: Any) -> tuple[list[Path], int, list[Path]]:  # noqa: ANN401 - JSON value
+    """Paths matched, the steps matched before the set went empty, and the last non-empty set."""
     paths: list[Path] = [()]
     for depth, step in enumerate(steps):
         last = depth == len(steps) - 1
         found = [p for path in paths for p in _step(step, _get(document, path), path, last=last)]
         if not found:
-            return [], depth
+            return [], depth, paths
         paths = found
-    return paths, len(steps)
+    return paths, len(steps), paths
 
 
 def find(selector: Selector, document: Any) -> list[Path]:  # noqa: ANN401 - JSON value
@@ -251,15 +253,42 @@ def find(selector: Selector, document: Any) -> list[Path]:  # noqa: ANN401 - JSO
 
 
 def explain_no_match(selector: Selector, document: Any) -> str:  # noqa: ANN401 - JSON value
-    """Say which step of a selector found nothing, so a config error points at the typo."""
-    paths, depth = _walk(selector.steps, document)
+    """Say which step of a selector found nothing, and what is there instead.
+
+    A saved project's clips are addressed by the tags its author gave them in the editor, so a
+    filter that finds nothing lists the values of that field that do exist (`tag there:
+    parrot-image, parrot-text`), and an index past the end says how many items there are.
+    """
+    paths, depth, parents = _walk(selector.steps, document)
     if paths:
         return f"{selector.text} matches {len(paths)} place(s)"
     matched = _spell(selector.steps[:depth])
-    failed = str(selector.steps[depth])
+    step = selector.steps[depth]
+    failed = str(step)
     if not matched:
         return f"the document has no {failed!r}"
-    return f"{failed!r} matches nothing inside {matched!r}"
+    return f"{failed!r} matches nothing inside {matched!r}{_what_is_there(step, document, parents)}"
+
+
+def _what_is_there(step: Step, document: Any, parents: list[Path]) -> str:  # noqa: ANN401 - JSON value
+    lists = [node for node in (_get(document, p) for p in parents) if isinstance(node, list)]
+    if isinstance(step, Filter):
+        values: list[str] = []
+        for node in lists:
+            for item in node:
+                if isinstance(item, dict) and step.field in item:
+                    value = item[step.field]
+                    text = value if isinstance(value, str) else json.dumps(value)
+                    if text not in values:
+                        values.append(text)
+        if not values:
+            return f" (no item there has a {step.field!r})"
+        return f" ({step.field} there: {', '.join(values)})"
+    if isinstance(step, Index) and lists:
+        sizes = sorted({len(node) for node in lists})
+        counts = " or ".join(str(n) for n in sizes)
+        return f" (it has {counts} item{'' if sizes == [1] else 's'})"
+    return ""
 
 
 def _spell(steps: Sequence[Step]) -> str:
