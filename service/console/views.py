@@ -198,6 +198,7 @@ class ConsoleViews:
             "event": event,
             "payload": present.pretty_json(event.body) if event else "",
             "diff": present.export_diff(template, job.export_body),
+            "export_json": present.pretty_json(job.export_body),
             "template_name": route.template if route else None,
             "announcements": await self._store.job_announcements(job_id),
             "video_url": self._video_url(job),
