@@ -23,6 +23,7 @@ from service.aistudios.connect import connect
 from service.aistudios.simulator import SimulatorKnobs, run_simulator
 from service.catalog import load_catalog
 from service.config import Config, ConfigError, config_path, load_config, read_config
+from service.eventloop import loop_options
 from service.intake import route_context
 from service.jobs.prepare import export_request
 from service.log import configure_logging, register_secrets
@@ -354,7 +355,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         # Only warnings, on stderr: stdout carries the command's result (a URL, a body).
         configure_logging("warning", "console")
     try:
-        code = anyio.run(COMMANDS[args.command], args, backend="asyncio")
+        options, _ = loop_options()
+        code = anyio.run(COMMANDS[args.command], args, backend="asyncio", backend_options=options)
     except ConfigError as exc:
         _print_problems(exc.problems)
         err.print(f"{len(exc.problems)} problem(s) in the configuration")
