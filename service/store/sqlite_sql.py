@@ -243,7 +243,8 @@ def _stored_acceptances(
     unique = list(dict.fromkeys(keys))
     rows = conn.execute(
         "SELECT e.id, e.source, e.dedupe_key, e.event_id, e.status FROM json_each(?) AS k"
-        " JOIN events AS e ON e.source = k.value ->> 0 AND e.dedupe_key = k.value ->> 1",
+        " JOIN events AS e ON e.source = json_extract(k.value, '$[0]')"
+        " AND e.dedupe_key = json_extract(k.value, '$[1]')",
         (orjson.dumps(unique),),
     ).fetchall()
     if not rows:
