@@ -27,6 +27,7 @@ from service.aistudios.simulator import SimulatorKnobs, run_simulator
 from service.catalog import load_catalog
 from service.cli_tables import job_table, jobs_table
 from service.config import Config, ConfigError, config_path, load_config, read_config
+from service.eventloop import loop_options
 from service.ingress.dedupe import DedupeKeyError, dedupe_key, event_id_for
 from service.intake import route_context
 from service.jobs.prepare import export_request
@@ -461,7 +462,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         # Only warnings, on stderr: stdout carries the command's result (a URL, a body).
         configure_logging("warning", "console")
     try:
-        code = anyio.run(COMMANDS[args.command], args, backend="asyncio")
+        options, _ = loop_options()
+        code = anyio.run(COMMANDS[args.command], args, backend="asyncio", backend_options=options)
     except ConfigError as exc:
         _print_problems(exc.problems)
         err.print(f"{len(exc.problems)} problem(s) in the configuration")

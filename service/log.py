@@ -7,6 +7,7 @@ they appear in a string.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -22,6 +23,7 @@ _SECRET_KEY = re.compile(
 )
 _secret_values: set[str] = set()
 _stdlib_handlers: list[logging.Handler] = []
+_PLAIN = frozenset({int, float, bool})
 
 
 def register_secrets(values: Iterable[str | None]) -> None:
@@ -29,8 +31,18 @@ def register_secrets(values: Iterable[str | None]) -> None:
     _secret_values.update(v for v in values if v and len(v) >= 4)  # noqa: PLR2004 - too short to mask safely
 
 
+@functools.lru_cache(maxsize=4096)
+def _is_secret_key(key: str) -> bool:
+    """Event keys are a small fixed set of names in code: each is matched against the regex once."""
+    return key != "event" and _SECRET_KEY.search(key) is not None
+
+
 def _mask(value: Any) -> Any:  # noqa: ANN401 - log values are of any type
+    if value is None or type(value) in _PLAIN:
+        return value
     if isinstance(value, str):
+        if not _secret_values:
+            return value
         for secret in _secret_values:
             if secret in value:
                 value = value.replace(secret, REDACTED)
@@ -49,10 +61,10 @@ def masked(value: Any) -> Any:  # noqa: ANN401 - any JSON-like value
 
 def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:  # noqa: ANN401 - structlog processor signature
     """Mask secret-named keys and known secret values in every log event."""
-    for key, value in list(event_dict.items()):
-        if _SECRET_KEY.search(key) and key != "event":
+    for key, value in event_dict.items():
+        if _is_secret_key(key):
             event_dict[key] = REDACTED
-        else:
+        elif value is not None and type(value) not in _PLAIN:
             event_dict[key] = _mask(value)
     return event_dict
 

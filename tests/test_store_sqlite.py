@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from service.model import JobState
 from service.store.base import StaleTransitionError, StoreUnavailableError
@@ -251,3 +252,87 @@ async def test_a_move_the_state_machine_does_not_allow_is_refused_and_not_writte
         JobState.RECEIVED,
         JobState.MAPPED,
     ]
+
+
+async def test_accepts_in_one_batch_are_grouped_and_duplicates_get_the_first_ids(store):
+    stored = sample_event("old")
+    original = await store.accept_event(stored, [sample_job(stored)])
+    events = [sample_event(f"g{n}") for n in range(5)]
+    second_delivery = replace(events[2], event_id="evt-retry", body=b'{"id": 2}')
+    outcomes: dict[str, object] = {}
+
+    async def accept(name: str, event, jobs) -> None:
+        outcomes[name] = await store.accept_event(event, jobs)
+
+    gate = WriterGate()
+    with capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            await gate.hold(store, tg)
+            for n, event in enumerate(events):
+                jobs = [sample_job(event), sample_job(event, "b")]
+                tg.start_soon(accept, f"new{n}", event, jobs)
+            tg.start_soon(accept, "retry", second_delivery, [sample_job(second_delivery)])
+            tg.start_soon(accept, "old", replace(stored, body=b"{}"), [])
+            await anyio.wait_all_tasks_blocked()
+            commits_before = store.commit_count
+            gate.release.set()
+
+    assert store.commit_count == commits_before + 2  # the gate's batch, then the group
+    assert [e for e in logs if e["event"] == "store_group_split"] == []
+    for n, event in enumerate(events):
+        acceptance = outcomes[f"new{n}"]
+        assert not acceptance.duplicate
+        assert acceptance.job_ids == (sample_job(event).job_id, sample_job(event, "b").job_id)
+        for job_id in acceptance.job_ids:
+            job = await store.get_job(job_id)
+            assert job.event_id == event.event_id
+            assert [t.to_state for t in await store.job_history(job_id)] == [JobState.RECEIVED]
+    retry = outcomes["retry"]
+    assert retry.duplicate
+    assert (retry.event_id, retry.job_ids) == (events[2].event_id, outcomes["new2"].job_ids)
+    old = outcomes["old"]
+    assert old.duplicate
+    assert (old.event_id, old.job_ids) == (original.event_id, original.job_ids)
+    raw = sqlite3.connect(store.path)
+    try:
+        assert raw.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 6
+        assert raw.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 11
+    finally:
+        raw.close()
+
+
+async def test_a_group_that_fails_is_split_and_only_the_culprit_fails(store):
+    taken = sample_event("taken")
+    await store.accept_event(taken, [sample_job(taken)])
+    events = [sample_event(f"s{n}") for n in range(4)]
+    # A job id that already belongs to another event: this request alone must fail.
+    clash = [replace(sample_job(events[1]), job_id=sample_job(taken).job_id)]
+    outcomes: dict[int, object] = {}
+
+    async def accept(n: int) -> None:
+        jobs = clash if n == 1 else [sample_job(events[n])]
+        try:
+            outcomes[n] = await store.accept_event(events[n], jobs)
+        except sqlite3.IntegrityError as exc:
+            outcomes[n] = exc
+
+    gate = WriterGate()
+    with capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            await gate.hold(store, tg)
+            for n in range(len(events)):
+                tg.start_soon(accept, n)
+            await anyio.wait_all_tasks_blocked()
+            gate.release.set()
+
+    assert [e["requests"] for e in logs if e["event"] == "store_group_split"] == [4]
+    assert isinstance(outcomes[1], sqlite3.IntegrityError)
+    for n in (0, 2, 3):
+        assert not outcomes[n].duplicate
+        assert await store.get_job(sample_job(events[n]).job_id) is not None
+    raw = sqlite3.connect(store.path)
+    try:
+        keys = {r[0] for r in raw.execute("SELECT dedupe_key FROM events")}
+    finally:
+        raw.close()
+    assert keys == {"taken", "s0", "s2", "s3"}

@@ -35,6 +35,10 @@ async def read_body(request: web.BaseRequest, *, max_bytes: int, timeout_s: floa
     declared = request.content_length
     if declared is not None and declared > max_bytes:
         raise BodyTooLargeError(f"body of {declared} bytes is over the {max_bytes} byte limit")
+    if request.content.is_eof():
+        # The whole body arrived with the headers (the common case for a webhook): it is
+        # already buffered, so there is nothing to wait for and no deadline to arm.
+        return _buffered(request, max_bytes)
     chunks: list[bytes] = []
     size = 0
     try:
@@ -51,3 +55,15 @@ async def read_body(request: web.BaseRequest, *, max_bytes: int, timeout_s: floa
             "body could not be decoded (broken Content-Encoding or framing)"
         ) from None
     return b"".join(chunks)
+
+
+def _buffered(request: web.BaseRequest, max_bytes: int) -> bytes:
+    try:
+        body = request.content.read_nowait()
+    except (web.RequestPayloadError, HttpProcessingError):
+        raise BodyUnreadableError(
+            "body could not be decoded (broken Content-Encoding or framing)"
+        ) from None
+    if len(body) > max_bytes:
+        raise BodyTooLargeError(f"body is over the {max_bytes} byte limit")
+    return body

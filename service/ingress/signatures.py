@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 from collections.abc import Callable, Iterable, Mapping
 
@@ -193,7 +192,8 @@ def _match_any(given: bytes, expected: Iterable[bytes]) -> None:
 
 
 def _hmac_sha256(key: bytes, message: bytes) -> bytes:
-    return hmac.new(key, message, hashlib.sha256).digest()
+    # The one-shot C function: no HMAC object per request (measurably cheaper on the hot path).
+    return hmac.digest(key, message, "sha256")
 
 
 def _standard_key(secret: str) -> bytes | None:

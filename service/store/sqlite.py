@@ -177,8 +177,13 @@ class SQLiteStore:
 
     async def accept_event(self, event: InboundEvent, jobs: Sequence[NewJob]) -> Acceptance:
         """Commit an event and its jobs, or return the original ids of a duplicate."""
-        return await self._write(
-            functools.partial(sql.accept_event, event=event, jobs=jobs, now=self._clock())
+        now = self._clock()
+        if self._writer is None:
+            raise StoreUnavailableError("store is not open")
+        return await self._writer.submit(
+            functools.partial(sql.accept_event, event=event, jobs=jobs, now=now),
+            grouped=sql.accept_events,
+            item=(event, tuple(jobs), now),
         )
 
     async def reject_event(self, event: InboundEvent, reason: str) -> Acceptance:

@@ -103,25 +103,34 @@ def _existing_acceptance(conn: sqlite3.Connection, event: InboundEvent) -> Accep
     )
 
 
+_EVENT_INSERT = (
+    "INSERT INTO events (source, dedupe_key, event_id, event_type, body, headers,"
+    " received_at, status, reason, failed_step) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_TRANSITION_INSERT = (
+    "INSERT INTO transitions (job_id, from_state, to_state, at, note) VALUES (?, ?, ?, ?, ?)"
+)
+
+
+def _event_row(event: InboundEvent, status: EventStatus, reason: str | None) -> tuple[object, ...]:
+    return (
+        event.source,
+        event.dedupe_key,
+        event.event_id,
+        event.event_type,
+        event.body,
+        orjson.dumps(dict(event.headers)),
+        event.received_at,
+        status.value,
+        reason,
+        event.failed_step if reason is not None else None,
+    )
+
+
 def _insert_event(
     conn: sqlite3.Connection, event: InboundEvent, status: EventStatus, reason: str | None
 ) -> int:
-    cursor = conn.execute(
-        "INSERT INTO events (source, dedupe_key, event_id, event_type, body, headers,"
-        " received_at, status, reason, failed_step) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            event.source,
-            event.dedupe_key,
-            event.event_id,
-            event.event_type,
-            event.body,
-            orjson.dumps(dict(event.headers)),
-            event.received_at,
-            status.value,
-            reason,
-            event.failed_step if reason is not None else None,
-        ),
-    )
+    cursor = conn.execute(_EVENT_INSERT, _event_row(event, status, reason))
     row = cursor.lastrowid
     if row is None:
         raise sqlite3.InternalError("INSERT returned no row id")
@@ -185,6 +194,117 @@ def _insert_job(
     )
     _record_transition(
         conn, job_id=job.job_id, from_state=None, to_state=job.state, at=now, note=note
+    )
+
+
+AcceptItem = tuple[InboundEvent, Sequence[NewJob], float]
+"""One `accept_event` call's arguments: the event, its jobs and the commit's `now`."""
+
+_JOB_INSERT = (
+    "INSERT INTO jobs (job_id, event_row, event_id, source, route, state, export_name,"
+    " created_at, updated_at, error_code, error_message)"
+    " VALUES (?, (SELECT id FROM events WHERE source = ? AND dedupe_key = ?),"
+    " ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def accept_events(conn: sqlite3.Connection, items: list[AcceptItem]) -> list[Acceptance]:
+    """`accept_event` for many events in a handful of statements, whatever their number.
+
+    One SELECT finds the duplicates already stored, duplicates within the group are answered
+    with the first of them, and the new events, their jobs and their first history rows go in
+    with one `executemany` each: the writer thread holds the GIL only between statements.
+    """
+    stored = _stored_acceptances(conn, [(event.source, event.dedupe_key) for event, _, _ in items])
+    answers: list[Acceptance | None] = []
+    first_of: dict[tuple[str, str], int] = {}
+    new_events: list[tuple[object, ...]] = []
+    new_jobs: list[tuple[object, ...]] = []
+    history: list[tuple[object, ...]] = []
+    for index, (event, jobs, now) in enumerate(items):
+        key = (event.source, event.dedupe_key)
+        if key in stored:
+            answers.append(stored[key])
+            continue
+        if key in first_of:
+            answers.append(None)  # the first delivery's acceptance, as a duplicate (below)
+            continue
+        first_of[key] = index
+        status = _status_of(event.reason, has_jobs=bool(jobs))
+        new_events.append(_event_row(event, status, event.reason))
+        for job in jobs:
+            new_jobs.append(_job_row(event, job, now))
+            history.append((job.job_id, None, job.state.value, now, None))
+        answers.append(
+            Acceptance(
+                event_id=event.event_id,
+                job_ids=tuple(job.job_id for job in jobs),
+                duplicate=False,
+                status=status,
+            )
+        )
+    if new_events:
+        conn.executemany(_EVENT_INSERT, new_events)
+    if new_jobs:
+        conn.executemany(_JOB_INSERT, new_jobs)
+        conn.executemany(_TRANSITION_INSERT, history)
+    return [
+        answer if answer is not None else _as_duplicate(answers[first_of[(e.source, e.dedupe_key)]])
+        for answer, (e, _, _) in zip(answers, items, strict=True)
+    ]
+
+
+def _as_duplicate(first: Acceptance | None) -> Acceptance:
+    if first is None:
+        raise RuntimeError("a duplicate within a group precedes its first delivery")
+    return dataclasses.replace(first, duplicate=True)
+
+
+def _stored_acceptances(
+    conn: sqlite3.Connection, keys: list[tuple[str, str]]
+) -> dict[tuple[str, str], Acceptance]:
+    """The original acceptance of every key already in the inbox, in two statements."""
+    unique = list(dict.fromkeys(keys))
+    rows = conn.execute(
+        "SELECT e.id, e.source, e.dedupe_key, e.event_id, e.status FROM json_each(?) AS k"
+        " JOIN events AS e ON e.source = json_extract(k.value, '$[0]')"
+        " AND e.dedupe_key = json_extract(k.value, '$[1]')",
+        (orjson.dumps(unique),),
+    ).fetchall()
+    if not rows:
+        return {}
+    job_ids: dict[int, list[str]] = {row["id"]: [] for row in rows}
+    for job in conn.execute(
+        "SELECT event_row, job_id FROM jobs WHERE event_row IN (SELECT value FROM json_each(?))"
+        " ORDER BY seq",
+        (orjson.dumps(list(job_ids)),),
+    ):
+        job_ids[job["event_row"]].append(job["job_id"])
+    return {
+        (row["source"], row["dedupe_key"]): Acceptance(
+            event_id=row["event_id"],
+            job_ids=tuple(job_ids[row["id"]]),
+            duplicate=True,
+            status=EventStatus(row["status"]),
+        )
+        for row in rows
+    }
+
+
+def _job_row(event: InboundEvent, job: NewJob, now: float) -> tuple[object, ...]:
+    return (
+        job.job_id,
+        event.source,
+        event.dedupe_key,
+        event.event_id,
+        event.source,
+        job.route,
+        job.state.value,
+        job.export_name,
+        now,
+        now,
+        job.error_code,
+        job.error_message,
     )
 
 

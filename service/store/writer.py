@@ -6,6 +6,17 @@ SAVEPOINT, so a hundred concurrent intakes pay for one fsync and a request that 
 compare-and-set, say) rolls back only itself. A failure of the database itself (I/O error,
 full disk, lock timeout) aborts the whole batch and every caller gets StoreUnavailableError:
 nothing of the batch is committed, so nobody may acknowledge anything.
+
+Requests that cannot fail on their own (intake commits: dedupe, then inserts) may also name a
+`Grouped` function that does the work of all of them at once, a few statements for the whole
+group instead of several per request, under ONE savepoint. The writer thread holds the GIL
+only between statements, so fewer statements leave more of it to the event loop. Should the
+group function raise anyway, its savepoint is rolled back and each request of the group runs
+alone in its own savepoint, exactly as if it had never been grouped.
+
+Requests in one transaction were all pending at once, so none of their callers has seen
+another's result: any order among them is a valid serial order, and a group runs where its
+first request was queued.
 """
 
 from __future__ import annotations
@@ -26,6 +37,8 @@ from service.store.base import StoreUnavailableError
 
 T = TypeVar("T")
 Work = Callable[[sqlite3.Connection], object]
+Grouped = Callable[[sqlite3.Connection, list[Any]], list[Any]]
+"""Does the work of a group of requests given their items; returns one value per item, in order."""
 
 _log = get_logger("store.writer")
 _STOP = object()
@@ -36,6 +49,8 @@ class _Request:
     work: Work
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
+    grouped: Grouped | None = None
+    item: object = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,9 +100,17 @@ class GroupCommitWriter:
         """Start the writer thread; it owns the connection from now on."""
         self._thread.start()
 
-    async def submit(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    async def submit(
+        self,
+        work: Callable[[sqlite3.Connection], T],
+        *,
+        grouped: Grouped | None = None,
+        item: object = None,
+    ) -> T:
         """Run `work` in the next transaction; return once that transaction is durable.
 
+        With `grouped`, the requests of one transaction that name the same function are run
+        together as `grouped(connection, [their items])`; `work` is what runs if that fails.
         A cancelled caller does not cancel its write: it may still commit, which the callers
         handle the way they handle a lost acknowledgement (dedupe, compare-and-set).
         """
@@ -96,7 +119,7 @@ class GroupCommitWriter:
         with self._lock:
             if self._closed:
                 raise StoreUnavailableError("store is closed")
-            self._queue.put(_Request(work, loop, future))
+            self._queue.put(_Request(work, loop, future, grouped, item))
         return cast("T", await future)
 
     async def stop(self) -> None:
@@ -154,7 +177,7 @@ class GroupCommitWriter:
     def _commit(self, batch: list[_Request]) -> None:
         try:
             self._connection.execute("BEGIN IMMEDIATE")
-            outcomes = [self._apply(request) for request in batch]
+            outcomes = self._apply_all(batch)
             self._connection.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
@@ -166,6 +189,47 @@ class GroupCommitWriter:
             self._commit_count += 1
             self._write_count += len(batch)
         self._settle(batch, outcomes)
+
+    def _apply_all(self, batch: list[_Request]) -> list[_Outcome]:
+        """Run every request: groups together, the rest alone; outcomes in `batch` order."""
+        outcomes: dict[int, _Outcome] = {}
+        groups: dict[Grouped, list[int]] = {}
+        for index, request in enumerate(batch):
+            if request.grouped is not None:
+                groups.setdefault(request.grouped, []).append(index)
+        done: set[Grouped] = set()
+        for index, request in enumerate(batch):
+            grouped = request.grouped
+            if grouped is None:
+                outcomes[index] = self._apply(request)
+            elif grouped not in done:
+                done.add(grouped)
+                members = groups[grouped]
+                group_outcomes = self._apply_group(grouped, [batch[i] for i in members])
+                outcomes.update(zip(members, group_outcomes, strict=True))
+        return [outcomes[index] for index in range(len(batch))]
+
+    def _apply_group(self, grouped: Grouped, requests: list[_Request]) -> list[_Outcome]:
+        if len(requests) == 1:
+            return [self._apply(requests[0])]
+        self._connection.execute("SAVEPOINT grouped")
+        try:
+            values = _run_grouped(grouped, self._connection, [r.item for r in requests])
+        except sqlite3.Error as exc:
+            if is_database_failure(exc):
+                raise
+            return self._ungroup(requests, exc)
+        except Exception as exc:  # noqa: BLE001 - each request is retried alone, see below
+            return self._ungroup(requests, exc)
+        self._connection.execute("RELEASE grouped")
+        return [_Outcome(value=value) for value in values]
+
+    def _ungroup(self, requests: list[_Request], exc: Exception) -> list[_Outcome]:
+        """Undo the group's work and run each request alone: only the culprit gets an error."""
+        self._connection.execute("ROLLBACK TO grouped")
+        self._connection.execute("RELEASE grouped")
+        _log.warning("store_group_split", requests=len(requests), error=repr(exc))
+        return [self._apply(request) for request in requests]
 
     def _apply(self, request: _Request) -> _Outcome:
         self._connection.execute("SAVEPOINT request")
@@ -214,6 +278,13 @@ def _resolve(settled: list[tuple[_Request, _Outcome]]) -> None:
             request.future.set_exception(outcome.error)
         else:
             request.future.set_result(outcome.value)
+
+
+def _run_grouped(grouped: Grouped, connection: sqlite3.Connection, items: list[Any]) -> list[Any]:
+    values = grouped(connection, items)
+    if len(values) != len(items):
+        raise RuntimeError(f"{grouped!r} returned {len(values)} values for {len(items)} items")
+    return values
 
 
 def _closed_error() -> StoreUnavailableError:
