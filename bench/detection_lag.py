@@ -43,7 +43,7 @@ from aiohttp import web
 
 from service.admin import AdminApi
 from service.aistudios.client import AIStudiosClient
-from service.aistudios.responses import Progress, ProjectSummary
+from service.aistudios.responses import Progress, ProjectState, ProjectSummary
 from service.aistudios.simulator import Simulator, SimulatorKnobs
 from service.config import Config
 from service.ingress.webhooks import webhook_routes
@@ -77,6 +77,20 @@ class OwnLengthRenders:
         project_id = await self._client.export_v3(body, name=name, webhook_url=webhook_url)
         self._simulator.projects[project_id].render_seconds = next(self._lengths)
         return project_id
+
+    async def create_draft_v3(self, body: dict[str, Any], *, name: str) -> str:
+        """The real draft create (not billed)."""
+        return await self._client.create_draft_v3(body, name=name)
+
+    async def export_project_v3(self, project_id: str, *, webhook_url: str | None = None) -> str:
+        """Export the draft, then set this render's length on the simulated cloud."""
+        exported = await self._client.export_project_v3(project_id, webhook_url=webhook_url)
+        self._simulator.projects[exported].render_seconds = next(self._lengths)
+        return exported
+
+    async def get_project_v3(self, project_id: str) -> ProjectState:
+        """The real project read."""
+        return await self._client.get_project_v3(project_id)
 
     async def export_legacy(self, scenes: list[dict[str, Any]]) -> str:
         """Not used by the shipped route (a v3 template)."""

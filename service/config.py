@@ -96,6 +96,9 @@ class AIStudiosConfig:
     poll_min_interval_s: float = 2.0
     poll_max_interval_s: float = 60.0
     first_poll_s: float = 5.0
+    export_settle_s: float = 5.0
+    """How long a project whose export outcome is unknown may still read as a plain draft
+    before it is exported again (the two-step flow; the read is `GET …/editor/project/{id}`)."""
     max_retries: int = 8
     download_hosts: tuple[str, ...] = ()
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
@@ -143,6 +146,9 @@ class SourceConfig:
     token_header: str = "Authorization"  # noqa: S105 - a header name, not a secret
 
 
+EXPORT_FLOWS = frozenset({"two-step", "one-step"})
+
+
 @dataclass(frozen=True, slots=True)
 class TemplateConfig:
     """A video template: a v3 JSON file, or a saved project fetched through the older API."""
@@ -150,6 +156,10 @@ class TemplateConfig:
     name: str
     file: Path | None = None
     project_id: str | None = None
+    export_flow: str = "two-step"
+    """v3 only: `two-step` creates an unbilled draft, commits its id, then exports it (an
+    uncertain export is settled by reading that project); `one-step` creates and exports in
+    one call (an uncertain one is settled by finding its name in the project list)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,6 +438,7 @@ def _aistudios(t: _Table) -> AIStudiosConfig:
             "poll_max_interval_seconds", d["poll_max_interval_s"], minimum=0.01
         ),
         first_poll_s=t.number("first_poll_seconds", d["first_poll_s"], minimum=0.01),
+        export_settle_s=t.number("export_settle_seconds", d["export_settle_s"], minimum=0.01),
         max_retries=t.integer("max_retries", d["max_retries"]),
         download_hosts=t.str_list("download_hosts"),
         simulator=simulator,
@@ -512,6 +523,7 @@ def _template(t: _Table, base_dir: Path) -> TemplateConfig:
     name = t.required_text("name")
     file_text = t.text("file", None)
     project_id = t.text("project_id", None)
+    export_flow = t.text("export_flow", "two-step", choices=EXPORT_FLOWS)
     file = None
     if file_text is not None:
         file = Path(file_text)
@@ -522,7 +534,7 @@ def _template(t: _Table, base_dir: Path) -> TemplateConfig:
     if (file_text is None) == (project_id is None):
         t.problems.append(Problem(t.path, "needs exactly one of file or project_id"))
     t.finish()
-    return TemplateConfig(name=name, file=file, project_id=project_id)
+    return TemplateConfig(name=name, file=file, project_id=project_id, export_flow=export_flow)
 
 
 def _route(t: _Table) -> RouteConfig:

@@ -134,3 +134,26 @@ def test_adopted_renders_count_even_beyond_capacity():
     assert slots.in_flight == 2
     slots.release("x")
     assert slots.in_flight == 1
+
+
+@pytest.mark.anyio
+async def test_a_turn_taken_before_the_commit_lets_the_request_leave_unqueued():
+    time = FakeTime()
+    gate = RequestGate(rate=1.0, clock=time, sleep=time.sleep)
+    await gate("poll")  # the slot at 1000 is taken
+    async with gate.turn("v3.project_export"):
+        taken_at = time.now  # waited here, before the commit
+        await gate("v3.project_export")  # the POST itself: no second wait
+        assert time.now == taken_at == 1001.0
+        await gate("v3.progress")  # any other request still queues
+        assert time.now == 1002.0
+
+
+@pytest.mark.anyio
+async def test_a_pause_that_began_after_the_turn_still_holds_the_request():
+    time = FakeTime()
+    gate = RequestGate(rate=10.0, clock=time, sleep=time.sleep)
+    async with gate.turn("v3.project_export"):
+        gate.pause_for(2.0)  # a 429 seen by another request during the commit
+        await gate("v3.project_export")
+        assert time.now >= 1002.0

@@ -104,6 +104,7 @@ class JobPipeline:
             ctx,
             wait_s=settings.reconcile_wait_s,
             look_every_s=settings.poll_max_interval_s,
+            settle_s=settings.export_settle_s,
             on_adopted=self.tracker.track,
             on_resubmit=self.submitter.wake,
         )

@@ -19,6 +19,9 @@ from service.log import get_logger
 from service.mapping.render import MappingError
 from service.mapping.routes import CompiledRoute, build_export
 from service.model import (
+    API_LEGACY,
+    API_V3,
+    API_V3_ONE_STEP,
     Job,
     JobState,
     JobUpdate,
@@ -38,16 +41,21 @@ def raw_event_of(event: StoredEvent, source_kind: str) -> RawEvent:
 
 
 def export_request(
-    catalog: Catalog, route: CompiledRoute, context: dict[str, Any], export_name: str
+    catalog: Catalog,
+    route: CompiledRoute,
+    context: dict[str, Any],
+    export_name: str,
+    *,
+    export_flow: str = "two-step",
 ) -> tuple[str, dict[str, Any]]:
-    """The API generation and body for one job: v3 template export, or the older `{scenes}`."""
+    """The API (and flow) and body for one job: a v3 template export, or the older `{scenes}`."""
     template_name = route.config.template
     patched = build_export(route, catalog.templates[template_name], context)
     if template_name in catalog.legacy:
-        return "legacy", {"scenes": patched["scenes"]}
+        return API_LEGACY, {"scenes": patched["scenes"]}
     body = dict(patched)
     body["name"] = export_name
-    return "v3", body
+    return (API_V3_ONE_STEP if export_flow == "one-step" else API_V3), body
 
 
 class Preparer:
@@ -75,7 +83,9 @@ class Preparer:
             event_id=event.event_id,
             event_type=event.event_type,
         )
-        return export_request(self._catalog, route, context, job.export_name)
+        flows = {t.name: t.export_flow for t in self._cfg.templates}
+        flow = flows.get(route.config.template, "two-step")
+        return export_request(self._catalog, route, context, job.export_name, export_flow=flow)
 
     async def __call__(self, job: Job) -> None:
         """Commit `mapped` with the export body, or `rejected` with the reason."""

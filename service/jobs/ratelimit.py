@@ -7,6 +7,8 @@ render slots held by each job from its export until it leaves `submitting|submit
 
 from __future__ import annotations
 
+import contextvars
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import anyio
@@ -14,9 +16,16 @@ import anyio
 from service.log import get_logger
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from service.jobs.schedule import Clock, Sleep
 
 log = get_logger("jobs.ratelimit")
+
+_admitted: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "studiohook_gate_admitted", default=None
+)
+"""The endpoint whose turn the current task already took (see `RequestGate.turn`)."""
 
 
 class TokenBucket:
@@ -65,7 +74,33 @@ class RequestGate:
         self._sleep = sleep
 
     async def __call__(self, endpoint: str) -> None:
-        """Wait until a request to `endpoint` may be sent."""
+        """Wait until a request to `endpoint` may be sent.
+
+        Inside `turn(endpoint)` the turn is already taken and the request leaves at once,
+        unless a Retry-After pause began since: no request is ever sent inside one.
+        """
+        if _admitted.get() == endpoint:
+            _admitted.set(None)
+            if self._clock() >= self._bucket.paused_until:
+                return
+        await self._wait(endpoint)
+
+    @asynccontextmanager
+    async def turn(self, endpoint: str) -> AsyncIterator[None]:
+        """Take the next request turn for `endpoint` now; the request inside leaves unqueued.
+
+        The submitter waits here BEFORE it commits `submitting`, so the commit and the paid
+        POST follow each other at once: a crash while a job waits its turn leaves it plainly
+        `mapped`, and only a request actually on the wire can be in doubt.
+        """
+        await self._wait(endpoint)
+        token = _admitted.set(endpoint)
+        try:
+            yield
+        finally:
+            _admitted.reset(token)
+
+    async def _wait(self, endpoint: str) -> None:
         while True:
             wait_s = self._bucket.reserve(self._clock())
             if wait_s > 0:

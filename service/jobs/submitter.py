@@ -1,9 +1,17 @@
 """`mapped -> submitting -> submitted`: the one place that spends money.
 
-THE MONEY RULE: `submitting` (attempts + 1) is committed BEFORE the POST, so a crash at any
-point leaves a job that says "a POST may have happened" and is reconciled by name instead of
+THE MONEY RULE: `submitting` (attempts + 1) is committed BEFORE the paid POST, so a crash at
+any point leaves a job that says "a POST may have happened" and is reconciled instead of
 being posted again. After the POST, only a retryable error (nothing was created) sends the job
 back to `mapped`; anything uncertain goes to `reconcile`.
+
+No gap between that commit and the request: the job holds its render slot and takes its turn
+at the request gate first, then commits, then the POST leaves at once. A crash while a job
+waits leaves it `mapped`; only a request actually on the wire can be in doubt.
+
+The two-step v3 flow (the default) first creates the project unexported (not billed) and
+commits its id on the still-`mapped` job; the paid call then exports that project, and an
+uncertain export is settled by reading it (`reconcile.py`). A lost draft is created again.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from service.aistudios.errors import AmbiguousError, PermanentError, RetryableEr
 from service.backoff import backoff_delay
 from service.jobs.schedule import retry_delay
 from service.log import get_logger
-from service.model import Job, JobState, JobUpdate
+from service.model import API_LEGACY, API_V3, V3_APIS, Job, JobState, JobUpdate
 from service.store.base import StaleTransitionError, StoreUnavailableError
 
 if TYPE_CHECKING:
@@ -53,6 +61,21 @@ class ExportApi(Protocol):
         """Export changed scenes of a saved project; returns the key to poll."""
         ...
 
+    async def create_draft_v3(self, body: dict[str, Any], *, name: str) -> str:
+        """Create a v3 project without exporting it (not billed); returns its id."""
+        ...
+
+    async def export_project_v3(self, project_id: str, *, webhook_url: str | None = None) -> str:
+        """Export an existing v3 project (billed); returns its id."""
+        ...
+
+
+def paid_endpoint(job: Job) -> str:
+    """The client endpoint name of a job's paid call (the request gate's turn is per name)."""
+    if job.api == API_LEGACY:
+        return "legacy.export"
+    return "v3.project_export" if job.api == API_V3 else "v3.export"
+
 
 class UnusableBodyError(ValueError):
     """The stored export body cannot be sent: nothing to POST, so the job fails before paying."""
@@ -73,7 +96,7 @@ def decode_body(job: Job) -> dict[str, Any]:
         raise UnusableBodyError(f"export body is not JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise UnusableBodyError("export body is not a JSON object")
-    if job.api == "legacy" and not isinstance(body.get("scenes"), list):
+    if job.api == API_LEGACY and not isinstance(body.get("scenes"), list):
         raise UnusableBodyError("legacy export body has no scenes list")
     return body
 
@@ -202,19 +225,69 @@ class Submitter:
         except UnusableBodyError as exc:
             await self._fail(job, {JobState.MAPPED}, "unusable_body", str(exc))
             return
-        token = secrets.token_urlsafe(24) if self._public_url and job.api == "v3" else None
+        if job.api == API_V3 and job.project_id is None:
+            drafted = await self._create_draft(job, body)
+            if drafted is None:
+                return
+            job = drafted
+        token = secrets.token_urlsafe(24) if self._public_url and job.api in V3_APIS else None
+        async with self._ctx.gate.turn(paid_endpoint(job)):
+            try:
+                job = await self._ctx.store.transition(
+                    job_id,
+                    {JobState.MAPPED},
+                    JobState.SUBMITTING,
+                    JobUpdate(attempts=job.attempts + 1, callback_token=token),
+                )
+            except StaleTransitionError:
+                self._ctx.release_unless_in_flight(job_id, None)
+                return
+            # From here on a billed export may exist: never back to `mapped` unless certain.
+            await self._post_and_record(job, body, token)
+
+    async def _create_draft(self, job: Job, body: dict[str, Any]) -> Job | None:
+        """Step one of the two-step flow: an unbilled draft whose id is committed on the job.
+
+        Nothing is billed whatever happens here, so any failure short of a refusal is simply
+        tried again later (from scratch: a draft whose response was lost is left unused).
+        """
         try:
-            job = await self._ctx.store.transition(
-                job_id,
-                {JobState.MAPPED},
-                JobState.SUBMITTING,
-                JobUpdate(attempts=job.attempts + 1, callback_token=token),
-            )
-        except StaleTransitionError:
-            self._ctx.release_unless_in_flight(job_id, None)
+            project_id = await self._ctx.api.create_draft_v3(body, name=job.export_name)
+        except PermanentError as exc:
+            await self._fail(job, {JobState.MAPPED}, exc.code, exc.message)
+            return None
+        except (RetryableError, AmbiguousError) as exc:
+            await self._draft_again_later(job, exc)
+            return None
+        drafted = await self._ctx.store.update_job(
+            job.job_id, JobUpdate(project_id=project_id, clear=frozenset({"error_code"}))
+        )
+        log.info("job.drafted", project_id=project_id)
+        return drafted
+
+    async def _draft_again_later(self, job: Job, exc: RetryableError | AmbiguousError) -> None:
+        retry_after_s = exc.retry_after_s if isinstance(exc, RetryableError) else None
+        if retry_after_s is not None:
+            self._ctx.gate.pause_for(retry_after_s)
+        failures = job.attempts + 1
+        if failures > self._max_retries:
+            message = f"gave up creating the draft after {failures} tries: {exc.message}"
+            await self._fail(job, {JobState.MAPPED}, "retries_exhausted", message)
             return
-        # From here on a billed project may exist: never back to `mapped` unless certain.
-        await self._post_and_record(job, body, token)
+        delay = retry_delay(
+            exc, failures, base_s=RETRY_BASE_S, cap_s=RETRY_CAP_S, rng=self._ctx.rng
+        )
+        await self._ctx.store.update_job(
+            job.job_id,
+            JobUpdate(
+                attempts=failures,
+                next_attempt_at=self._ctx.clock() + delay,
+                error_code=exc.code,
+                error_message=exc.message,
+            ),
+        )
+        log.info("job.draft_retry_scheduled", delay_s=round(delay, 3), error=exc.message)
+        self._ctx.slots.release(job.job_id)
 
     async def _post_and_record(self, job: Job, body: dict[str, Any], token: str | None) -> None:
         try:
@@ -232,14 +305,16 @@ class Submitter:
             await self._record_submitted(job, project_id)
 
     async def _post(self, job: Job, body: dict[str, Any], token: str | None) -> str:
-        log.info("job.exporting", attempt=job.attempts, api=job.api)
-        if job.api == "legacy":
+        log.info("job.exporting", attempt=job.attempts, api=job.api, project_id=job.project_id)
+        if job.api == API_LEGACY:
             return await self._ctx.api.export_legacy(body["scenes"])
         webhook = (
             callback_url(self._public_url, job.job_id, token)
             if self._public_url and token
             else None
         )
+        if job.api == API_V3 and job.project_id is not None:
+            return await self._ctx.api.export_project_v3(job.project_id, webhook_url=webhook)
         return await self._ctx.api.export_v3(body, name=job.export_name, webhook_url=webhook)
 
     async def _record_submitted(self, job: Job, project_id: str) -> None:

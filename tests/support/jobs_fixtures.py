@@ -35,6 +35,7 @@ FAST = AIStudiosConfig(
     render_deadline_seconds=20.0,
     stall_seconds=10.0,
     reconcile_wait_s=0.3,
+    export_settle_s=0.3,
     poll_min_interval_s=0.05,
     poll_max_interval_s=0.5,
     max_retries=5,
