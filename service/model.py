@@ -181,6 +181,12 @@ class Job:
     polls: int = 0
     event_id: str = ""
     """The originating event's id, carried so announcements never need a second read."""
+    owner: str | None = None
+    """The worker that claimed the job last (see `Store.claim_job`)."""
+    lease_until: float | None = None
+    """Until when that claim holds; after it, any worker may take the job over."""
+    fence: int = 0
+    """Bumped by every claim: a transition naming an older fence is refused."""
 
 
 @dataclass(frozen=True, slots=True)

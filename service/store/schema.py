@@ -97,7 +97,16 @@ _V1 = (
     """,
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+_V2 = (
+    # Ownership: a job is claimed by one worker (owner) until its lease ends; every claim
+    # bumps the fence, and a transition naming an older fence is refused.
+    "ALTER TABLE jobs ADD COLUMN owner TEXT",
+    "ALTER TABLE jobs ADD COLUMN lease_until REAL",
+    "ALTER TABLE jobs ADD COLUMN fence INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX jobs_owner ON jobs (owner)",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
 """Statements of each migration; `MIGRATIONS[n]` moves user_version from n to n + 1."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
