@@ -7,9 +7,12 @@ from service.jobs.decide import (
     ExportAgain,
     LookAgain,
     ProjectLook,
+    Step,
     after_name_lookup,
     after_project_read,
+    resume_step,
 )
+from service.model import API_V3, API_V3_ONE_STEP, JobState
 
 ENTERED = 1000.0
 DRAFT = ProjectLook(exists=True, export_started=False)
@@ -75,3 +78,32 @@ def test_one_step_missing_waits_the_whole_reconcile_wait_before_posting_again():
     again = by_name(None, ENTERED + 1800)
     assert isinstance(again, ExportAgain)
     assert again.keep_project is False
+
+
+@pytest.mark.parametrize(
+    ("window", "state", "api", "project_id", "step"),
+    [
+        ("before the draft", JobState.MAPPED, API_V3, None, Step.CREATE_DRAFT),
+        ("after the draft commit", JobState.MAPPED, API_V3, "p1", Step.EXPORT),
+        ("after the export commit", JobState.SUBMITTING, API_V3, "p1", Step.LOOK_UP),
+        ("during the export", JobState.SUBMITTING, API_V3, "p1", Step.LOOK_UP),
+        ("while rendering", JobState.SUBMITTED, API_V3, "p1", Step.TRACK),
+        ("one-step, before the create", JobState.MAPPED, API_V3_ONE_STEP, None, Step.EXPORT),
+        ("one-step, after its commit", JobState.SUBMITTING, API_V3_ONE_STEP, None, Step.LOOK_UP),
+        ("uncertain, looked up", JobState.RECONCILE, API_V3, "p1", Step.LOOK_UP),
+        ("finished", JobState.READY, API_V3, "p1", Step.NONE),
+    ],
+)
+def test_every_crash_window_resumes_at_the_right_step(window, state, api, project_id, step):
+    assert resume_step(state, api, project_id) is step, window
+
+
+def test_each_window_then_settles_to_exactly_one_export():
+    # After the export commit the POST never left: the draft reads plainly a draft, and only
+    # after the settle time is it exported again. During the export it left: adopted at once.
+    never_sent = [read(DRAFT, ENTERED + t) for t in (0.0, 1.25, 2.5, 3.75)]
+    assert all(isinstance(d, LookAgain) for d in never_sent)
+    assert read(DRAFT, ENTERED + 5.0) == ExportAgain(
+        "project p1 still a draft 5.0s after the export", keep_project=True
+    )
+    assert read(EXPORTING, ENTERED) == Adopt("p1")

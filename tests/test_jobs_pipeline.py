@@ -6,8 +6,11 @@ import anyio
 import pytest
 
 from service.aistudios.simulator import SimulatorKnobs
+from service.jobs.ownership import OwnedJobs
+from service.jobs.ratelimit import RenderSlots
 from service.jobs.reconcile import LEGACY_UNKNOWN
 from service.model import API_V3_ONE_STEP, JobState, JobUpdate
+from service.store.base import FencedError
 from tests.support.aistudios_fixtures import v3_body
 from tests.support.jobs_fixtures import jobs_harness, legacy_body
 
@@ -292,6 +295,32 @@ async def test_two_step_crash_during_the_export_adopts_it_without_waiting(tmp_pa
         assert time.monotonic() - started < 5.0  # adopted at the first read, not after 60 s
         assert h.simulator.billed_exports(draft_id) == 1
         assert h.simulator.export_count == 1
+
+
+async def test_a_job_a_live_worker_holds_is_left_to_it_and_taken_over_when_its_lease_ends(
+    tmp_path,
+):
+    async with jobs_harness(tmp_path, start=False, owner_id="w-new", lease_s=0.6) as h:
+        job = await h.add_job("held", notify=False)
+        await h.prepare(job)
+        ghost = OwnedJobs(h.store.inner, RenderSlots(4), owner="w-gone", lease_s=0.6)
+        claimed = await ghost.claim(job.job_id, {S.MAPPED})
+        draft_id = await h.client.create_draft_v3(v3_body(), name=job.export_name)
+        await ghost.update_job(job.job_id, JobUpdate(project_id=draft_id))
+        await ghost.transition(job.job_id, {S.MAPPED}, S.SUBMITTING, JobUpdate(attempts=1))
+        await h.client.export_project_v3(draft_id)
+        submitted = JobUpdate(project_id=draft_id, submitted_at=time.time())
+        await ghost.transition(job.job_id, {S.SUBMITTING}, S.SUBMITTED, submitted)
+        await h.start()  # the ghost's lease still holds: recovery leaves the job alone
+        assert h.pipeline.tracker.tracked == 0
+        assert (await h.store.get_job(job.job_id)).owner == "w-gone"
+        ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED})
+        assert ready.state is S.READY
+        assert (ready.owner, ready.fence) == ("w-new", claimed.fence + 1)
+        with pytest.raises(FencedError):  # the old claimant wakes up: refused
+            await ghost.transition(job.job_id, {S.READY}, S.NOTIFIED)
+        assert h.simulator.billed_exports(draft_id) == 1
+        assert h.pipeline.slots.in_flight == 0
 
 
 async def test_an_ambiguous_legacy_export_fails_instead_of_paying_twice(tmp_path):

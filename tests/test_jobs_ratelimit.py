@@ -2,6 +2,7 @@ import anyio
 import pytest
 
 from service.jobs.ratelimit import RenderSlots, RequestGate, TokenBucket
+from service.model import JobState
 
 
 def test_bucket_spaces_requests_at_the_rate_after_the_burst():
@@ -103,36 +104,43 @@ async def test_gate_rechecks_a_pause_that_began_while_waiting():
 
 
 @pytest.mark.anyio
-async def test_render_slots_block_at_capacity_and_hand_over_on_release():
+async def test_render_slots_block_at_capacity_and_free_when_the_committed_state_leaves():
     slots = RenderSlots(2)
-    await slots.acquire("a")
-    await slots.acquire("b")
-    await slots.acquire("a")  # already held: no second slot
+    await slots.reserve("a")
+    await slots.reserve("b")
+    await slots.reserve("a")  # already held: no second slot
+    slots.settle("a", JobState.SUBMITTING)  # a's export committed: a counts once
     assert slots.in_flight == 2
     got = anyio.Event()
 
     async def third():
-        await slots.acquire("c")
+        await slots.reserve("c")
         got.set()
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(third)
         await anyio.wait_all_tasks_blocked()
+        slots.unreserve("a")  # a's submit ended, but a renders: still no slot
+        await anyio.wait_all_tasks_blocked()
         assert not got.is_set()
-        slots.release("b")
-        slots.release("b")  # idempotent
+        slots.settle("a", JobState.READY)
+        slots.settle("a", JobState.NOTIFIED)  # idempotent
         await got.wait()
-    with anyio.fail_after(1):
-        await slots.acquire("c")  # returns at once only because "c" holds a slot already
     assert slots.in_flight == 2
+    slots.unreserve("b")  # b's submit ended without an export (a retry, say)
+    assert slots.in_flight == 1
 
 
-def test_adopted_renders_count_even_beyond_capacity():
+def test_reconcile_holds_no_slot_until_the_export_is_adopted():
     slots = RenderSlots(1)
-    slots.adopt("x")
-    slots.adopt("y")
+    slots.settle("x", JobState.SUBMITTED)
+    slots.settle("y", JobState.SUBMITTING)  # found at start: counted beyond capacity
     assert slots.in_flight == 2
-    slots.release("x")
+    slots.settle("y", JobState.RECONCILE)
+    assert slots.in_flight == 1
+    slots.settle("y", JobState.SUBMITTED)  # the API showed the export: adopted
+    assert slots.in_flight == 2
+    slots.settle("x", None)  # another worker took x over
     assert slots.in_flight == 1
 
 

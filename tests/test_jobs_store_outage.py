@@ -18,11 +18,11 @@ def failing_transitions(store, from_state, to_state, times):
     real = store.inner.transition
     failures = {"left": times}
 
-    async def transition(job_id, from_states, target, update=None, outbox=()):
+    async def transition(job_id, from_states, target, update=None, outbox=(), *, fence=None):
         if from_state in from_states and target is to_state and failures["left"] > 0:
             failures["left"] -= 1
             raise StoreUnavailableError("disk full")
-        return await real(job_id, from_states, target, update, outbox)
+        return await real(job_id, from_states, target, update, outbox, fence=fence)
 
     store.inner.transition = transition
     return failures

@@ -11,12 +11,44 @@ a 5xx, a crash with `submitting` committed). Two ways to find out, one per expor
   project list, which may list only finished exports, so only after `wait_s` of not finding
   it is it posted again.
 
-The loops carry these decisions out; nothing here does I/O or reads a clock.
+`resume_step` says what a stored job needs next, whatever moment a crash left it at. The loops
+carry these decisions out; nothing here does I/O or reads a clock.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
+
+from service.model import API_V3, JobState
+
+
+class Step(StrEnum):
+    """What a job needs next, judged from its committed row alone (after a restart, say)."""
+
+    CREATE_DRAFT = "create_draft"
+    EXPORT = "export"
+    LOOK_UP = "look_up"
+    TRACK = "track"
+    NONE = "none"
+
+
+def resume_step(state: JobState, api: str, project_id: str | None) -> Step:
+    """The next step of a job as stored: every crash window maps to exactly one of these.
+
+    Killed before the draft (or while creating it): `mapped` without a project, so the draft
+    is created (again: a lost draft bills nothing). Killed after the draft's id was committed:
+    `mapped` with the project, so that project is exported. Killed after `submitting` was
+    committed, whether or not the POST left: looked up, never posted blind. Killed while it
+    rendered: tracked.
+    """
+    if state is JobState.MAPPED:
+        return Step.CREATE_DRAFT if api == API_V3 and project_id is None else Step.EXPORT
+    if state in {JobState.SUBMITTING, JobState.RECONCILE}:
+        return Step.LOOK_UP
+    if state is JobState.SUBMITTED:
+        return Step.TRACK
+    return Step.NONE
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import random
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
@@ -19,6 +20,8 @@ import anyio
 import structlog
 
 from service.jobs.context import JobLoopContext, end_with_error
+from service.jobs.decide import Step, resume_step
+from service.jobs.ownership import LEASE_S, OwnedJobs
 from service.jobs.ratelimit import RenderSlots
 from service.jobs.reconcile import LookupApi, Reconciler
 from service.jobs.states import IN_FLIGHT
@@ -69,11 +72,16 @@ class JobPipeline:
         clock: Clock = time.time,
         sleep: Sleep = anyio.sleep,
         rng: RandomSource | None = None,
+        owner_id: str | None = None,
+        lease_s: float = LEASE_S,
     ) -> None:
         self._prepare = prepare
         self.slots = RenderSlots(settings.max_concurrent_exports)
+        self.owned = OwnedJobs(
+            store, self.slots, owner=owner_id or socket.gethostname(), lease_s=lease_s
+        )
         self._ctx = ctx = JobLoopContext[RenderApi](
-            store=store,
+            store=self.owned,
             api=api,
             slots=self.slots,
             gate=gate,
@@ -99,6 +107,8 @@ class JobPipeline:
             public_url=public_url,
             on_submitted=self.tracker.track,
             on_reconcile=self._reconcile,
+            claim=self._claim_mapped,
+            claim_wait_s=lease_s,
         )
         self.reconciler = Reconciler(
             ctx,
@@ -115,6 +125,9 @@ class JobPipeline:
     def _reconcile(self, job: Job) -> None:
         self.reconciler.add(job)
 
+    async def _claim_mapped(self, job_id: str) -> Job | None:
+        return await self.owned.claim(job_id, {JobState.MAPPED})
+
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
@@ -125,20 +138,47 @@ class JobPipeline:
             tg.start_soon(self.submitter.run, name="jobs.submitter")
             tg.start_soon(self.reconciler.run, name="jobs.reconciler")
             tg.start_soon(self.tracker.run, name="jobs.tracker")
+            tg.start_soon(self._lease_loop, name="jobs.leases")
             task_status.started()
 
     async def recover(self) -> None:
-        """Pick up every job a previous process left between two commits."""
-        in_flight = await self._ctx.store.jobs_in_states(IN_FLIGHT, limit=_RECOVERY_LIMIT)
-        for job in in_flight:
-            self.slots.adopt(job.job_id)
-            with structlog.contextvars.bound_contextvars(job_id=job.job_id):
-                await self._recover_one(job)
+        """Claim the in-flight jobs nobody holds and resume each where it stopped.
+
+        That is this owner's own after a restart, and any whose lease ran out; jobs another
+        live worker holds are left to it.
+        """
+        in_flight = await self.owned.claim_free(IN_FLIGHT, _RECOVERY_LIMIT, take_own=True)
+        await self._resume(in_flight)
         log.info("jobs.recovered", in_flight=len(in_flight))
 
+    async def _resume(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            with structlog.contextvars.bound_contextvars(job_id=job.job_id):
+                await self._recover_one(job)
+
+    async def _lease_loop(self) -> None:
+        """Forever: renew this worker's leases, and take over jobs whose worker stopped renewing.
+
+        A store outage only skips a beat: a lease is three beats long.
+        """
+        while True:
+            await self._ctx.sleep(self.owned.lease_s / 3)
+            try:
+                await self.owned.renew()
+                taken = await self.owned.claim_free(IN_FLIGHT, _RECOVERY_LIMIT, take_own=False)
+            except StoreUnavailableError as exc:
+                log.warning("jobs.lease_renewal_failed", error=str(exc))
+                continue
+            if taken:
+                log.warning("jobs.taken_over", count=len(taken))
+                await self._resume(taken)
+
     async def _recover_one(self, job: Job) -> None:
-        if job.state is JobState.SUBMITTED:
+        step = resume_step(job.state, job.api, job.project_id)
+        if step is Step.TRACK:
             self.tracker.track(job)
+            return
+        if step is not Step.LOOK_UP:
             return
         if job.state is JobState.SUBMITTING:
             note = "restart found the export's outcome unknown"
@@ -150,7 +190,6 @@ class JobPipeline:
                     JobUpdate(error_code="ambiguous", error_message=note, note=note),
                 )
             except StaleTransitionError:
-                self.slots.release(job.job_id)
                 return
             log.warning("job.reconcile", reason=note)
         self.reconciler.add(job)

@@ -2,7 +2,7 @@
 
 The API documents no limits, so both are ours to keep: a token bucket shared by every request
 (exports, polls, lookups), paused as a whole by a 429's Retry-After, and a fixed number of
-render slots held by each job from its export until it leaves `submitting|submitted|reconcile`.
+render slots, counted from what the store says each owned job is doing.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from service.jobs.states import RENDERING
 from service.log import get_logger
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from service.jobs.schedule import Clock, Sleep
+    from service.model import JobState
 
 log = get_logger("jobs.ratelimit")
 
@@ -121,38 +123,52 @@ class RequestGate:
 
 
 class RenderSlots:
-    """At most `capacity` renders in flight, each slot held by one job id.
+    """At most `capacity` renders in flight: owned jobs that render, plus submits under way.
 
-    A slot is taken before `mapped -> submitting` and released when the job leaves the
-    in-flight states, by whichever loop moves it. Recovery `adopt`s slots without waiting:
-    renders already running count even when they exceed a lowered capacity.
+    A slot is never handed out and taken back by whichever loop moves a job. It is derived:
+    `settle` hears every committed state of every owned job (from `OwnedJobs`, the one place
+    that commits for this worker), and a submit task `reserve`s a slot for its own lifetime
+    and `unreserve`s it when it ends, whatever happened. A job both reserved and rendering
+    counts once. Renders found at start are counted even beyond a lowered capacity.
     """
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
-        self._holders: set[str] = set()
+        self._rendering: set[str] = set()
+        self._reserved: set[str] = set()
         self._freed = anyio.Event()
 
     @property
     def in_flight(self) -> int:
         """How many slots are held."""
-        return len(self._holders)
+        return len(self._rendering | self._reserved)
 
-    async def acquire(self, job_id: str) -> None:
-        """Wait for a free slot and give it to `job_id` (no-op when it already holds one)."""
-        while job_id not in self._holders and len(self._holders) >= self.capacity:
+    def holds(self, job_id: str) -> bool:
+        """Whether `job_id` counts against the capacity now."""
+        return job_id in self._rendering or job_id in self._reserved
+
+    async def reserve(self, job_id: str) -> None:
+        """Wait for a free slot and reserve it for a submit of `job_id` (at once if it has one)."""
+        while not self.holds(job_id) and self.in_flight >= self.capacity:
             await self._freed.wait()
-        self._holders.add(job_id)
+        self._reserved.add(job_id)
 
-    def adopt(self, job_id: str) -> None:
-        """Count a render found running at start, even beyond capacity."""
-        self._holders.add(job_id)
+    def unreserve(self, job_id: str) -> None:
+        """The submit of `job_id` ended; its slot stays taken only if the job now renders."""
+        if job_id in self._reserved:
+            self._reserved.discard(job_id)
+            self._notify()
 
-    def release(self, job_id: str) -> None:
-        """Free the job's slot; safe to call when it holds none."""
-        if job_id in self._holders:
-            self._holders.discard(job_id)
-            self._freed.set()
-            self._freed = anyio.Event()
+    def settle(self, job_id: str, state: JobState | None) -> None:
+        """A committed state of an owned job (None: no longer ours): count it iff it renders."""
+        if state is not None and state in RENDERING:
+            self._rendering.add(job_id)
+        elif job_id in self._rendering:
+            self._rendering.discard(job_id)
+            self._notify()
+
+    def _notify(self) -> None:
+        self._freed.set()
+        self._freed = anyio.Event()

@@ -11,12 +11,11 @@ legacy create fails instead of risking a second payment.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
 
-from service.aistudios.errors import AIStudiosError, PermanentError, RetryableError
 from service.backoff import backoff_delay
 from service.jobs.context import DueHeap
 from service.jobs.decide import (
@@ -27,6 +26,7 @@ from service.jobs.decide import (
     after_name_lookup,
     after_project_read,
 )
+from service.jobs.ports import ApiError, LookupApi, NothingCreatedError, RefusedError
 from service.jobs.schedule import retry_delay
 from service.jobs.submitter import sleep_or_wake
 from service.log import get_logger
@@ -36,7 +36,6 @@ from service.store.base import StaleTransitionError, StoreUnavailableError
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from service.aistudios.responses import ProjectState, ProjectSummary
     from service.jobs.context import JobLoopContext
 
 log = get_logger("jobs.reconcile")
@@ -47,16 +46,7 @@ LEGACY_UNKNOWN = "legacy export outcome unknown; not retried to avoid paying twi
 _HTTP_NOT_FOUND = 404
 
 
-class LookupApi(Protocol):
-    """Finding an export by the name it was created under."""
-
-    async def find_project_by_name(self, name: str) -> ProjectSummary | None:
-        """The project created under `name`, or None."""
-        ...
-
-    async def get_project_v3(self, project_id: str) -> ProjectState:
-        """One v3 project with its export status."""
-        ...
+__all__ = ["LEGACY_UNKNOWN", "LookupApi", "Reconciler"]
 
 
 @dataclass(slots=True)
@@ -154,9 +144,9 @@ class Reconciler:
             return
         try:
             decision = await self._look_up(job, pending)
-        except AIStudiosError as exc:
+        except ApiError as exc:
             # Not knowing is no reason to post again: keep looking with back-off.
-            if isinstance(exc, RetryableError) and exc.retry_after_s is not None:
+            if isinstance(exc, NothingCreatedError) and exc.retry_after_s is not None:
                 self._ctx.gate.pause_for(exc.retry_after_s)
             log.warning("job.reconcile_lookup_failed", error=exc.message)
             self._retry_later(pending, exc)
@@ -174,7 +164,7 @@ class Reconciler:
         if job.api == API_V3 and job.project_id is not None:
             try:
                 project = await self._ctx.api.get_project_v3(job.project_id)
-            except PermanentError as exc:
+            except RefusedError as exc:
                 if exc.status != _HTTP_NOT_FOUND:
                     raise
                 look = ProjectLook(exists=False, export_started=False)
@@ -253,6 +243,6 @@ class Reconciler:
         self._forget(job.job_id, None)
 
     def _forget(self, job_id: str, job: Job | None) -> None:
-        """Stop reconciling; free the render slot unless the job is still rendering."""
+        """Stop reconciling (the render slot follows the job's committed state, not this loop)."""
+        del job
         self._pending.pop(job_id, None)
-        self._ctx.release_unless_in_flight(job_id, job)

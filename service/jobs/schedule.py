@@ -9,13 +9,13 @@ server's Retry-After is obeyed to the second.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal
 
-from service.aistudios.errors import RetryableError
 from service.backoff import RandomSource, backoff_delay
+from service.jobs.ports import Clock, NothingCreatedError, Sleep
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Sequence
+    from collections.abc import Sequence
 
     from service.model import Job
 
@@ -25,21 +25,7 @@ FINISH_MARGIN = 0.05
 
 Verdict = Literal["deadline", "stalled"]
 
-
-class Clock(Protocol):
-    """Seconds on the clock the job timestamps use; tests pass a clock they advance."""
-
-    def __call__(self) -> float:
-        """Now, in seconds."""
-        ...
-
-
-class Sleep(Protocol):
-    """Waits for some seconds; tests pass one that advances their fake clock instead."""
-
-    def __call__(self, seconds: float, /) -> Awaitable[None]:
-        """Return after `seconds` (or when the caller's scope is cancelled)."""
-        ...
+__all__ = ["Clock", "Observation", "Sleep", "next_poll_delay", "render_verdict", "retry_delay"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +102,7 @@ def retry_delay(
     Retry-After is never shortened (a request inside the window is another 429) and never
     jittered upward past it by this function; spacing after the window is the rate limiter's.
     """
-    if isinstance(error, RetryableError) and error.retry_after_s is not None:
+    if isinstance(error, NothingCreatedError) and error.retry_after_s is not None:
         return max(error.retry_after_s, 0.0)
     return backoff_delay(attempt, base_s=base_s, cap_s=cap_s, rng=rng)
 

@@ -19,14 +19,21 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import orjson
 import structlog
 
-from service.aistudios.errors import AmbiguousError, PermanentError, RetryableError
 from service.backoff import backoff_delay
+from service.jobs.decide import Step, resume_step
+from service.jobs.ports import (
+    ExportApi,
+    NothingCreatedError,
+    OutcomeUnknownError,
+    RefusedError,
+    Sleep,
+)
 from service.jobs.schedule import retry_delay
 from service.log import get_logger
 from service.model import API_LEGACY, API_V3, V3_APIS, Job, JobState, JobUpdate
@@ -36,7 +43,6 @@ if TYPE_CHECKING:
     from collections.abc import Collection
 
     from service.jobs.context import JobLoopContext
-    from service.jobs.schedule import Sleep
 
 log = get_logger("jobs.submitter")
 
@@ -48,26 +54,10 @@ _COMMIT_ATTEMPTS = 6
 _SCAN_LIMIT = 500
 
 
-class ExportApi(Protocol):
-    """The billed create calls of both API generations."""
+__all__ = ["ExportApi", "Submitter", "paid_endpoint", "sleep_or_wake"]
 
-    async def export_v3(
-        self, body: dict[str, Any], *, name: str, webhook_url: str | None = None
-    ) -> str:
-        """Create and export; returns the project id."""
-        ...
-
-    async def export_legacy(self, scenes: list[dict[str, Any]]) -> str:
-        """Export changed scenes of a saved project; returns the key to poll."""
-        ...
-
-    async def create_draft_v3(self, body: dict[str, Any], *, name: str) -> str:
-        """Create a v3 project without exporting it (not billed); returns its id."""
-        ...
-
-    async def export_project_v3(self, project_id: str, *, webhook_url: str | None = None) -> str:
-        """Export an existing v3 project (billed); returns its id."""
-        ...
+ClaimMapped = Callable[[str], Awaitable[Job | None]]
+"""Claim one `mapped` job for this worker; None when another worker's lease holds it."""
 
 
 def paid_endpoint(job: Job) -> str:
@@ -133,8 +123,12 @@ class Submitter:
         public_url: str | None,
         on_submitted: Callable[[Job], None],
         on_reconcile: Callable[[Job], None],
+        claim: ClaimMapped,
+        claim_wait_s: float,
     ) -> None:
         self._ctx = ctx
+        self._claim = claim
+        self._claim_wait_s = claim_wait_s
         self._max_retries = max_retries
         self._public_url = public_url
         self._on_submitted = on_submitted
@@ -185,9 +179,9 @@ class Submitter:
             if due > self._ctx.clock():
                 next_due = min(next_due, due)
                 continue
-            await self._ctx.slots.acquire(job.job_id)
+            await self._ctx.slots.reserve(job.job_id)
             if self._draining:
-                self._ctx.slots.release(job.job_id)
+                self._ctx.slots.unreserve(job.job_id)
                 break
             self._active.add(job.job_id)
             if self._idle.is_set():
@@ -203,29 +197,32 @@ class Submitter:
             except StoreUnavailableError as exc:
                 log.warning("job.submit_deferred", error=str(exc))
                 self._held_back[job_id] = self._ctx.clock() + RETRY_BASE_S
-                await self._release_after_crash(job_id)
             except Exception as exc:
                 log.exception("job.submit_crashed")
                 await self._fail_if_still_mapped(job_id, f"internal error before export: {exc!r}")
             finally:
+                # The submit's reservation ends here, always; a job now rendering keeps its
+                # slot through its committed state (see RenderSlots).
+                self._ctx.slots.unreserve(job_id)
                 self._active.discard(job_id)
                 if not self._active:
                     self._idle.set()
                 self.wake()
 
     async def submit(self, job_id: str) -> None:
-        """Post one mapped job (its slot already held) and commit what happened."""
+        """Claim one mapped job (its slot already reserved), post it and commit what happened."""
         self._held_back.pop(job_id, None)
-        job = await self._ctx.store.get_job(job_id)
-        if job is None or job.state is not JobState.MAPPED:
-            self._ctx.release_unless_in_flight(job_id, job)
+        job = await self._claim(job_id)
+        if job is None:
+            # Another worker holds it, or it left `mapped`: look again once a lease could end.
+            self._held_back[job_id] = self._ctx.clock() + self._claim_wait_s
             return
         try:
             body = decode_body(job)
         except UnusableBodyError as exc:
             await self._fail(job, {JobState.MAPPED}, "unusable_body", str(exc))
             return
-        if job.api == API_V3 and job.project_id is None:
+        if resume_step(job.state, job.api, job.project_id) is Step.CREATE_DRAFT:
             drafted = await self._create_draft(job, body)
             if drafted is None:
                 return
@@ -240,7 +237,6 @@ class Submitter:
                     JobUpdate(attempts=job.attempts + 1, callback_token=token),
                 )
             except StaleTransitionError:
-                self._ctx.release_unless_in_flight(job_id, None)
                 return
             # From here on a billed export may exist: never back to `mapped` unless certain.
             await self._post_and_record(job, body, token)
@@ -253,10 +249,10 @@ class Submitter:
         """
         try:
             project_id = await self._ctx.api.create_draft_v3(body, name=job.export_name)
-        except PermanentError as exc:
+        except RefusedError as exc:
             await self._fail(job, {JobState.MAPPED}, exc.code, exc.message)
             return None
-        except (RetryableError, AmbiguousError) as exc:
+        except (NothingCreatedError, OutcomeUnknownError) as exc:
             await self._draft_again_later(job, exc)
             return None
         drafted = await self._ctx.store.update_job(
@@ -265,8 +261,10 @@ class Submitter:
         log.info("job.drafted", project_id=project_id)
         return drafted
 
-    async def _draft_again_later(self, job: Job, exc: RetryableError | AmbiguousError) -> None:
-        retry_after_s = exc.retry_after_s if isinstance(exc, RetryableError) else None
+    async def _draft_again_later(
+        self, job: Job, exc: NothingCreatedError | OutcomeUnknownError
+    ) -> None:
+        retry_after_s = exc.retry_after_s if isinstance(exc, NothingCreatedError) else None
         if retry_after_s is not None:
             self._ctx.gate.pause_for(retry_after_s)
         failures = job.attempts + 1
@@ -287,16 +285,15 @@ class Submitter:
             ),
         )
         log.info("job.draft_retry_scheduled", delay_s=round(delay, 3), error=exc.message)
-        self._ctx.slots.release(job.job_id)
 
     async def _post_and_record(self, job: Job, body: dict[str, Any], token: str | None) -> None:
         try:
             project_id = await self._post(job, body, token)
-        except RetryableError as exc:
+        except NothingCreatedError as exc:
             await self._retry_later(job, exc)
-        except PermanentError as exc:
+        except RefusedError as exc:
             await self._fail_after_post(job, exc.code, exc.message)
-        except AmbiguousError as exc:
+        except OutcomeUnknownError as exc:
             await self._to_reconcile(job, exc.message)
         except Exception as exc:
             log.exception("job.export_crashed")
@@ -350,7 +347,7 @@ class Submitter:
 
         `commit` is one `submitting -> to_state` write; None (or StaleTransitionError) means
         another path moved the job. Giving up hands the job, still in `submitting`, to the
-        reconciler, exactly as a restart would: its slot stays held until that resolves it.
+        reconciler, exactly as a restart would.
         """
         for attempt in range(1, _COMMIT_ATTEMPTS + 1):
             try:
@@ -365,7 +362,6 @@ class Submitter:
                 continue
             if moved is None:
                 log.warning("job.moved_during_export", to_state=to_state)
-                await self._release_after_crash(job.job_id)
             return moved
         log.error("job.commit_gave_up", to_state=to_state)
         self._on_reconcile(job)
@@ -383,7 +379,7 @@ class Submitter:
 
         return commit
 
-    async def _retry_later(self, job: Job, exc: RetryableError) -> None:
+    async def _retry_later(self, job: Job, exc: NothingCreatedError) -> None:
         if exc.retry_after_s is not None:
             self._ctx.gate.pause_for(exc.retry_after_s)
         if job.attempts >= self._max_retries:
@@ -404,7 +400,6 @@ class Submitter:
         )
         if returned is not None:
             log.info("job.retry_scheduled", delay_s=round(delay, 3), error=exc.message)
-            self._ctx.slots.release(job.job_id)
 
     async def _fail_after_post(self, job: Job, code: str, message: str) -> None:
         """`submitting -> failed`: the API said no export was made, so the verdict is final."""
@@ -412,27 +407,15 @@ class Submitter:
         async def commit() -> Job | None:
             return await self._ctx.fail(job, {JobState.SUBMITTING}, code=code, message=message)
 
-        if await self._commit_persistently(job, JobState.FAILED, commit) is not None:
-            self._ctx.slots.release(job.job_id)
+        await self._commit_persistently(job, JobState.FAILED, commit)
 
     async def _fail(
         self, job: Job, from_states: Collection[JobState], code: str, message: str
     ) -> None:
         await self._ctx.fail(job, from_states, code=code, message=message)
-        self._ctx.slots.release(job.job_id)
 
     async def _fail_if_still_mapped(self, job_id: str, reason: str) -> None:
         """A bug before the POST fails the job (nothing was paid); after it, restart reconciles."""
         job = await self._ctx.store.get_job(job_id)
         if job is not None and job.state is JobState.MAPPED:
             await self._fail(job, {JobState.MAPPED}, "internal_error", reason)
-        else:
-            self._ctx.release_unless_in_flight(job_id, job)
-
-    async def _release_after_crash(self, job_id: str) -> None:
-        """Free the slot unless the job, as stored now, is still rendering."""
-        try:
-            job = await self._ctx.store.get_job(job_id)
-        except StoreUnavailableError:
-            return
-        self._ctx.release_unless_in_flight(job_id, job)

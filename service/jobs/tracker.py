@@ -13,13 +13,19 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
 
-from service.aistudios.errors import AIStudiosError, AuthError, PermanentError, RetryableError
 from service.jobs.context import DueHeap
+from service.jobs.ports import (
+    ApiError,
+    CredentialsRefusedError,
+    NothingCreatedError,
+    ProgressApi,
+    RefusedError,
+)
 from service.jobs.schedule import (
     Observation,
     next_poll_delay,
@@ -47,16 +53,7 @@ _KEPT_OBSERVATIONS = 8
 _VERDICT_EPSILON_S = 0.001
 
 
-class ProgressApi(Protocol):
-    """Reading a render's progress in either API generation."""
-
-    async def progress_v3(self, project_id: str) -> Progress:
-        """Progress of a v3 export."""
-        ...
-
-    async def progress_legacy(self, key: str) -> Progress:
-        """Progress of a legacy export."""
-        ...
+__all__ = ["PollTiming", "ProgressApi", "ReadyHook", "Tracker", "ignore_ready"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +227,7 @@ class Tracker:
             return
         try:
             progress = await self._read(job)
-        except AIStudiosError as exc:
+        except ApiError as exc:
             await self._poll_failed(job, render, exc)
             return
         now = self._ctx.clock()
@@ -320,12 +317,12 @@ class Tracker:
         except Exception:
             log.exception("job.ready_hook_failed")
 
-    async def _poll_failed(self, job: Job, render: _Render, exc: AIStudiosError) -> None:
+    async def _poll_failed(self, job: Job, render: _Render, exc: ApiError) -> None:
         """Reads are repeatable: back off (Retry-After exactly), unless the API refused."""
-        if isinstance(exc, PermanentError) and not isinstance(exc, AuthError):
+        if isinstance(exc, RefusedError) and not isinstance(exc, CredentialsRefusedError):
             await self._fail(job, "permanent", f"progress check refused: {exc.message}")
             return
-        if isinstance(exc, RetryableError) and exc.retry_after_s is not None:
+        if isinstance(exc, NothingCreatedError) and exc.retry_after_s is not None:
             self._ctx.gate.pause_for(exc.retry_after_s)
         now = self._ctx.clock()
         if render_verdict(job, now, self._timing.deadline_s, math.inf) == "deadline":
@@ -366,6 +363,6 @@ class Tracker:
             self._retry_later(render, exc)
 
     def _forget(self, job_id: str, job: Job | None) -> None:
-        """Stop following a render; free its slot unless the job is somehow still in flight."""
+        """Stop following a render (its slot follows the job's committed state, not this loop)."""
+        del job
         self._renders.pop(job_id, None)
-        self._ctx.release_unless_in_flight(job_id, job)

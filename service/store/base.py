@@ -121,9 +121,19 @@ class Store(Protocol):
         """
 
     async def claim_jobs(
-        self, states: Collection[JobState], *, owner: str, lease_s: float, limit: int
+        self,
+        states: Collection[JobState],
+        *,
+        owner: str,
+        lease_s: float,
+        limit: int,
+        take_own: bool = True,
     ) -> list[Job]:
-        """Claim up to `limit` free jobs in `states`, oldest first (recovery and take-over)."""
+        """Claim up to `limit` free jobs in `states`, oldest first (recovery and take-over).
+
+        `take_own=False` (a running worker's take-over scan) claims only jobs whose lease
+        ended and that another worker, or nobody, held.
+        """
 
     async def renew_leases(self, owner: str, lease_s: float) -> int:
         """Extend every lease `owner` holds to now + `lease_s`; how many were extended."""

@@ -248,7 +248,13 @@ class SQLiteStore:
         )
 
     async def claim_jobs(
-        self, states: Collection[JobState], *, owner: str, lease_s: float, limit: int
+        self,
+        states: Collection[JobState],
+        *,
+        owner: str,
+        lease_s: float,
+        limit: int,
+        take_own: bool = True,
     ) -> list[Job]:
         """Claim up to `limit` free jobs, oldest first (see the Store protocol)."""
         now = self._clock()
@@ -260,6 +266,7 @@ class SQLiteStore:
                 lease_until=now + lease_s,
                 now=now,
                 limit=limit,
+                take_own=take_own,
             )
         )
 

@@ -302,6 +302,8 @@ def update_job(
 
 _FREE = "(owner IS NULL OR owner = ? OR lease_until IS NULL OR lease_until <= ?)"
 """A job nobody else holds: never claimed, its lease over, or the claimant's own."""
+_EXPIRED = "(owner IS NULL OR owner <> ? OR lease_until IS NULL) AND COALESCE(lease_until, 0) <= ?"
+"""A job another worker (or nobody) held whose lease is over: what a take-over may claim."""
 
 
 def claim_job(
@@ -335,13 +337,19 @@ def claim_jobs(
     lease_until: float,
     now: float,
     limit: int,
+    take_own: bool = True,
 ) -> list[Job]:
-    """Take up to `limit` free jobs in `states`, oldest first, each with a bumped fence."""
+    """Take up to `limit` free jobs in `states`, oldest first, each with a bumped fence.
+
+    Without `take_own`, the claimant's own jobs are left alone (a running worker's take-over
+    scan must not re-claim what it is working on).
+    """
     values = [JobState(s).value for s in states]
     if not values or limit < 1:
         return []
+    free = _FREE if take_own else _EXPIRED
     rows = conn.execute(
-        f"SELECT job_id FROM jobs WHERE state IN ({_placeholders(len(values))}) AND {_FREE}"  # noqa: S608 - only placeholders are interpolated
+        f"SELECT job_id FROM jobs WHERE state IN ({_placeholders(len(values))}) AND {free}"  # noqa: S608 - only placeholders are interpolated
         " ORDER BY created_at, seq LIMIT ?",
         (*values, owner, now, limit),
     ).fetchall()

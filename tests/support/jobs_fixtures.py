@@ -87,15 +87,19 @@ class ObservedStore:
         to_state: JobState,
         update: JobUpdate | None = None,
         outbox: Sequence[NewOutboxMessage] = (),
+        *,
+        fence: int | None = None,
     ) -> Job:
         try:
-            return await self.inner.transition(job_id, from_states, to_state, update, outbox)
+            return await self.inner.transition(
+                job_id, from_states, to_state, update, outbox, fence=fence
+            )
         finally:
             self._signal()
 
-    async def update_job(self, job_id: str, update: JobUpdate) -> Job:
+    async def update_job(self, job_id: str, update: JobUpdate, *, fence: int | None = None) -> Job:
         try:
-            return await self.inner.update_job(job_id, update)
+            return await self.inner.update_job(job_id, update, fence=fence)
         finally:
             self._signal()
 
@@ -165,7 +169,11 @@ async def jobs_harness(
     on_ready: ReadyHook = ignore_ready,
     **settings: Any,
 ) -> AsyncIterator[JobsHarness]:
-    """A pipeline on a fresh store and simulator; `callbacks` serves the callback route."""
+    """A pipeline on a fresh store and simulator; `callbacks` serves the callback route.
+
+    `owner_id` and `lease_s` go to the pipeline (its claims); other settings to its config.
+    """
+    ownership = {k: settings.pop(k) for k in ("owner_id", "lease_s") if k in settings}
     config = replace(FAST, **settings)
     pipeline_box: list[JobPipeline] = []
 
@@ -196,6 +204,7 @@ async def jobs_harness(
                 outbox_for=outbox_for,
                 public_url=callback_base if callbacks else None,
                 on_ready=on_ready,
+                **ownership,
             )
             harness.pipeline = pipeline
             pipeline_box.append(pipeline)
