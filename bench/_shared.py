@@ -320,7 +320,11 @@ async def real_pipeline(
     def count_call(_endpoint: str, _outcome: str) -> None:
         calls[0] += 1
 
-    gate = RequestGate(cfg.aistudios.max_requests_per_second, time.monotonic)
+    gate = RequestGate(
+        cfg.aistudios.request_rate_ceiling,
+        time.monotonic,
+        hard_cap=cfg.aistudios.max_requests_per_second,
+    )
     async with AIStudiosClient(
         base_url=api_url,
         legacy_base_url=api_url,

@@ -154,7 +154,11 @@ async def _one_mode(
 
     try:
         catalog = await shipped_catalog(cfg)
-        gate = RequestGate(cfg.aistudios.max_requests_per_second, time.monotonic)
+        gate = RequestGate(
+        cfg.aistudios.request_rate_ceiling,
+        time.monotonic,
+        hard_cap=cfg.aistudios.max_requests_per_second,
+    )
         async with AIStudiosClient(
             base_url=sim_url, legacy_base_url=sim_url, api_key=API_KEY, before_request=gate
         ) as client:
@@ -264,7 +268,7 @@ def _report(
     print_table(
         f"detection lag: {count} jobs, renders {shortest_s:g}-{longest_s:g} s; poll floor "
         f"{a.poll_min_interval_s:g} s, first poll {a.first_poll_s:g} s, "
-        f"{a.max_requests_per_second:g} requests/s",
+        f"request pace adaptive up to {a.request_rate_ceiling:g}/s",
         ["figure", "callbacks", "polling only", "ratio"],
         rows,
     )

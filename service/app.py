@@ -112,7 +112,11 @@ async def run_service(
     await store.open()
     try:
         async with AsyncExitStack() as stack:
-            gate = RequestGate(cfg.aistudios.max_requests_per_second, time.monotonic)
+            gate = RequestGate(
+                cfg.aistudios.request_rate_ceiling,
+                time.monotonic,
+                hard_cap=cfg.aistudios.max_requests_per_second,
+            )
             api = await stack.enter_async_context(
                 connect(
                     cfg, knobs=simulator_knobs, before_request=gate, on_call=metrics.on_api_call

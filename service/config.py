@@ -85,7 +85,10 @@ class AIStudiosConfig:
     app_id: str | None = field(default=None, repr=False)
     user_key: str | None = field(default=None, repr=False)
     max_concurrent_exports: int = 4
-    max_requests_per_second: float = 5.0
+    max_requests_per_second: float | None = None
+    """A hard cap on the request rate; unset, the pace follows the API's 429s alone."""
+    request_rate_ceiling: float = 500.0
+    """Where the adaptive pace starts and climbs back to after a 429 (requests/s)."""
     render_deadline_seconds: float = 1800.0
     stall_seconds: float = 600.0
     request_timeout_s: float = 30.0
@@ -424,8 +427,9 @@ def _aistudios(t: _Table) -> AIStudiosConfig:
         max_concurrent_exports=t.integer(
             "max_concurrent_exports", d["max_concurrent_exports"], minimum=1
         ),
-        max_requests_per_second=t.number(
-            "max_requests_per_second", d["max_requests_per_second"], minimum=0.01
+        max_requests_per_second=_optional_rate(t, "max_requests_per_second"),
+        request_rate_ceiling=t.number(
+            "request_rate_ceiling", d["request_rate_ceiling"], minimum=0.01
         ),
         render_deadline_seconds=deadline_s,
         stall_seconds=t.number("stall_seconds", d["stall_seconds"], minimum=1),
@@ -445,6 +449,13 @@ def _aistudios(t: _Table) -> AIStudiosConfig:
     )
     t.finish()
     return cfg
+
+
+def _optional_rate(t: _Table, key: str) -> float | None:
+    """A rate that stays unset (None) unless the key is given."""
+    if key not in t.data:
+        return None
+    return t.number(key, 0.01, minimum=0.01)
 
 
 def _store(t: _Table, state_dir: Path) -> StoreConfig:

@@ -1,7 +1,8 @@
 import anyio
 import pytest
 
-from service.jobs.ratelimit import RenderSlots, RequestGate, TokenBucket
+from service.jobs.ports import NothingCreatedError
+from service.jobs.ratelimit import AdaptiveRate, RenderSlots, RequestGate, TokenBucket
 from service.model import JobState
 
 
@@ -165,3 +166,79 @@ async def test_a_pause_that_began_after_the_turn_still_holds_the_request():
         gate.pause_for(2.0)  # a 429 seen by another request during the commit
         await gate("v3.project_export")
         assert time.now >= 1002.0
+
+
+def test_the_pace_halves_on_a_429_and_climbs_back_after_quiet_periods():
+    pace = AdaptiveRate(100.0, quiet_s=5.0, steps_to_ceiling=10)
+    assert pace.at(0.0) == 100.0
+    assert pace.throttled(10.0) == 50.0
+    assert pace.throttled(10.2) == 50.0  # the same overload: one cut per second at most
+    assert pace.throttled(11.5) == 25.0
+    assert pace.at(16.0) == 25.0  # not yet a whole quiet period since the last 429
+    assert pace.at(16.5) == 35.0
+    assert pace.at(36.5) == 75.0
+    assert pace.at(1000.0) == 100.0  # never above the ceiling
+
+
+def test_the_pace_never_falls_below_its_floor():
+    pace = AdaptiveRate(4.0, floor=0.5)
+    for second in range(20):
+        pace.throttled(float(second))
+    assert pace.rate == 0.5
+
+
+class ThrottledError(NothingCreatedError):
+    def __init__(self, retry_after_s=None, status=429):
+        super().__init__("throttled")
+        self.retry_after_s = retry_after_s
+        self.status = status
+
+
+@pytest.mark.anyio
+async def test_a_429_slows_the_gate_and_its_retry_after_holds_every_request():
+    time = FakeTime()
+    gate = RequestGate(rate=10.0, clock=time, sleep=time.sleep)
+    await gate("a")
+    await gate("b")
+    assert time.now == pytest.approx(1000.1)
+    gate.throttled(ThrottledError(retry_after_s=2.0))
+    assert gate.rate == 5.0
+    await gate("c")
+    await gate("d")
+    assert time.now == pytest.approx(1002.3)  # c when the pause ends (1002.1), d 0.2 s later
+    gate.throttled(ThrottledError(status=503))  # not a 429: the pace stays
+    assert gate.rate == 5.0
+
+
+@pytest.mark.anyio
+async def test_a_hard_cap_bounds_the_pace_from_the_start():
+    time = FakeTime()
+    gate = RequestGate(rate=500.0, clock=time, sleep=time.sleep, hard_cap=2.0)
+    for name in "abc":
+        await gate(name)
+    assert time.now == pytest.approx(1001.0)
+
+
+@pytest.mark.anyio
+async def test_an_export_waiting_for_its_turn_goes_before_polls():
+    time = HeldTime()
+    gate = RequestGate(rate=1.0, clock=time, sleep=time.sleep)
+    await gate("v3.progress")  # takes the slot at 1000
+    order = []
+
+    async def poll(name):
+        await gate("v3.progress")
+        order.append(name)
+
+    async def export():
+        async with gate.turn("v3.project_export"):
+            order.append("export")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(export)
+        await anyio.wait_all_tasks_blocked()
+        for name in ("poll-1", "poll-2"):
+            tg.start_soon(poll, name)
+        await anyio.wait_all_tasks_blocked()
+        time.let_go.set()
+    assert order[0] == "export"

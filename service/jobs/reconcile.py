@@ -146,8 +146,8 @@ class Reconciler:
             decision = await self._look_up(job, pending)
         except ApiError as exc:
             # Not knowing is no reason to post again: keep looking with back-off.
-            if isinstance(exc, NothingCreatedError) and exc.retry_after_s is not None:
-                self._ctx.gate.pause_for(exc.retry_after_s)
+            if isinstance(exc, NothingCreatedError):
+                self._ctx.gate.throttled(exc)
             log.warning("job.reconcile_lookup_failed", error=exc.message)
             self._retry_later(pending, exc)
             return

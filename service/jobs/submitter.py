@@ -264,9 +264,8 @@ class Submitter:
     async def _draft_again_later(
         self, job: Job, exc: NothingCreatedError | OutcomeUnknownError
     ) -> None:
-        retry_after_s = exc.retry_after_s if isinstance(exc, NothingCreatedError) else None
-        if retry_after_s is not None:
-            self._ctx.gate.pause_for(retry_after_s)
+        if isinstance(exc, NothingCreatedError):
+            self._ctx.gate.throttled(exc)
         failures = job.attempts + 1
         if failures > self._max_retries:
             message = f"gave up creating the draft after {failures} tries: {exc.message}"
@@ -380,8 +379,7 @@ class Submitter:
         return commit
 
     async def _retry_later(self, job: Job, exc: NothingCreatedError) -> None:
-        if exc.retry_after_s is not None:
-            self._ctx.gate.pause_for(exc.retry_after_s)
+        self._ctx.gate.throttled(exc)
         if job.attempts >= self._max_retries:
             message = f"gave up after {job.attempts} attempts: {exc.message}"
             await self._fail_after_post(job, "retries_exhausted", message)

@@ -322,8 +322,8 @@ class Tracker:
         if isinstance(exc, RefusedError) and not isinstance(exc, CredentialsRefusedError):
             await self._fail(job, "permanent", f"progress check refused: {exc.message}")
             return
-        if isinstance(exc, NothingCreatedError) and exc.retry_after_s is not None:
-            self._ctx.gate.pause_for(exc.retry_after_s)
+        if isinstance(exc, NothingCreatedError):
+            self._ctx.gate.throttled(exc)
         now = self._ctx.clock()
         if render_verdict(job, now, self._timing.deadline_s, math.inf) == "deadline":
             await self._give_up(job, "deadline")

@@ -187,7 +187,9 @@ async def jobs_harness(
     inner = SQLiteStore(tmp_path / "jobs.db")
     await inner.open()
     store = ObservedStore(inner)
-    gate = RequestGate(config.max_requests_per_second, clock=time.monotonic)
+    gate = RequestGate(
+        config.request_rate_ceiling, clock=time.monotonic, hard_cap=config.max_requests_per_second
+    )
     try:
         async with (
             running_simulator(knobs or SimulatorKnobs(render_seconds=0.3)) as simulator,
