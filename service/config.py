@@ -96,9 +96,11 @@ class AIStudiosConfig:
     """The documented project list may show only finished exports: an export whose response
     was lost may not appear until its render is done, so the default is the render deadline
     (whatever it is configured to) before concluding that a create never happened."""
-    poll_min_interval_s: float = 2.0
+    poll_min_interval_s: float = 0.5
     poll_max_interval_s: float = 60.0
-    first_poll_s: float = 5.0
+    first_poll_s: float = 1.0
+    """The first poll of a template no render has finished for yet; afterwards its learned
+    render time decides (see `Tracker.track`)."""
     export_settle_s: float = 5.0
     """How long a project whose export outcome is unknown may still read as a plain draft
     before it is exported again (the two-step flow; the read is `GET …/editor/project/{id}`)."""

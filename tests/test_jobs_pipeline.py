@@ -416,3 +416,23 @@ async def test_a_bug_in_a_loop_fails_the_pipeline(tmp_path):
             async with anyio.create_task_group() as tg:
                 await tg.start(h.pipeline.run)
         assert info.group_contains(RuntimeError, match="bug in the loop", depth=None)
+
+
+async def test_the_first_poll_comes_when_the_template_s_renders_finish_even_after_a_restart(
+    tmp_path,
+):
+    knobs = SimulatorKnobs(render_seconds=0.3)
+    timing = {"first_poll_s": 2.0, "poll_max_interval_s": 10.0}
+    async with jobs_harness(tmp_path, knobs=knobs, **timing) as h:
+        first = await h.add_job("learn-1")
+        done = await h.store.wait_for(first.job_id, {S.READY, S.FAILED})
+        assert done.ready_at - done.submitted_at >= 2.0  # nothing learned: the fixed guess
+        estimate = h.pipeline.tracker.estimate_s(first.route)
+        assert 0.2 <= estimate <= 2.0
+        assert (await h.store.render_estimates())[first.route] == estimate
+    # A new process on the same store file starts from what was learned.
+    async with jobs_harness(tmp_path, knobs=knobs, **timing) as h:
+        second = await h.add_job("learn-2")
+        done = await h.store.wait_for(second.job_id, {S.READY, S.FAILED})
+        assert done.state is S.READY
+        assert done.ready_at - done.submitted_at < 1.8

@@ -570,3 +570,17 @@ async def test_renewing_keeps_the_lease_without_changing_the_fence(engine_store,
     renewed = await engine_store.get_job(job.job_id)
     assert (renewed.fence, renewed.lease_until) == (claimed.fence, START_TIME + 9)
     assert await engine_store.renew_leases("nobody", 5) == 0
+
+
+async def test_render_estimates_are_kept_across_a_restart(engine_store, store_engine):
+    assert await engine_store.render_estimates() == {}
+    await engine_store.save_render_estimate("promo", 12.5)
+    await engine_store.save_render_estimate("promo", 11.0)
+    await engine_store.save_render_estimate("news", 60.0)
+    await engine_store.close()
+    reopened = store_engine.make()
+    await reopened.open()
+    try:
+        assert await reopened.render_estimates() == {"promo": 11.0, "news": 60.0}
+    finally:
+        await reopened.close()

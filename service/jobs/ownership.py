@@ -106,6 +106,14 @@ class OwnedJobs:
         self._slots.settle(job_id, job.state)
         return job
 
+    async def save_render_estimate(self, key: str, seconds: float) -> None:
+        """Keep the learned render time of `key` across restarts."""
+        await self._store.save_render_estimate(key, seconds)
+
+    async def render_estimates(self) -> dict[str, float]:
+        """Every learned render time by key."""
+        return await self._store.render_estimates()
+
     async def update_job(self, job_id: str, update: JobUpdate) -> Job:
         """Change fields under this worker's fence."""
         try:

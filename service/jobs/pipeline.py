@@ -14,7 +14,7 @@ import random
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
@@ -22,11 +22,18 @@ import structlog
 from service.jobs.context import JobLoopContext, end_with_error
 from service.jobs.decide import Step, resume_step
 from service.jobs.ownership import LEASE_S, OwnedJobs
+from service.jobs.ports import RenderApi
 from service.jobs.ratelimit import RenderSlots
-from service.jobs.reconcile import LookupApi, Reconciler
+from service.jobs.reconcile import Reconciler
 from service.jobs.states import IN_FLIGHT
-from service.jobs.submitter import SCAN_RETRY_S, ExportApi, Submitter, sleep_or_wake
-from service.jobs.tracker import PollTiming, ProgressApi, ReadyHook, Tracker, ignore_ready
+from service.jobs.submitter import SCAN_RETRY_S, Submitter, sleep_or_wake
+from service.jobs.tracker import (
+    PollTiming,
+    ReadyHook,
+    Tracker,
+    ignore_ready,
+    route_of,
+)
 from service.log import get_logger
 from service.model import Job, JobState, JobUpdate
 from service.store.base import StaleTransitionError, StoreUnavailableError
@@ -41,6 +48,8 @@ if TYPE_CHECKING:
 
 log = get_logger("jobs.pipeline")
 
+__all__ = ["JobPipeline", "Prepare", "RenderApi"]
+
 Prepare = Callable[[Job], Awaitable[None]]
 """The caller's `received -> mapped|rejected` step (template + event -> export body)."""
 
@@ -49,10 +58,6 @@ _PREPARE_BATCH = 100
 _DUMMY_TOKEN = "x" * 32
 PREPARE_RETRY_S = 1.0
 """How soon mapping is tried again after a store outage deferred a job."""
-
-
-class RenderApi(ExportApi, ProgressApi, LookupApi, Protocol):
-    """Everything the pipeline asks of AI Studios (the client, or a fake of the cloud)."""
 
 
 class JobPipeline:
@@ -74,6 +79,7 @@ class JobPipeline:
         rng: RandomSource | None = None,
         owner_id: str | None = None,
         lease_s: float = LEASE_S,
+        estimate_key: Callable[[Job], str] = route_of,
     ) -> None:
         self._prepare = prepare
         self.slots = RenderSlots(settings.max_concurrent_exports)
@@ -100,6 +106,7 @@ class JobPipeline:
                 first_guess_s=settings.first_poll_s,
             ),
             on_ready=on_ready,
+            estimate_key=estimate_key,
         )
         self.submitter = Submitter(
             ctx,
@@ -132,6 +139,7 @@ class JobPipeline:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Recover, start the loops, report started; returns only by cancellation or a bug."""
+        await self.tracker.load_estimates()
         await self.recover()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._prepare_loop, name="jobs.preparer")

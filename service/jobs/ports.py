@@ -153,3 +153,11 @@ class JobStore(Protocol):
     async def update_job(self, job_id: str, update: JobUpdate) -> Job:
         """Change fields without a state change (under this worker's claim)."""
         ...
+
+    async def save_render_estimate(self, key: str, seconds: float) -> None:
+        """Keep the learned render time of `key` across restarts."""
+        ...
+
+    async def render_estimates(self) -> dict[str, float]:
+        """Every learned render time by key."""
+        ...

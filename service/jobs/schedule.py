@@ -20,12 +20,26 @@ if TYPE_CHECKING:
     from service.model import Job
 
 FULL_PROGRESS = 100.0
+ESTIMATE_WEIGHT = 0.3
+"""How much one finished render moves a learned render-time estimate (an EWMA)."""
+EARLIER_NEXT_TIME = 0.8
+"""A render already finished at its first poll ran at most that long: the next first poll
+comes this much earlier, so the estimate never creeps upward by its own detection delay."""
 FINISH_MARGIN = 0.05
 """Poll this fraction of the estimated remaining time after the estimated finish."""
 
 Verdict = Literal["deadline", "stalled"]
 
-__all__ = ["Clock", "Observation", "Sleep", "next_poll_delay", "render_verdict", "retry_delay"]
+__all__ = [
+    "Clock",
+    "Observation",
+    "Sleep",
+    "next_poll_delay",
+    "render_time_sample",
+    "render_verdict",
+    "retry_delay",
+    "updated_estimate",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +87,29 @@ def next_poll_delay(
         # Polled since the last change and saw none: the estimate was too early; back off.
         delay = max(delay, now - changed_at)
     return _clamp(delay, floor_s, ceiling_s)
+
+
+def render_time_sample(observations: Sequence[Observation], ready_at: float) -> float:
+    """How long a finished render took, as well as its polls can tell, for the estimate.
+
+    A reading below 100 extrapolates linearly to the full length (the progress models the
+    render); a render already finished at its first poll only bounds the length from above,
+    so the sample is taken a little earlier than that bound.
+    """
+    start = observations[0]
+    elapsed_s = max(ready_at - start.at, 0.0)
+    partial = [o for o in observations[1:] if 0 < o.progress < FULL_PROGRESS]
+    if partial:
+        last = partial[-1]
+        return min(elapsed_s, (last.at - start.at) * FULL_PROGRESS / last.progress)
+    return elapsed_s * EARLIER_NEXT_TIME
+
+
+def updated_estimate(previous_s: float | None, sample_s: float) -> float:
+    """The learned render time after one more finished render (the first sets it)."""
+    if previous_s is None:
+        return sample_s
+    return previous_s + ESTIMATE_WEIGHT * (sample_s - previous_s)
 
 
 def _last_change_at(observations: Sequence[Observation]) -> float:

@@ -135,6 +135,12 @@ class Store(Protocol):
         ended and that another worker, or nobody, held.
         """
 
+    async def save_render_estimate(self, key: str, seconds: float) -> None:
+        """Keep the learned render time of `key` (a template) across restarts."""
+
+    async def render_estimates(self) -> dict[str, float]:
+        """Every learned render time by key."""
+
     async def renew_leases(self, owner: str, lease_s: float) -> int:
         """Extend every lease `owner` holds to now + `lease_s`; how many were extended."""
 

@@ -104,6 +104,15 @@ _V2 = (
     "ALTER TABLE jobs ADD COLUMN lease_until REAL",
     "ALTER TABLE jobs ADD COLUMN fence INTEGER NOT NULL DEFAULT 0",
     "CREATE INDEX jobs_owner ON jobs (owner)",
+    # What the tracker learned of each template's render time: its first poll comes then.
+    """
+    CREATE TABLE render_estimates (
+        key        TEXT PRIMARY KEY,
+        seconds    REAL NOT NULL,
+        samples    INTEGER NOT NULL,
+        updated_at REAL NOT NULL
+    )
+    """,
 )
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)

@@ -270,6 +270,16 @@ class SQLiteStore:
             )
         )
 
+    async def save_render_estimate(self, key: str, seconds: float) -> None:
+        """Keep the learned render time of `key` across restarts."""
+        await self._write(
+            functools.partial(sql.save_render_estimate, key=key, seconds=seconds, now=self._clock())
+        )
+
+    async def render_estimates(self) -> dict[str, float]:
+        """Every learned render time by key."""
+        return await self._read(sql.render_estimates)
+
     async def renew_leases(self, owner: str, lease_s: float) -> int:
         """Extend every lease `owner` holds to now + `lease_s`."""
         return await self._write(

@@ -362,6 +362,22 @@ def claim_jobs(
     return [job for job in claimed if job is not None]
 
 
+def save_render_estimate(conn: sqlite3.Connection, key: str, seconds: float, now: float) -> None:
+    """Store the learned render time of `key`, counting the samples behind it."""
+    conn.execute(
+        "INSERT INTO render_estimates (key, seconds, samples, updated_at) VALUES (?, ?, 1, ?)"
+        " ON CONFLICT (key) DO UPDATE SET seconds = excluded.seconds,"
+        " samples = render_estimates.samples + 1, updated_at = excluded.updated_at",
+        (key, seconds, now),
+    )
+
+
+def render_estimates(conn: sqlite3.Connection) -> dict[str, float]:
+    """Every learned render time by key."""
+    rows = conn.execute("SELECT key, seconds FROM render_estimates").fetchall()
+    return {row["key"]: float(row["seconds"]) for row in rows}
+
+
 def renew_leases(conn: sqlite3.Connection, owner: str, lease_until: float) -> int:
     """Extend every lease `owner` holds; fences are unchanged (the claims are the same)."""
     cursor = conn.execute(
