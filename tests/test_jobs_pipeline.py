@@ -436,3 +436,15 @@ async def test_the_first_poll_comes_when_the_template_s_renders_finish_even_afte
         done = await h.store.wait_for(second.job_id, {S.READY, S.FAILED})
         assert done.state is S.READY
         assert done.ready_at - done.submitted_at < 1.8
+
+
+async def test_received_jobs_are_mapped_in_shared_transactions(tmp_path):
+    async with jobs_harness(tmp_path, start=False) as h:
+        jobs = [await h.add_job(f"flood-{i}", notify=False) for i in range(200)]
+        commits_before = h.store.inner.commit_count
+        deferred = await h.pipeline._prepare_batch(jobs)  # one round of the mapping loop
+        commits = h.store.inner.commit_count - commits_before
+        assert not deferred
+        for job in jobs:
+            assert (await h.store.get_job(job.job_id)).state is S.MAPPED
+        assert commits <= len(jobs) / 4, f"{commits} transactions for {len(jobs)} jobs"
