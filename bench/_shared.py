@@ -160,9 +160,13 @@ class WatchedStore(SQLiteStore):
         to_state: JobState,
         update: JobUpdate | None = None,
         outbox: Sequence[NewOutboxMessage] = (),
+        *,
+        fence: int | None = None,
     ) -> Job:
         """The real transition; a `ready` one is timed when its commit is durable."""
-        job = await super().transition(job_id, from_states, to_state, update, outbox)
+        job = await super().transition(
+            job_id, from_states, to_state, update, outbox, fence=fence
+        )
         if to_state is JobState.READY:
             self.ready_committed_at[job_id] = time.time()
             self._ready_changed.set()

@@ -87,7 +87,7 @@ class AIStudiosConfig:
     max_concurrent_exports: int = 4
     max_requests_per_second: float | None = None
     """A hard cap on the request rate; unset, the pace follows the API's 429s alone."""
-    request_rate_ceiling: float = 500.0
+    request_rate_ceiling: float = 2000.0
     """Where the adaptive pace starts and climbs back to after a 429 (requests/s)."""
     render_deadline_seconds: float = 1800.0
     stall_seconds: float = 600.0

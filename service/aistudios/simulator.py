@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -45,7 +46,14 @@ _INT_KNOBS = frozenset(
     }
 )
 _FLOAT_KNOBS = frozenset(
-    {"render_seconds", "token_ttl_s", "retry_after_s", "stall_at", "callback_delay_s"}
+    {
+        "render_seconds",
+        "render_jitter",
+        "token_ttl_s",
+        "retry_after_s",
+        "stall_at",
+        "callback_delay_s",
+    }
 )
 _BOOL_KNOBS = frozenset({"list_only_exported"})
 _CREATES = frozenset(
@@ -63,6 +71,8 @@ class SimulatorKnobs:
     """What the simulated service does next; tests change these between requests."""
 
     render_seconds: float = 5.0
+    render_jitter: float = 0.0
+    """Each render lasts render_seconds times a uniform factor in [1 - jitter, 1 + jitter]."""
     token_ttl_s: float = 24 * 3600
     api_keys: frozenset[str] | None = None
     fail_5xx_next: int = 0
@@ -129,6 +139,7 @@ class Simulator:
         self.base_url = ""
         self.projects: dict[str, SimProject] = {}
         self.saved_projects: dict[str, SimProject] = {}
+        self._rng = random.Random(7)  # noqa: S311 - render lengths, not cryptography
         self.export_count = 0
         """Every billed export: one-step creates, exports of existing projects, legacy exports."""
         self.requests: list[tuple[float, str, str]] = []
@@ -392,6 +403,7 @@ class Simulator:
                     "state": _state(p, now),
                     "webhook_url": p.webhook_url,
                     "exports": p.exports,
+                    "render_seconds": p.render_seconds,
                 }
                 for p in self.projects.values()
             ],
@@ -427,7 +439,9 @@ class Simulator:
         self.export_count += 1
         project.exports += 1
         project.backend_task_id = uuid.uuid4().hex
-        project.render_seconds = self.knobs.render_seconds
+        jitter = self.knobs.render_jitter
+        spread = 1.0 + jitter * (2.0 * self._rng.random() - 1.0) if jitter else 1.0
+        project.render_seconds = self.knobs.render_seconds * spread
         if self.knobs.failing_renders_next > 0:
             self.knobs.failing_renders_next -= 1
             project.stall_at = self.knobs.stall_at
