@@ -267,7 +267,9 @@ class Submitter:
         if isinstance(exc, NothingCreatedError):
             self._ctx.gate.throttled(exc)
         failures = job.attempts + 1
-        if failures > self._max_retries:
+        if failures >= self._max_retries:
+            # The same budget as the paid call's: `attempts` counts tries of either step.
+            job = await self._ctx.store.update_job(job.job_id, JobUpdate(attempts=failures))
             message = f"gave up creating the draft after {failures} tries: {exc.message}"
             await self._fail(job, {JobState.MAPPED}, "retries_exhausted", message)
             return
