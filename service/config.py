@@ -97,7 +97,7 @@ class AIStudiosConfig:
     was lost may not appear until its render is done, so the default is the render deadline
     (whatever it is configured to) before concluding that a create never happened."""
     poll_min_interval_s: float = 0.5
-    poll_max_interval_s: float = 60.0
+    poll_max_interval_s: float = 150.0
     first_poll_s: float = 1.0
     """The first poll of a template no render has finished for yet; afterwards its learned
     render time decides (see `Tracker.track`)."""

@@ -25,7 +25,7 @@ ESTIMATE_WEIGHT = 0.3
 EARLIER_NEXT_TIME = 0.8
 """A render already finished at its first poll ran at most that long: the next first poll
 comes this much earlier, so the estimate never creeps upward by its own detection delay."""
-FINISH_MARGIN = 0.05
+FINISH_MARGIN = 0.02
 """Poll this fraction of the estimated remaining time after the estimated finish."""
 
 Verdict = Literal["deadline", "stalled"]
