@@ -584,3 +584,14 @@ async def test_render_estimates_are_kept_across_a_restart(engine_store, store_en
         assert await reopened.render_estimates() == {"promo": 11.0, "news": 60.0}
     finally:
         await reopened.close()
+
+
+async def test_finished_jobs_are_not_renewed(engine_store):
+    _, [done] = await accept(engine_store, "k1")
+    _, [running] = await accept(engine_store, "k2")
+    await walk(engine_store, done.job_id, M)
+    await walk(engine_store, running.job_id, M)
+    await engine_store.claim_job(done.job_id, {M}, owner="w1", lease_s=5)
+    await engine_store.claim_job(running.job_id, {M}, owner="w1", lease_s=5)
+    await engine_store.transition(done.job_id, {M}, JobState.FAILED)
+    assert await engine_store.renew_leases("w1", 5) == 1

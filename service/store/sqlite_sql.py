@@ -379,10 +379,14 @@ def render_estimates(conn: sqlite3.Connection) -> dict[str, float]:
 
 
 def renew_leases(conn: sqlite3.Connection, owner: str, lease_until: float) -> int:
-    """Extend every lease `owner` holds; fences are unchanged (the claims are the same)."""
+    """Extend every lease `owner` holds on an unfinished job; fences are unchanged.
+
+    Finished jobs keep their last lease: renewing them would cost a write per job ever done.
+    """
     cursor = conn.execute(
-        "UPDATE jobs SET lease_until = ? WHERE owner = ? AND lease_until IS NOT NULL",
-        (lease_until, owner),
+        "UPDATE jobs SET lease_until = ? WHERE owner = ? AND lease_until IS NOT NULL"  # noqa: S608 - only placeholders are interpolated
+        f" AND state NOT IN {_TERMINAL_IN}",
+        (lease_until, owner, *_TERMINAL),
     )
     return cursor.rowcount
 
