@@ -160,9 +160,13 @@ class WatchedStore(SQLiteStore):
         to_state: JobState,
         update: JobUpdate | None = None,
         outbox: Sequence[NewOutboxMessage] = (),
+        *,
+        fence: int | None = None,
     ) -> Job:
         """The real transition; a `ready` one is timed when its commit is durable."""
-        job = await super().transition(job_id, from_states, to_state, update, outbox)
+        job = await super().transition(
+            job_id, from_states, to_state, update, outbox, fence=fence
+        )
         if to_state is JobState.READY:
             self.ready_committed_at[job_id] = time.time()
             self._ready_changed.set()
@@ -320,7 +324,11 @@ async def real_pipeline(
     def count_call(_endpoint: str, _outcome: str) -> None:
         calls[0] += 1
 
-    gate = RequestGate(cfg.aistudios.max_requests_per_second, time.monotonic)
+    gate = RequestGate(
+        cfg.aistudios.request_rate_ceiling,
+        time.monotonic,
+        hard_cap=cfg.aistudios.max_requests_per_second,
+    )
     async with AIStudiosClient(
         base_url=api_url,
         legacy_base_url=api_url,

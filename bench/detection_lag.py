@@ -43,7 +43,7 @@ from aiohttp import web
 
 from service.admin import AdminApi
 from service.aistudios.client import AIStudiosClient
-from service.aistudios.responses import Progress, ProjectSummary
+from service.aistudios.responses import Progress, ProjectState, ProjectSummary
 from service.aistudios.simulator import Simulator, SimulatorKnobs
 from service.config import Config
 from service.ingress.webhooks import webhook_routes
@@ -77,6 +77,20 @@ class OwnLengthRenders:
         project_id = await self._client.export_v3(body, name=name, webhook_url=webhook_url)
         self._simulator.projects[project_id].render_seconds = next(self._lengths)
         return project_id
+
+    async def create_draft_v3(self, body: dict[str, Any], *, name: str) -> str:
+        """The real draft create (not billed)."""
+        return await self._client.create_draft_v3(body, name=name)
+
+    async def export_project_v3(self, project_id: str, *, webhook_url: str | None = None) -> str:
+        """Export the draft, then set this render's length on the simulated cloud."""
+        exported = await self._client.export_project_v3(project_id, webhook_url=webhook_url)
+        self._simulator.projects[exported].render_seconds = next(self._lengths)
+        return exported
+
+    async def get_project_v3(self, project_id: str) -> ProjectState:
+        """The real project read."""
+        return await self._client.get_project_v3(project_id)
 
     async def export_legacy(self, scenes: list[dict[str, Any]]) -> str:
         """Not used by the shipped route (a v3 template)."""
@@ -140,7 +154,11 @@ async def _one_mode(
 
     try:
         catalog = await shipped_catalog(cfg)
-        gate = RequestGate(cfg.aistudios.max_requests_per_second, time.monotonic)
+        gate = RequestGate(
+        cfg.aistudios.request_rate_ceiling,
+        time.monotonic,
+        hard_cap=cfg.aistudios.max_requests_per_second,
+    )
         async with AIStudiosClient(
             base_url=sim_url, legacy_base_url=sim_url, api_key=API_KEY, before_request=gate
         ) as client:
@@ -250,7 +268,7 @@ def _report(
     print_table(
         f"detection lag: {count} jobs, renders {shortest_s:g}-{longest_s:g} s; poll floor "
         f"{a.poll_min_interval_s:g} s, first poll {a.first_poll_s:g} s, "
-        f"{a.max_requests_per_second:g} requests/s",
+        f"request pace adaptive up to {a.request_rate_ceiling:g}/s",
         ["figure", "callbacks", "polling only", "ratio"],
         rows,
     )

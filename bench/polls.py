@@ -36,7 +36,7 @@ from _shared import (
     shipped_config,
 )
 
-from service.aistudios.responses import Progress, ProjectSummary
+from service.aistudios.responses import Progress, ProjectState, ProjectSummary
 from service.aistudios.simulator import SimProject
 from service.config import AIStudiosConfig
 from service.jobs.pipeline import JobPipeline
@@ -89,6 +89,30 @@ class LinearRenders:
             project_id, name, [], self._clock(), "v3", render_seconds=self._render_s
         )
         return project_id
+
+    async def create_draft_v3(self, body: dict[str, Any], *, name: str) -> str:
+        """An unexported project: nothing renders yet."""
+        del body
+        project_id = f"sim-{len(self.projects) + 1}"
+        self.projects[project_id] = SimProject(
+            project_id, name, [], self._clock(), "v3", rendering=False
+        )
+        return project_id
+
+    async def export_project_v3(self, project_id: str, *, webhook_url: str | None = None) -> str:
+        """The draft's render of the configured length starts now."""
+        del webhook_url
+        project = self.projects[project_id]
+        project.created_at = self._clock()
+        project.render_seconds = self._render_s
+        project.rendering = True
+        return project_id
+
+    async def get_project_v3(self, project_id: str) -> ProjectState:
+        """Never needed here (no export is ambiguous), answered truthfully anyway."""
+        project = self.projects[project_id]
+        progress = project.progress_at(self._clock())
+        return ProjectState(project_id, None, progress, project.rendering, None, None, {})
 
     async def export_legacy(self, scenes: list[dict[str, Any]]) -> str:
         """The legacy create renders the same way."""

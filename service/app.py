@@ -127,7 +127,11 @@ async def run_service(
     await store.open()
     try:
         async with AsyncExitStack() as stack:
-            gate = RequestGate(cfg.aistudios.max_requests_per_second, time.monotonic)
+            gate = RequestGate(
+                cfg.aistudios.request_rate_ceiling,
+                time.monotonic,
+                hard_cap=cfg.aistudios.max_requests_per_second,
+            )
             api = await stack.enter_async_context(
                 connect(
                     cfg, knobs=simulator_knobs, before_request=gate, on_call=metrics.on_api_call
@@ -202,6 +206,11 @@ class _Parts:
     def outbox_for(self, job: Job, event_type: str) -> Sequence[NewOutboxMessage]:
         return outbox_rows_for(self.cfg, job, event_type)
 
+    def template_of(self, job: Job) -> str:
+        """The template a job renders: its render time is learned per template."""
+        route = self.catalog.routes.get(job.route)
+        return route.config.template if route is not None else job.route
+
     def build(self) -> tuple[JobPipeline, OutboxSender, StoreIntake, MqttIngress | None]:
         cfg, store = self.cfg, self.store
         pipeline = JobPipeline(
@@ -213,6 +222,7 @@ class _Parts:
             outbox_for=self.outbox_for,
             public_url=cfg.http.public_url,
             on_ready=self.metrics.observe_ready,
+            estimate_key=self.template_of,
         )
         sender = OutboxSender(
             store,

@@ -85,7 +85,10 @@ class AIStudiosConfig:
     app_id: str | None = field(default=None, repr=False)
     user_key: str | None = field(default=None, repr=False)
     max_concurrent_exports: int = 4
-    max_requests_per_second: float = 5.0
+    max_requests_per_second: float | None = None
+    """A hard cap on the request rate; unset, the pace follows the API's 429s alone."""
+    request_rate_ceiling: float = 2000.0
+    """Where the adaptive pace starts and climbs back to after a 429 (requests/s)."""
     render_deadline_seconds: float = 1800.0
     stall_seconds: float = 600.0
     request_timeout_s: float = 30.0
@@ -93,9 +96,14 @@ class AIStudiosConfig:
     """The documented project list may show only finished exports: an export whose response
     was lost may not appear until its render is done, so the default is the render deadline
     (whatever it is configured to) before concluding that a create never happened."""
-    poll_min_interval_s: float = 2.0
-    poll_max_interval_s: float = 60.0
-    first_poll_s: float = 5.0
+    poll_min_interval_s: float = 0.5
+    poll_max_interval_s: float = 150.0
+    first_poll_s: float = 1.0
+    """The first poll of a template no render has finished for yet; afterwards its learned
+    render time decides (see `Tracker.track`)."""
+    export_settle_s: float = 5.0
+    """How long a project whose export outcome is unknown may still read as a plain draft
+    before it is exported again (the two-step flow; the read is `GET …/editor/project/{id}`)."""
     max_retries: int = 8
     download_hosts: tuple[str, ...] = ()
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
@@ -144,6 +152,7 @@ class SourceConfig:
 
 
 TEMPLATE_APIS = frozenset({"v3", "legacy"})
+EXPORT_FLOWS = frozenset({"two-step", "one-step"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +179,10 @@ class TemplateConfig:
     template_id: str | None = None
     layout_project_id: str | None = None
     refresh_seconds: float | None = None
+    export_flow: str = "two-step"
+    """v3 only: `two-step` creates an unbilled draft, commits its id, then exports it (an
+    uncertain export is settled by reading that project); `one-step` creates and exports in
+    one call (an uncertain one is settled by finding its name in the project list)."""
 
     @property
     def kind(self) -> Literal["file", "v3-project", "legacy-project", "server-template"]:
@@ -443,8 +456,9 @@ def _aistudios(t: _Table) -> AIStudiosConfig:
         max_concurrent_exports=t.integer(
             "max_concurrent_exports", d["max_concurrent_exports"], minimum=1
         ),
-        max_requests_per_second=t.number(
-            "max_requests_per_second", d["max_requests_per_second"], minimum=0.01
+        max_requests_per_second=_optional_rate(t, "max_requests_per_second"),
+        request_rate_ceiling=t.number(
+            "request_rate_ceiling", d["request_rate_ceiling"], minimum=0.01
         ),
         render_deadline_seconds=deadline_s,
         stall_seconds=t.number("stall_seconds", d["stall_seconds"], minimum=1),
@@ -457,12 +471,20 @@ def _aistudios(t: _Table) -> AIStudiosConfig:
             "poll_max_interval_seconds", d["poll_max_interval_s"], minimum=0.01
         ),
         first_poll_s=t.number("first_poll_seconds", d["first_poll_s"], minimum=0.01),
+        export_settle_s=t.number("export_settle_seconds", d["export_settle_s"], minimum=0.01),
         max_retries=t.integer("max_retries", d["max_retries"]),
         download_hosts=t.str_list("download_hosts"),
         simulator=simulator,
     )
     t.finish()
     return cfg
+
+
+def _optional_rate(t: _Table, key: str) -> float | None:
+    """A rate that stays unset (None) unless the key is given."""
+    if key not in t.data:
+        return None
+    return t.number(key, 0.01, minimum=0.01)
 
 
 def _store(t: _Table, state_dir: Path) -> StoreConfig:
@@ -551,6 +573,7 @@ def _template(t: _Table, base_dir: Path) -> TemplateConfig:
     layout_project_id = t.text("layout_project_id", None) or None
     api = t.text("api", None, choices=TEMPLATE_APIS)
     refresh = t.number("refresh_seconds", 0.0, minimum=1) if "refresh_seconds" in t.data else None
+    export_flow = t.text("export_flow", "two-step", choices=EXPORT_FLOWS)
     file = None
     if file_text is not None:
         file = Path(file_text)
@@ -593,6 +616,7 @@ def _template(t: _Table, base_dir: Path) -> TemplateConfig:
         template_id=template_id,
         layout_project_id=layout_project_id,
         refresh_seconds=refresh,
+        export_flow=export_flow,
     )
 
 

@@ -59,6 +59,15 @@ ALLOWED_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
 only ways into `submitted` are `submitting` and `reconcile` (where the export was found)."""
 
 
+API_V3 = "v3"
+"""A v3 job exported in two steps: an unbilled draft, its id committed, then the paid export."""
+API_V3_ONE_STEP = "v3-one-step"
+"""A v3 job created and exported in one paid call (seed 000's), reconciled by its name."""
+API_LEGACY = "legacy"
+"""A job exported through the older import-modify-export API."""
+V3_APIS = frozenset({API_V3, API_V3_ONE_STEP})
+
+
 class EventStatus(StrEnum):
     """What became of an inbox event: routed to jobs, matched no route, or dead-lettered.
 
@@ -204,6 +213,12 @@ class Job:
     polls: int = 0
     event_id: str = ""
     """The originating event's id, carried so announcements never need a second read."""
+    owner: str | None = None
+    """The worker that claimed the job last (see `Store.claim_job`)."""
+    lease_until: float | None = None
+    """Until when that claim holds; after it, any worker may take the job over."""
+    fence: int = 0
+    """Bumped by every claim: a transition naming an older fence is refused."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -517,3 +517,51 @@ async def test_separate_hosts_get_separate_sessions():
         "v3": ["/api/odin/v3/editor/progress/a"],
         "legacy": ["/api/odin/editor/progress/b"],
     }
+
+
+async def test_two_step_flow_against_the_simulator_bills_only_the_export(
+    aistudios_client, simulator
+):
+    draft_id = await aistudios_client.create_draft_v3(v3_body(), name="two")
+    draft = await aistudios_client.get_project_v3(draft_id)
+    assert draft.export_started is False
+    assert draft.document["name"] == "two"
+    assert simulator.export_count == 0
+    assert await aistudios_client.export_project_v3(draft_id) == draft_id
+    exported = await aistudios_client.get_project_v3(draft_id)
+    assert exported.export_started is True
+    assert exported.backend_task_id
+    assert simulator.billed_exports(draft_id) == 1
+
+
+@pytest.mark.parametrize(
+    ("project", "started"),
+    [
+        ({"_id": "p", "state": "draft", "progress": 0, "creditSubstracted": False}, False),
+        ({"_id": "p"}, False),
+        ({"_id": "p", "creditSubstracted": True}, True),
+        ({"_id": "p", "backendTaskId": "t-1"}, True),
+        ({"_id": "p", "progress": "12.5"}, True),
+        ({"_id": "p", "state": "exported"}, True),
+        ({"_id": "p", "download_url": "https://x/v.mp4"}, True),
+    ],
+)
+async def test_get_project_reads_every_documented_sign_of_an_export(project, started):
+    async def handler(_):
+        return json_response({"success": True, "data": {"project": project}})
+
+    async with (
+        tiny_server(handler) as url,
+        AIStudiosClient(base_url=url, legacy_base_url=url, api_key="k") as client,
+    ):
+        read = await client.get_project_v3("p")
+    assert read.export_started is started
+    assert read.id == "p"
+
+
+async def test_a_lost_export_of_an_existing_project_is_ambiguous(aistudios_client, simulator):
+    draft_id = await aistudios_client.create_draft_v3(v3_body(), name="lost")
+    simulator.knobs.lose_response_next_exports = 1
+    with pytest.raises(AmbiguousError):
+        await aistudios_client.export_project_v3(draft_id)
+    assert simulator.billed_exports(draft_id) == 1

@@ -325,3 +325,57 @@ async def test_run_simulator_serves_until_shutdown():
     async with aiohttp.ClientSession() as http:
         with pytest.raises(aiohttp.ClientConnectorError):
             await call(http, "GET", f"{base_url}/_simulator/state")
+
+
+async def test_a_draft_is_not_billed_and_each_export_of_it_is():
+    clock = FakeClock()
+    async with (
+        running_simulator(SimulatorKnobs(render_seconds=4), clock) as sim,
+        aiohttp.ClientSession() as http,
+    ):
+        base = f"{sim.base_url}/api/odin/v3"
+        body = {**v3_body(), "name": "two-step", "isExport": False}
+        body["scenes"][0]["clips"] = [{"id": "t1", "type": "textImage", "tag": "title"}]
+        _, _, created = await call(http, "POST", f"{base}/editor/project", body)
+        project_id = created["data"]["projectId"]
+        _, _, draft = await call(http, "GET", f"{base}/editor/project/{project_id}")
+        project = draft["data"]["project"]
+        assert set(project) == V3_PROJECT_FIELDS
+        assert project["name"] == "two-step"
+        assert project["scenes"][0]["clips"][0]["tag"] == "title"
+        assert project["scenes"][0]["scripts"] == body["scenes"][0]["scripts"]
+        assert project["creditSubstracted"] is False
+        assert project["backendTaskId"] is None
+        assert project["progress"] == 0
+        assert sim.export_count == 0
+
+        _, _, exported = await call(
+            http, "POST", f"{base}/editor/project/export", {"projectId": project_id}
+        )
+        assert exported["data"]["projectId"] == project_id
+        clock.advance(1)
+        _, _, running = await call(http, "GET", f"{base}/editor/project/{project_id}")
+        assert running["data"]["project"]["creditSubstracted"] is True
+        assert running["data"]["project"]["backendTaskId"]
+        assert running["data"]["project"]["progress"] == 25
+        assert sim.export_count == 1
+
+        await call(http, "POST", f"{base}/editor/project/export", {"projectId": project_id})
+        assert sim.billed_exports(project_id) == 2
+        assert sim.billed_by_name() == {"two-step": 2}
+        state = await call(http, "GET", f"{sim.base_url}/_simulator/state")
+        assert state[2]["billed_by_name"] == {"two-step": 2}
+
+
+async def test_lost_responses_on_drafts_and_on_exports_are_separate_knobs(simulator):
+    simulator.knobs.lose_response_next_drafts = 1
+    async with aiohttp.ClientSession() as http:
+        base = f"{simulator.base_url}/api/odin/v3"
+        with pytest.raises(aiohttp.ClientError):
+            await call(http, "POST", f"{base}/editor/project", {**v3_body(), "isExport": False})
+        [draft] = simulator.projects.values()
+        assert draft.exports == 0
+        simulator.knobs.lose_response_next_exports = 1
+        with pytest.raises(aiohttp.ClientError):
+            await call(http, "POST", f"{base}/editor/project/export", {"projectId": draft.id})
+        assert simulator.billed_exports(draft.id) == 1

@@ -147,3 +147,18 @@ def test_reconcile_waits_a_whole_render_deadline_unless_told_otherwise(tmp_path)
     assert load_config(write(tmp_path, text), env={}).aistudios.reconcile_wait_s == 3600
     text = MINIMAL + "\n[aistudios]\nrender_deadline_seconds = 3600\nreconcile_wait_seconds = 60\n"
     assert load_config(write(tmp_path, text), env={}).aistudios.reconcile_wait_s == 60
+
+
+def test_templates_export_in_two_steps_unless_one_step_is_chosen(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), env={})
+    assert cfg.templates[0].export_flow == "two-step"
+    assert cfg.aistudios.export_settle_s == 5.0
+    one_step = MINIMAL.replace('name = "promo"\n', 'name = "promo"\nexport_flow = "one-step"\n')
+    text = one_step + "\n[aistudios]\nexport_settle_seconds = 2.5\n"
+    cfg = load_config(write(tmp_path, text), env={})
+    assert cfg.templates[0].export_flow == "one-step"
+    assert cfg.aistudios.export_settle_s == 2.5
+    wrong = MINIMAL.replace('name = "promo"\n', 'name = "promo"\nexport_flow = "both"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, wrong), env={})
+    assert "one-step" in locations(caught.value)["templates[0].export_flow"]

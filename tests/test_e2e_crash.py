@@ -8,8 +8,10 @@ while the daemon is dead. Kills are sent by the log reader the moment the named 
 
 from __future__ import annotations
 
+import random
 import signal
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -233,6 +235,51 @@ def test_pipeline_killed_while_submitting_tracking_and_notifying_exports_each_jo
     announced = ready_lines(tmp_path / "videos.jsonl")
     assert all(announced.get(job, 0) >= 1 for job in jobs), announced
     assert inbox_keys(daemon.db_path, SHOP_SOURCE) == {f"h:{i}": 1 for i in ids}
+
+
+def test_crash_soak_kill_9_with_lost_draft_and_export_responses_bills_each_event_once(
+    tmp_path: Path,
+    daemon_factory: DaemonFactory,
+    simulator_process: Callable[[float], SimulatorProcess],
+) -> None:
+    """The short form of the crash soak: kill -9 at random moments while events arrive and
+    renders run, lost responses on draft creates and on exports; every acknowledged event ends
+    with exactly one billed export and its `video.ready`, soon after the last restart."""
+    simulator = simulator_process(0.5)
+    daemon = daemon_factory(
+        daemon_config(tmp_path, api_url=simulator.url, max_concurrent_exports=8)
+    )
+    rng = random.Random(20261201)  # noqa: S311 - kill moments, not cryptography
+    ids = [f"soak-{i}-{uuid.uuid4().hex[:8]}" for i in range(40)]
+    pending = list(ids)
+    for _ in range(4):
+        simulator.set_knobs(
+            lose_response_next_drafts=2, lose_response_next_exports=2, render_jitter=0.2
+        )
+        url = daemon.start()
+        run = daemon.current
+        killer = threading.Timer(rng.uniform(0.2, 1.2), lambda run=run: run.send(signal.SIGKILL))
+        killer.start()
+        pending = _send_until_refused(url, pending[:10]) + pending[10:]
+        killer.join()
+        assert run.wait_exit() == -signal.SIGKILL, run.tail()
+
+    url = daemon.start()
+    restarted_at = time.monotonic()
+    assert _send_until_refused(url, pending) == []
+    jobs = [shop_job_id(i) for i in ids]
+    wait_until(
+        lambda: job_states(daemon.db_path) == dict.fromkeys(jobs, "notified"),
+        what="every job notified",
+        timeout_s=60.0,
+        explain=lambda: _explain(daemon),
+    )
+    assert time.monotonic() - restarted_at < 60 + 5 * 0.6
+    assert simulator.exports_per_job(jobs) == dict.fromkeys(jobs, 1)
+    knobs = simulator.state()["knobs"]  # the injected losses did happen
+    assert knobs["lose_response_next_drafts"] == knobs["lose_response_next_exports"] == 0
+    announced = ready_lines(tmp_path / "videos.jsonl")
+    assert all(announced.get(job, 0) >= 1 for job in jobs), announced
 
 
 # --- 4. graceful stop ---------------------------------------------------------------------

@@ -245,7 +245,8 @@ async def test_metrics_count_events_exports_and_states(tmp_path, mqtt_broker):
         assert 'studiohook_events_total{outcome="duplicate",source="shop"} 1.0' in text
         assert "studiohook_exports_submitted_total 1.0" in text
         assert 'studiohook_jobs{state="notified"} 1.0' in text
-        assert 'studiohook_api_calls_total{endpoint="v3.export",outcome="ok"} 1.0' in text
+        assert 'studiohook_api_calls_total{endpoint="v3.draft",outcome="ok"} 1.0' in text
+        assert 'studiohook_api_calls_total{endpoint="v3.project_export",outcome="ok"} 1.0' in text
         assert "studiohook_polls_per_job_count 1.0" in text
         assert "studiohook_render_seconds_count 1.0" in text
         assert "studiohook_outbox_backlog 0.0" in text

@@ -6,8 +6,11 @@ import anyio
 import pytest
 
 from service.aistudios.simulator import SimulatorKnobs
+from service.jobs.ownership import OwnedJobs
+from service.jobs.ratelimit import RenderSlots
 from service.jobs.reconcile import LEGACY_UNKNOWN
-from service.model import JobState, JobUpdate
+from service.model import API_V3_ONE_STEP, JobState, JobUpdate
+from service.store.base import FencedError
 from tests.support.aistudios_fixtures import v3_body
 from tests.support.jobs_fixtures import jobs_harness, legacy_body
 
@@ -60,10 +63,12 @@ async def test_429_storm_pauses_every_request_for_retry_after_and_still_succeeds
         assert h.simulator.export_count == 2
 
 
-async def test_5xx_on_create_is_reconciled_and_adopted_without_a_second_export(tmp_path):
+async def test_5xx_on_a_one_step_create_is_reconciled_and_adopted_without_a_second_export(
+    tmp_path,
+):
     knobs = SimulatorKnobs(render_seconds=0.3, fail_5xx_next=1)
     async with jobs_harness(tmp_path, knobs=knobs) as h:
-        job = await h.add_job("five-hundred")
+        job = await h.add_job("five-hundred", api=API_V3_ONE_STEP)
         ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED})
         assert ready.state is S.READY
         assert S.RECONCILE in await states_of(h.store, job.job_id)
@@ -72,10 +77,62 @@ async def test_5xx_on_create_is_reconciled_and_adopted_without_a_second_export(t
         assert ready.project_id == project.id
 
 
+async def test_a_5xx_on_the_draft_bills_nothing_and_the_draft_is_made_again(tmp_path):
+    knobs = SimulatorKnobs(render_seconds=0.3, fail_5xx_next=1)
+    async with jobs_harness(tmp_path, knobs=knobs) as h:
+        job = await h.add_job("draft-500")
+        ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED})
+        assert ready.state is S.READY
+        assert S.RECONCILE not in await states_of(h.store, job.job_id)
+        assert h.simulator.export_count == 1
+        drafts = [p for p in h.simulator.projects.values() if p.name == job.export_name]
+        assert len(drafts) == 2  # the one whose answer was a 500, and the one exported
+        assert h.simulator.billed_exports(ready.project_id) == 1
+
+
+async def test_two_step_flow_drafts_commits_the_id_then_exports_that_project(tmp_path):
+    async with jobs_harness(tmp_path) as h:
+        job = await h.add_job("two-step")
+        ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED})
+        assert ready.state is S.READY
+        paths = [(m, p) for _, m, p in h.simulator.requests if not p.startswith("/_")]
+        assert paths[:2] == [
+            ("POST", "/api/odin/v3/editor/project"),
+            ("POST", "/api/odin/v3/editor/project/export"),
+        ]
+        assert h.simulator.billed_exports(ready.project_id) == 1
+        assert h.simulator.export_count == 1
+
+
+async def test_lost_draft_response_bills_nothing_and_exports_once(tmp_path):
+    knobs = SimulatorKnobs(render_seconds=0.3, lose_response_next_drafts=1)
+    async with jobs_harness(tmp_path, knobs=knobs) as h:
+        job = await h.add_job("lost-draft")
+        ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED})
+        assert ready.state is S.READY
+        assert S.RECONCILE not in await states_of(h.store, job.job_id)
+        assert h.simulator.export_count == 1
+        assert h.simulator.billed_by_name() == {job.export_name: 1}
+
+
+async def test_lost_export_response_is_settled_by_reading_the_project_in_seconds(tmp_path):
+    # The reconcile wait for the name lookup is long; the two-step flow never needs it.
+    knobs = SimulatorKnobs(render_seconds=0.3, lose_response_next_exports=1)
+    async with jobs_harness(tmp_path, knobs=knobs, reconcile_wait_s=600.0) as h:
+        job = await h.add_job("lost-export")
+        started = time.monotonic()
+        ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED})
+        assert ready.state is S.READY
+        assert time.monotonic() - started < 5.0
+        assert S.RECONCILE in await states_of(h.store, job.job_id)
+        assert h.simulator.export_count == 1
+        assert h.simulator.billed_exports(ready.project_id) == 1
+
+
 async def test_lost_response_after_creation_leaves_exactly_one_export(tmp_path):
     knobs = SimulatorKnobs(render_seconds=0.3, lose_response_next_exports=1)
     async with jobs_harness(tmp_path, knobs=knobs) as h:
-        job = await h.add_job("lost")
+        job = await h.add_job("lost", api=API_V3_ONE_STEP)
         ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED})
         assert ready.state is S.READY
         assert ready.attempts == 1
@@ -92,7 +149,7 @@ async def test_lost_export_listed_only_once_finished_is_adopted_not_paid_twice(t
     async with jobs_harness(
         tmp_path, knobs=knobs, reconcile_wait_s=30.0, poll_max_interval_s=0.2
     ) as h:
-        job = await h.add_job("lost-until-exported")
+        job = await h.add_job("lost-until-exported", api=API_V3_ONE_STEP)
         ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED})
         history = [(t.to_state, t.note) for t in await h.store.job_history(job.job_id)]
         assert ready.state is S.READY, history
@@ -182,12 +239,88 @@ async def test_recovery_of_a_crash_after_the_post_adopts_the_export(tmp_path):
         await h.prepare(job)
         await h.store.transition(job.job_id, {S.MAPPED}, S.SUBMITTING, JobUpdate(attempts=1))
         # The POST happened, then the process died before recording it.
+        await h.store.update_job(job.job_id, JobUpdate(api=API_V3_ONE_STEP))
         project_id = await h.client.export_v3(v3_body(), name=job.export_name)
         await h.start()
         ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED})
         assert ready.state is S.READY
         assert ready.project_id == project_id
         assert h.simulator.export_count == 1
+
+
+async def test_two_step_crash_after_the_draft_commit_exports_that_draft_once(tmp_path):
+    async with jobs_harness(tmp_path, start=False) as h:
+        job = await h.add_job("crash-drafted", notify=False)
+        await h.prepare(job)
+        draft_id = await h.client.create_draft_v3(v3_body(), name=job.export_name)
+        await h.store.update_job(job.job_id, JobUpdate(project_id=draft_id))  # then the kill
+        await h.start()
+        h.pipeline.notify_new_jobs()
+        ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED})
+        assert ready.state is S.READY
+        assert ready.project_id == draft_id
+        assert h.simulator.export_count == 1
+
+
+async def test_two_step_crash_after_the_export_commit_exports_again_after_the_settle_time(
+    tmp_path,
+):
+    async with jobs_harness(tmp_path, start=False) as h:
+        job = await h.add_job("crash-committed", notify=False)
+        await h.prepare(job)
+        draft_id = await h.client.create_draft_v3(v3_body(), name=job.export_name)
+        await h.store.update_job(job.job_id, JobUpdate(project_id=draft_id))
+        await h.store.transition(job.job_id, {S.MAPPED}, S.SUBMITTING, JobUpdate(attempts=1))
+        await h.start()  # the kill came before the POST left: the project is still a draft
+        ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED})
+        assert ready.state is S.READY
+        history = await states_of(h.store, job.job_id)
+        assert history[3:] == [S.RECONCILE, S.MAPPED, S.SUBMITTING, S.SUBMITTED, S.READY]
+        assert ready.project_id == draft_id
+        assert h.simulator.billed_exports(draft_id) == 1
+
+
+async def test_two_step_crash_during_the_export_adopts_it_without_waiting(tmp_path):
+    async with jobs_harness(tmp_path, start=False, export_settle_s=60.0) as h:
+        job = await h.add_job("crash-during", notify=False)
+        await h.prepare(job)
+        draft_id = await h.client.create_draft_v3(v3_body(), name=job.export_name)
+        await h.store.update_job(job.job_id, JobUpdate(project_id=draft_id))
+        await h.store.transition(job.job_id, {S.MAPPED}, S.SUBMITTING, JobUpdate(attempts=1))
+        await h.client.export_project_v3(draft_id)  # sent; the process died before recording
+        started = time.monotonic()
+        await h.start()
+        ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED})
+        assert ready.state is S.READY
+        assert time.monotonic() - started < 5.0  # adopted at the first read, not after 60 s
+        assert h.simulator.billed_exports(draft_id) == 1
+        assert h.simulator.export_count == 1
+
+
+async def test_a_job_a_live_worker_holds_is_left_to_it_and_taken_over_when_its_lease_ends(
+    tmp_path,
+):
+    async with jobs_harness(tmp_path, start=False, owner_id="w-new", lease_s=0.6) as h:
+        job = await h.add_job("held", notify=False)
+        await h.prepare(job)
+        ghost = OwnedJobs(h.store.inner, RenderSlots(4), owner="w-gone", lease_s=0.6)
+        claimed = await ghost.claim(job.job_id, {S.MAPPED})
+        draft_id = await h.client.create_draft_v3(v3_body(), name=job.export_name)
+        await ghost.update_job(job.job_id, JobUpdate(project_id=draft_id))
+        await ghost.transition(job.job_id, {S.MAPPED}, S.SUBMITTING, JobUpdate(attempts=1))
+        await h.client.export_project_v3(draft_id)
+        submitted = JobUpdate(project_id=draft_id, submitted_at=time.time())
+        await ghost.transition(job.job_id, {S.SUBMITTING}, S.SUBMITTED, submitted)
+        await h.start()  # the ghost's lease still holds: recovery leaves the job alone
+        assert h.pipeline.tracker.tracked == 0
+        assert (await h.store.get_job(job.job_id)).owner == "w-gone"
+        ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED})
+        assert ready.state is S.READY
+        assert (ready.owner, ready.fence) == ("w-new", claimed.fence + 1)
+        with pytest.raises(FencedError):  # the old claimant wakes up: refused
+            await ghost.transition(job.job_id, {S.READY}, S.NOTIFIED)
+        assert h.simulator.billed_exports(draft_id) == 1
+        assert h.pipeline.slots.in_flight == 0
 
 
 async def test_an_ambiguous_legacy_export_fails_instead_of_paying_twice(tmp_path):
@@ -283,3 +416,35 @@ async def test_a_bug_in_a_loop_fails_the_pipeline(tmp_path):
             async with anyio.create_task_group() as tg:
                 await tg.start(h.pipeline.run)
         assert info.group_contains(RuntimeError, match="bug in the loop", depth=None)
+
+
+async def test_the_first_poll_comes_when_the_template_s_renders_finish_even_after_a_restart(
+    tmp_path,
+):
+    knobs = SimulatorKnobs(render_seconds=0.3)
+    timing = {"first_poll_s": 2.0, "poll_max_interval_s": 10.0}
+    async with jobs_harness(tmp_path, knobs=knobs, **timing) as h:
+        first = await h.add_job("learn-1")
+        done = await h.store.wait_for(first.job_id, {S.READY, S.FAILED})
+        assert done.ready_at - done.submitted_at >= 2.0  # nothing learned: the fixed guess
+        estimate = h.pipeline.tracker.estimate_s(first.route)
+        assert 0.2 <= estimate <= 2.0
+        assert (await h.store.render_estimates())[first.route] == estimate
+    # A new process on the same store file starts from what was learned.
+    async with jobs_harness(tmp_path, knobs=knobs, **timing) as h:
+        second = await h.add_job("learn-2")
+        done = await h.store.wait_for(second.job_id, {S.READY, S.FAILED})
+        assert done.state is S.READY
+        assert done.ready_at - done.submitted_at < 1.8
+
+
+async def test_received_jobs_are_mapped_in_shared_transactions(tmp_path):
+    async with jobs_harness(tmp_path, start=False) as h:
+        jobs = [await h.add_job(f"flood-{i}", notify=False) for i in range(200)]
+        commits_before = h.store.inner.commit_count
+        deferred = await h.pipeline._prepare_batch(jobs)  # one round of the mapping loop
+        commits = h.store.inner.commit_count - commits_before
+        assert not deferred
+        for job in jobs:
+            assert (await h.store.get_job(job.job_id)).state is S.MAPPED
+        assert commits <= len(jobs) / 4, f"{commits} transactions for {len(jobs)} jobs"

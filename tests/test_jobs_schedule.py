@@ -7,8 +7,10 @@ from service.backoff import backoff_delay
 from service.jobs.schedule import (
     Observation,
     next_poll_delay,
+    render_time_sample,
     render_verdict,
     retry_delay,
+    updated_estimate,
 )
 from service.model import Job, JobState
 
@@ -145,3 +147,32 @@ def test_a_render_that_never_moved_stalls_from_its_submit_time():
     assert render_verdict(job, 159.0, deadline_s=1000.0, stall_s=60.0) is None
     assert render_verdict(job, 160.0, deadline_s=1000.0, stall_s=60.0) == "stalled"
     assert render_verdict(make_job(), 1e9, deadline_s=1.0, stall_s=1.0) is None
+
+
+def test_a_render_seen_half_done_is_sampled_at_its_full_length():
+    observations = [Observation(100.0, 0.0), Observation(101.0, 50.0), Observation(102.1, 100.0)]
+    assert render_time_sample(observations, 102.1) == pytest.approx(2.0)
+
+
+def first_poll_of_a_2s_render(first_poll_s):
+    """The readings of a 2 s linear render whose first poll comes at `first_poll_s`."""
+    start = Observation(0.0, 0.0)
+    if first_poll_s >= 2.0:
+        return [start, Observation(first_poll_s, 100.0)], first_poll_s
+    partial = Observation(first_poll_s, 100.0 * first_poll_s / 2.0)
+    return [start, partial, Observation(2.1, 100.0)], 2.1
+
+
+def test_a_render_done_at_its_first_poll_is_sampled_earlier_so_estimates_never_creep_up():
+    observations = [Observation(100.0, 0.0), Observation(103.0, 100.0)]
+    assert render_time_sample(observations, 103.0) == pytest.approx(2.4)
+    estimate = 6.0  # a first guess far too late
+    for _ in range(30):
+        observations, ready_at = first_poll_of_a_2s_render(estimate)
+        estimate = updated_estimate(estimate, render_time_sample(observations, ready_at))
+    assert 1.6 <= estimate <= 2.0
+
+
+def test_the_estimate_moves_a_third_of_the_way_to_each_sample():
+    assert updated_estimate(None, 10.0) == 10.0
+    assert updated_estimate(10.0, 20.0) == pytest.approx(13.0)

@@ -4,7 +4,7 @@ import pytest
 
 from service.aistudios.simulator import SimulatorKnobs
 from service.jobs import submitter
-from service.model import JobState
+from service.model import API_V3_ONE_STEP, JobState
 from service.store.base import StoreUnavailableError
 from tests.support.jobs_fixtures import jobs_harness
 
@@ -18,11 +18,11 @@ def failing_transitions(store, from_state, to_state, times):
     real = store.inner.transition
     failures = {"left": times}
 
-    async def transition(job_id, from_states, target, update=None, outbox=()):
+    async def transition(job_id, from_states, target, update=None, outbox=(), *, fence=None):
         if from_state in from_states and target is to_state and failures["left"] > 0:
             failures["left"] -= 1
             raise StoreUnavailableError("disk full")
-        return await real(job_id, from_states, target, update, outbox)
+        return await real(job_id, from_states, target, update, outbox, fence=fence)
 
     store.inner.transition = transition
     return failures
@@ -35,7 +35,7 @@ async def states_of(store, job_id):
 async def test_a_failed_commit_after_a_permanent_error_is_retried_not_left_submitting(tmp_path):
     async with jobs_harness(tmp_path) as h:
         failures = failing_transitions(h.store, S.SUBMITTING, S.FAILED, times=1)
-        job = await h.add_job("refused-then-store-down", body={"scenes": []})
+        job = await h.add_job("refused-then-store-down", body={"scenes": []}, api=API_V3_ONE_STEP)
         failed = await h.store.wait_for(job.job_id, {S.FAILED}, timeout_s=5.0)
         assert failures["left"] == 0
         assert failed.error_code == "permanent"
@@ -47,7 +47,7 @@ async def test_giving_up_on_a_retry_commit_hands_the_job_to_the_reconciler(tmp_p
     knobs = SimulatorKnobs(render_seconds=0.2, throttle_next=1, retry_after_s=0.05)
     async with jobs_harness(tmp_path, knobs=knobs) as h:
         failures = failing_transitions(h.store, S.SUBMITTING, S.MAPPED, times=2)
-        job = await h.add_job("throttled-then-store-down")
+        job = await h.add_job("throttled-then-store-down", api=API_V3_ONE_STEP)
         ready = await h.store.wait_for(job.job_id, {S.READY, S.FAILED}, timeout_s=8.0)
         assert failures["left"] == 0
         assert ready.state is S.READY

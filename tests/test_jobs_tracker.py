@@ -8,6 +8,7 @@ import pytest
 
 from service.aistudios.simulator import SimulatorKnobs
 from service.jobs.context import JobLoopContext
+from service.jobs.ownership import OwnedJobs
 from service.jobs.ratelimit import RenderSlots, RequestGate
 from service.jobs.tracker import PollTiming, Tracker
 from service.model import JobState, JobUpdate
@@ -79,8 +80,10 @@ async def test_a_render_costs_a_handful_of_polls_whatever_its_length(tmp_path, r
         ):
             job = await submitted_job(store, client, clock, f"long-{render_s}")
             slots = RenderSlots(1)
-            slots.adopt(job.job_id)
-            tracker = tracker_on(store, client, slots, clock)
+            owned = OwnedJobs(store, slots, owner="test")
+            await owned.claim(job.job_id, {S.SUBMITTED})
+            assert slots.in_flight == 1
+            tracker = tracker_on(owned, client, slots, clock)
             tracker.track(job)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(tracker.run)

@@ -15,7 +15,12 @@ from service.model import (
     NewOutboxMessage,
     Transition,
 )
-from service.store.base import StaleTransitionError, StoreUnavailableError, UnknownJobError
+from service.store.base import (
+    FencedError,
+    StaleTransitionError,
+    StoreUnavailableError,
+    UnknownJobError,
+)
 from tests.support.store_fixtures import START_TIME, sample_event, sample_job
 
 pytestmark = pytest.mark.anyio
@@ -497,3 +502,111 @@ async def test_ping_and_closed_store(engine_store):
         await accept(engine_store, "k1")
     with pytest.raises(StoreUnavailableError):
         await engine_store.get_job("job_x")
+
+
+# --- ownership: claims, leases, fencing -------------------------------------------------
+
+IN_FLIGHT = {S, JobState.SUBMITTED, JobState.RECONCILE}
+
+
+async def test_a_claim_names_its_owner_lease_and_a_new_fence(engine_store):
+    _, [job] = await accept(engine_store, "k1")
+    await walk(engine_store, job.job_id, M, S)
+    claimed = await engine_store.claim_job(job.job_id, IN_FLIGHT, owner="w1", lease_s=30)
+    assert (claimed.owner, claimed.lease_until) == ("w1", START_TIME + 30)
+    assert claimed.fence == 1
+    assert (await engine_store.get_job(job.job_id)).fence == 1
+
+
+async def test_a_live_lease_keeps_other_workers_out_until_it_expires(engine_store, store_clock):
+    _, [job] = await accept(engine_store, "k1")
+    await walk(engine_store, job.job_id, M, S)
+    await engine_store.claim_job(job.job_id, IN_FLIGHT, owner="w1", lease_s=30)
+    assert await engine_store.claim_job(job.job_id, IN_FLIGHT, owner="w2", lease_s=30) is None
+    assert await engine_store.claim_jobs(IN_FLIGHT, owner="w2", lease_s=30, limit=10) == []
+    store_clock.advance(30)
+    [taken] = await engine_store.claim_jobs(IN_FLIGHT, owner="w2", lease_s=30, limit=10)
+    assert (taken.job_id, taken.owner, taken.fence) == (job.job_id, "w2", 2)
+
+
+async def test_the_same_owner_takes_its_own_jobs_back_at_once(engine_store):
+    # A restarted worker keeps its owner id: its jobs need not wait for the lease to run out.
+    _, [job] = await accept(engine_store, "k1")
+    await walk(engine_store, job.job_id, M, S)
+    first = await engine_store.claim_job(job.job_id, IN_FLIGHT, owner="w1", lease_s=30)
+    [again] = await engine_store.claim_jobs(IN_FLIGHT, owner="w1", lease_s=30, limit=10)
+    assert again.fence == first.fence + 1
+
+
+async def test_a_stale_claimants_transition_and_update_are_refused(engine_store, store_clock):
+    _, [job] = await accept(engine_store, "k1")
+    await walk(engine_store, job.job_id, M, S)
+    stale = await engine_store.claim_job(job.job_id, IN_FLIGHT, owner="w1", lease_s=5)
+    store_clock.advance(6)
+    fresh = await engine_store.claim_job(job.job_id, IN_FLIGHT, owner="w2", lease_s=5)
+    with pytest.raises(FencedError):
+        await engine_store.transition(
+            job.job_id, {S}, JobState.SUBMITTED, JobUpdate(project_id="p"), fence=stale.fence
+        )
+    with pytest.raises(StaleTransitionError):  # a FencedError is a stale transition too
+        await engine_store.update_job(job.job_id, JobUpdate(progress=5.0), fence=stale.fence)
+    assert (await engine_store.get_job(job.job_id)).state is S
+    moved = await engine_store.transition(
+        job.job_id, {S}, JobState.SUBMITTED, JobUpdate(project_id="p"), fence=fresh.fence
+    )
+    assert moved.project_id == "p"
+    assert [t.to_state for t in await engine_store.job_history(job.job_id)][-1] is (
+        JobState.SUBMITTED
+    )
+
+
+async def test_claims_take_only_jobs_in_the_given_states_oldest_first(engine_store):
+    jobs = []
+    for key in ("k1", "k2", "k3"):
+        _, [job] = await accept(engine_store, key)
+        jobs.append(job)
+    await walk(engine_store, jobs[0].job_id, M, S)
+    await walk(engine_store, jobs[2].job_id, M, S)
+    claimed = await engine_store.claim_jobs(IN_FLIGHT, owner="w1", lease_s=5, limit=1)
+    assert [j.job_id for j in claimed] == [jobs[0].job_id]
+    claimed = await engine_store.claim_jobs(IN_FLIGHT, owner="w2", lease_s=5, limit=10)
+    assert [j.job_id for j in claimed] == [jobs[2].job_id]
+    assert await engine_store.claim_job(jobs[1].job_id, IN_FLIGHT, owner="w1", lease_s=5) is None
+
+
+async def test_renewing_keeps_the_lease_without_changing_the_fence(engine_store, store_clock):
+    _, [job] = await accept(engine_store, "k1")
+    await walk(engine_store, job.job_id, M, S)
+    claimed = await engine_store.claim_job(job.job_id, IN_FLIGHT, owner="w1", lease_s=5)
+    store_clock.advance(4)
+    assert await engine_store.renew_leases("w1", 5) == 1
+    store_clock.advance(4)
+    assert await engine_store.claim_job(job.job_id, IN_FLIGHT, owner="w2", lease_s=5) is None
+    renewed = await engine_store.get_job(job.job_id)
+    assert (renewed.fence, renewed.lease_until) == (claimed.fence, START_TIME + 9)
+    assert await engine_store.renew_leases("nobody", 5) == 0
+
+
+async def test_render_estimates_are_kept_across_a_restart(engine_store, store_engine):
+    assert await engine_store.render_estimates() == {}
+    await engine_store.save_render_estimate("promo", 12.5)
+    await engine_store.save_render_estimate("promo", 11.0)
+    await engine_store.save_render_estimate("news", 60.0)
+    await engine_store.close()
+    reopened = store_engine.make()
+    await reopened.open()
+    try:
+        assert await reopened.render_estimates() == {"promo": 11.0, "news": 60.0}
+    finally:
+        await reopened.close()
+
+
+async def test_finished_jobs_are_not_renewed(engine_store):
+    _, [done] = await accept(engine_store, "k1")
+    _, [running] = await accept(engine_store, "k2")
+    await walk(engine_store, done.job_id, M)
+    await walk(engine_store, running.job_id, M)
+    await engine_store.claim_job(done.job_id, {M}, owner="w1", lease_s=5)
+    await engine_store.claim_job(running.job_id, {M}, owner="w1", lease_s=5)
+    await engine_store.transition(done.job_id, {M}, JobState.FAILED)
+    assert await engine_store.renew_leases("w1", 5) == 1

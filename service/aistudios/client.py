@@ -28,11 +28,16 @@ from service.aistudios.errors import (
     PermanentError,
     RetryableError,
 )
-from service.aistudios.responses import Progress, ProjectSummary, UnreadableResponseError
+from service.aistudios.responses import (
+    Progress,
+    ProjectState,
+    ProjectSummary,
+    UnreadableResponseError,
+)
 from service.log import get_logger, register_secrets
 from service.retry_after import parse_retry_after
 
-__all__ = ["AIStudiosClient", "Progress", "ProjectSummary"]
+__all__ = ["AIStudiosClient", "Progress", "ProjectState", "ProjectSummary"]
 
 _T = TypeVar("_T")
 _log = get_logger("aistudios.client")
@@ -128,6 +133,37 @@ class AIStudiosClient:
             payload["webhookUrl"] = webhook_url
         call = _Call("v3.export", "POST", self._v3("editor/project"), payload, create=True)
         return await self._call(call, responses.parse_project_id)
+
+    async def create_draft_v3(self, body: dict[str, Any], *, name: str) -> str:
+        """Create a project WITHOUT exporting it (`isExport: false`, not billed); its id.
+
+        The first step of the two-step flow: the paid call then addresses a project that
+        already exists, so an uncertain export can be settled by reading that project. A lost
+        response leaves at worst an unexported draft in the dashboard.
+        """
+        payload = {**body, "name": name, "isExport": False}
+        payload.pop("webhookUrl", None)
+        call = _Call("v3.draft", "POST", self._v3("editor/project"), payload, create=True)
+        return await self._call(call, responses.parse_project_id)
+
+    async def export_project_v3(self, project_id: str, *, webhook_url: str | None = None) -> str:
+        """Export an existing project (billed, again for each call); returns its project id."""
+        payload: dict[str, Any] = {"projectId": project_id}
+        if webhook_url:
+            payload["webhookUrl"] = webhook_url
+        call = _Call(
+            "v3.project_export", "POST", self._v3("editor/project/export"), payload, create=True
+        )
+        return await self._call(call, responses.parse_project_id)
+
+    async def get_project_v3(self, project_id: str) -> ProjectState:
+        """One project with its export status (`state`, `progress`, `creditSubstracted`, ...)."""
+        url = self._v3(f"editor/project/{_segment(project_id)}")
+
+        def parse(body: Any) -> ProjectState:  # noqa: ANN401 - a JSON document is of any shape
+            return responses.parse_project_state(body, project_id)
+
+        return await self._call(_Call("v3.project", "GET", url), parse)
 
     async def progress_v3(self, project_id: str) -> Progress:
         """Render progress of a v3 export."""

@@ -2,13 +2,22 @@
 
 The API documents no error bodies and no rate limits, so the class is decided from what is
 certain: the HTTP status, whether the request could have reached the server, and the
-documented `success: false`.
+documented `success: false`. Each class is also one of the jobs core's own error kinds
+(`service.jobs.ports`): the translation happens here, at the adapter's edge.
 """
 
 from __future__ import annotations
 
+from service.jobs.ports import (
+    ApiError,
+    CredentialsRefusedError,
+    NothingCreatedError,
+    OutcomeUnknownError,
+    RefusedError,
+)
 
-class AIStudiosError(Exception):
+
+class AIStudiosError(ApiError):
     """Base of every error the client raises."""
 
     def __init__(self, message: str, *, status: int | None = None, endpoint: str = "") -> None:
@@ -23,7 +32,7 @@ class AIStudiosError(Exception):
         return "aistudios_error"
 
 
-class RetryableError(AIStudiosError):
+class RetryableError(AIStudiosError, NothingCreatedError):
     """Nothing was created: 429, 5xx on a read, a connect failure, a read timeout on a read.
 
     `retry_after_s` is the server's Retry-After when it sent one; callers honour it exactly.
@@ -46,7 +55,7 @@ class RetryableError(AIStudiosError):
         return "retryable"
 
 
-class PermanentError(AIStudiosError):
+class PermanentError(AIStudiosError, RefusedError):
     """The request was refused (4xx, `success: false`): repeating it will not help."""
 
     @property
@@ -55,7 +64,7 @@ class PermanentError(AIStudiosError):
         return "permanent"
 
 
-class AuthError(PermanentError):
+class AuthError(PermanentError, CredentialsRefusedError):
     """Credentials were refused even after one token refresh."""
 
     @property
@@ -64,7 +73,7 @@ class AuthError(PermanentError):
         return "auth"
 
 
-class AmbiguousError(AIStudiosError):
+class AmbiguousError(AIStudiosError, OutcomeUnknownError):
     """A create may or may not have happened (response lost, timeout after sending, 5xx).
 
     Never answered by a second POST: the job goes to `reconcile`, which looks for the project

@@ -47,6 +47,35 @@ class ProjectSummary:
     download_url: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class ProjectState:
+    """A v3 project as `GET /editor/project/{id}` shows it, read for its export status.
+
+    The reference documents `state`, `progress`, `creditSubstracted`, `backendTaskId` and
+    `download_url` but not their values for a project never exported, so `export_started`
+    trusts any one positive sign and nothing else; `document` is the whole `project` object.
+    """
+
+    id: str
+    state: str | None
+    progress: float
+    credit_subtracted: bool
+    backend_task_id: str | None
+    download_url: str | None
+    document: dict[str, Any]
+
+    @property
+    def export_started(self) -> bool:
+        """Whether any documented field shows that an export of this project began (billed)."""
+        return (
+            self.credit_subtracted
+            or bool(self.backend_task_id)
+            or self.progress > 0
+            or self.state == "exported"
+            or bool(self.download_url)
+        )
+
+
 def parse_json(raw: bytes) -> Any:  # noqa: ANN401 - a JSON document is of any shape
     """Decode a body, turning garbage into one error type the client can classify."""
     try:
@@ -115,6 +144,28 @@ def parse_legacy_project(body: Any) -> dict[str, Any]:  # noqa: ANN401 - a JSON 
         project: dict[str, Any] = scope["response"]
         return project
     raise UnreadableResponseError("response missing")
+
+
+def parse_project_state(body: Any, project_id: str) -> ProjectState:  # noqa: ANN401 - a JSON document is of any shape
+    """`data.project` of a v3 project read (also a bare `project`, or the fields at the top)."""
+    scope = _scope_with(body, "project")
+    project = scope["project"] if scope is not None else None
+    if not isinstance(project, dict):
+        scopes = _scopes(body)
+        if not scopes:
+            raise UnreadableResponseError("project missing")
+        project = scopes[0]
+    progress = project.get("progress")
+    credit = project.get("creditSubstracted")
+    return ProjectState(
+        id=_first_str(project, ("_id", "id", "projectId")) or project_id,
+        state=_first_str(project, ("state",)),
+        progress=_as_progress(progress) if progress is not None else 0.0,
+        credit_subtracted=credit is True or credit == "true",
+        backend_task_id=_first_str(project, ("backendTaskId",)),
+        download_url=_first_str(project, _DOWNLOAD_URL_KEYS),
+        document=project,
+    )
 
 
 def parse_project_list(body: Any) -> list[ProjectSummary]:  # noqa: ANN401 - a JSON document is of any shape

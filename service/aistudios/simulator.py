@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -37,15 +38,29 @@ _CALLBACK_CHECK_S = 0.05
 _CALLBACK_TIMEOUT_S = 10.0
 _DONE = 100.0
 _INT_KNOBS = frozenset(
-    {"fail_5xx_next", "throttle_next", "lose_response_next_exports", "failing_renders_next"}
+    {
+        "fail_5xx_next",
+        "throttle_next",
+        "lose_response_next_exports",
+        "lose_response_next_drafts",
+        "failing_renders_next",
+    }
 )
 _FLOAT_KNOBS = frozenset(
-    {"render_seconds", "token_ttl_s", "retry_after_s", "stall_at", "callback_delay_s"}
+    {
+        "render_seconds",
+        "render_jitter",
+        "token_ttl_s",
+        "retry_after_s",
+        "stall_at",
+        "callback_delay_s",
+    }
 )
 _BOOL_KNOBS = frozenset({"list_only_exported"})
 _CREATES = frozenset(
     {
         ("POST", f"{V3}/editor/project"),
+        ("POST", f"{V3}/editor/project/export"),
         ("POST", f"{LEGACY}/editor/project"),
         ("POST", simulator_v3.TEMPLATE_MODIFY_PATH),
         ("POST", simulator_v3.PROJECT_MODIFY_PATH),
@@ -59,12 +74,18 @@ class SimulatorKnobs:
     """What the simulated service does next; tests change these between requests."""
 
     render_seconds: float = 5.0
+    render_jitter: float = 0.0
+    """Each render lasts render_seconds times a uniform factor in [1 - jitter, 1 + jitter]."""
     token_ttl_s: float = 24 * 3600
     api_keys: frozenset[str] | None = None
     fail_5xx_next: int = 0
     throttle_next: int = 0
     retry_after_s: float = 1.0
     lose_response_next_exports: int = 0
+    """Billed calls (a one-step create, an export of an existing project, a legacy export)
+    whose response is dropped after the export started."""
+    lose_response_next_drafts: int = 0
+    """Unbilled creates (`isExport: false`) whose response is dropped after the draft exists."""
     failing_renders_next: int = 0
     stall_at: float = 40.0
     callback_delay_s: float = 0.0
@@ -87,7 +108,10 @@ class SimProject:
     stall_at: float | None = None
     rendering: bool = True
     orientation: str = "landscape"
-    backend_task_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    backend_task_id: str | None = None
+    """Set when an export starts: a draft has no backend task."""
+    exports: int = 0
+    """How many exports of this project were billed (a second export is billed again)."""
 
     def progress_at(self, now: float) -> float:
         """Linear progress over the render time, held at `stall_at` for a failing render."""
@@ -118,7 +142,9 @@ class Simulator:
         self.base_url = ""
         self.projects: dict[str, SimProject] = {}
         self.saved_projects: dict[str, SimProject] = {}
+        self._rng = random.Random(7)  # noqa: S311 - render lengths, not cryptography
         self.export_count = 0
+        """Every billed export: one-step creates, exports of existing projects, legacy exports."""
         self.requests: list[tuple[float, str, str]] = []
         self.callbacks: list[tuple[str, dict[str, Any], int | None]] = []
         self.server_templates: dict[str, dict[str, Any]] = {}
@@ -161,6 +187,19 @@ class Simulator:
         if self._http is not None:
             await self._http.close()
             self._http = None
+
+    def billed_exports(self, project_id: str) -> int:
+        """How many times one project was billed: more than one means it was paid twice."""
+        project = self.projects.get(project_id)
+        return project.exports if project is not None else 0
+
+    def billed_by_name(self) -> dict[str, int]:
+        """Billed exports per project name, over every project of that name."""
+        billed: dict[str, int] = {}
+        for project in self.projects.values():
+            if project.exports:
+                billed[project.name] = billed.get(project.name, 0) + project.exports
+        return billed
 
     def exports_named(self, name: str) -> list[SimProject]:
         """Every export created under `name`: more than one means a double export."""
@@ -257,9 +296,10 @@ class Simulator:
         project.orientation = str(body.get("orientation") or "landscape")
         if body.get("isExport") is False:
             project.rendering = False
+            self._maybe_lose_response(request, draft=True)
         else:
             self._start_render(project)
-        self._maybe_lose_response(request)
+            self._maybe_lose_response(request)
         return _success({"projectId": project.id})
 
     async def _export_existing_v3(self, request: web.Request) -> web.Response:
@@ -272,6 +312,7 @@ class Simulator:
         project.created_at = self.clock()
         project.rendering = True
         self._start_render(project)
+        self._maybe_lose_response(request)
         return _success({"projectId": project.id})
 
     async def _list_v3(self, _: web.Request) -> web.Response:
@@ -357,6 +398,7 @@ class Simulator:
         state = {
             "base_url": self.base_url,
             "export_count": self.export_count,
+            "billed_by_name": self.billed_by_name(),
             "request_count": len(self.requests),
             "callbacks_sent": len(self.callbacks),
             "projects": [
@@ -367,6 +409,8 @@ class Simulator:
                     "progress": p.progress_at(now),
                     "state": _state(p, now),
                     "webhook_url": p.webhook_url,
+                    "exports": p.exports,
+                    "render_seconds": p.render_seconds,
                 }
                 for p in self.projects.values()
             ],
@@ -400,7 +444,11 @@ class Simulator:
     def _start_render(self, project: SimProject) -> None:
         """Bill the export and let it render; a failing render stalls and never calls back."""
         self.export_count += 1
-        project.render_seconds = self.knobs.render_seconds
+        project.exports += 1
+        project.backend_task_id = uuid.uuid4().hex
+        jitter = self.knobs.render_jitter
+        spread = 1.0 + jitter * (2.0 * self._rng.random() - 1.0) if jitter else 1.0
+        project.render_seconds = self.knobs.render_seconds * spread
         if self.knobs.failing_renders_next > 0:
             self.knobs.failing_renders_next -= 1
             project.stall_at = self.knobs.stall_at
@@ -408,11 +456,13 @@ class Simulator:
         if project.webhook_url and project.stall_at is None and self._tasks is not None:
             self._tasks.start_soon(self._call_back, project, project.created_at)
 
-    def _maybe_lose_response(self, request: web.Request) -> None:
+    def _maybe_lose_response(self, request: web.Request, *, draft: bool = False) -> None:
         """Drop the connection after the create, so the client cannot know it happened."""
-        if self.knobs.lose_response_next_exports <= 0:
+        knob = "lose_response_next_drafts" if draft else "lose_response_next_exports"
+        left = getattr(self.knobs, knob)
+        if left <= 0:
             return
-        self.knobs.lose_response_next_exports -= 1
+        setattr(self.knobs, knob, left - 1)
         if request.transport is not None:
             request.transport.abort()
         raise asyncio.CancelledError
@@ -435,7 +485,7 @@ class Simulator:
             "backendTaskId": project.backend_task_id,
             "exportType": "video",
             "progress": int(project.progress_at(now)),
-            "creditSubstracted": project.progress_at(now) >= _DONE,
+            "creditSubstracted": project.exports > 0,
             "createdAt": project.created_at,
             "updatedAt": now,
             "download_url": self._url_if_done(project, now),

@@ -1,9 +1,9 @@
 """What the submitter, reconciler and tracker share, and the steps they all take with it.
 
-The three loops move the same jobs through one store, spend one render budget, call one API
-through one request gate, and read one clock. Each used to take and keep its own copy of those
-eight collaborators; one frozen context makes "the same ones" a fact of construction, and the
-failure commit and slot release every loop performs live here once. `DueHeap` is the timer
+The three loops move the same jobs through one store (under this worker's claims), spend one
+render budget, call one API through one request gate, and read one clock. One frozen context
+makes "the same ones" a fact of construction, and the failure commit every loop performs
+lives here once. `DueHeap` is the timer
 heap the reconciler and tracker both schedule on.
 """
 
@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from service.jobs.states import IN_FLIGHT
 from service.log import get_logger
 from service.model import Job, JobState, JobUpdate, NewOutboxMessage
 from service.store.base import StaleTransitionError
@@ -26,9 +25,8 @@ if TYPE_CHECKING:
     from collections.abc import Collection
 
     from service.backoff import RandomSource
+    from service.jobs.ports import Clock, JobStore, Sleep
     from service.jobs.ratelimit import RenderSlots, RequestGate
-    from service.jobs.schedule import Clock, Sleep
-    from service.store.base import Store
 
 log = get_logger("jobs")
 
@@ -39,7 +37,7 @@ ApiT_co = TypeVar("ApiT_co", covariant=True)
 
 
 async def end_with_error(
-    store: Store,
+    store: JobStore,
     outbox_for: OutboxFor,
     job: Job,
     from_states: Collection[JobState],
@@ -74,11 +72,11 @@ async def end_with_error(
 class JobLoopContext(Generic[ApiT_co]):
     """The collaborators every job loop shares; `api` is typed as the part a loop calls.
 
-    One instance serves all three loops, so a slot taken by one is released by another and a
-    Retry-After seen by one pauses them all.
+    One instance serves all three loops, so they share one set of claims (`store` is this
+    worker's `OwnedJobs`), one render budget and one request gate.
     """
 
-    store: Store
+    store: JobStore
     api: ApiT_co
     slots: RenderSlots
     gate: RequestGate
@@ -90,10 +88,7 @@ class JobLoopContext(Generic[ApiT_co]):
     async def fail(
         self, job: Job, from_states: Collection[JobState], *, code: str, message: str
     ) -> Job | None:
-        """Move a job to `failed` with its `video.failed` rows; None when another path moved it.
-
-        The slot is not released here: each loop decides that with what it knows of the job.
-        """
+        """Move a job to `failed` with its `video.failed` rows; None when another path moved it."""
         return await end_with_error(
             self.store,
             self.outbox_for,
@@ -104,11 +99,6 @@ class JobLoopContext(Generic[ApiT_co]):
             message=message,
             now=self.clock(),
         )
-
-    def release_unless_in_flight(self, job_id: str, job: Job | None) -> None:
-        """Free a job's render slot unless the job, as last read, is still rendering."""
-        if job is None or job.state not in IN_FLIGHT:
-            self.slots.release(job_id)
 
 
 class DueHeap:

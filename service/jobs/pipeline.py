@@ -11,19 +11,29 @@ from __future__ import annotations
 
 import hmac
 import random
+import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
 
 from service.jobs.context import JobLoopContext, end_with_error
+from service.jobs.decide import Step, resume_step
+from service.jobs.ownership import LEASE_S, OwnedJobs
+from service.jobs.ports import RenderApi
 from service.jobs.ratelimit import RenderSlots
-from service.jobs.reconcile import LookupApi, Reconciler
+from service.jobs.reconcile import Reconciler
 from service.jobs.states import IN_FLIGHT
-from service.jobs.submitter import SCAN_RETRY_S, ExportApi, Submitter, sleep_or_wake
-from service.jobs.tracker import PollTiming, ProgressApi, ReadyHook, Tracker, ignore_ready
+from service.jobs.submitter import SCAN_RETRY_S, Submitter, sleep_or_wake
+from service.jobs.tracker import (
+    PollTiming,
+    ReadyHook,
+    Tracker,
+    ignore_ready,
+    route_of,
+)
 from service.log import get_logger
 from service.model import Job, JobState, JobUpdate
 from service.store.base import StaleTransitionError, StoreUnavailableError
@@ -38,6 +48,8 @@ if TYPE_CHECKING:
 
 log = get_logger("jobs.pipeline")
 
+__all__ = ["JobPipeline", "Prepare", "RenderApi"]
+
 Prepare = Callable[[Job], Awaitable[None]]
 """The caller's `received -> mapped|rejected` step (template + event -> export body)."""
 
@@ -46,10 +58,6 @@ _PREPARE_BATCH = 100
 _DUMMY_TOKEN = "x" * 32
 PREPARE_RETRY_S = 1.0
 """How soon mapping is tried again after a store outage deferred a job."""
-
-
-class RenderApi(ExportApi, ProgressApi, LookupApi, Protocol):
-    """Everything the pipeline asks of AI Studios (the client, or a fake of the cloud)."""
 
 
 class JobPipeline:
@@ -69,11 +77,17 @@ class JobPipeline:
         clock: Clock = time.time,
         sleep: Sleep = anyio.sleep,
         rng: RandomSource | None = None,
+        owner_id: str | None = None,
+        lease_s: float = LEASE_S,
+        estimate_key: Callable[[Job], str] = route_of,
     ) -> None:
         self._prepare = prepare
         self.slots = RenderSlots(settings.max_concurrent_exports)
+        self.owned = OwnedJobs(
+            store, self.slots, owner=owner_id or socket.gethostname(), lease_s=lease_s
+        )
         self._ctx = ctx = JobLoopContext[RenderApi](
-            store=store,
+            store=self.owned,
             api=api,
             slots=self.slots,
             gate=gate,
@@ -92,6 +106,7 @@ class JobPipeline:
                 first_guess_s=settings.first_poll_s,
             ),
             on_ready=on_ready,
+            estimate_key=estimate_key,
         )
         self.submitter = Submitter(
             ctx,
@@ -99,11 +114,14 @@ class JobPipeline:
             public_url=public_url,
             on_submitted=self.tracker.track,
             on_reconcile=self._reconcile,
+            claim=self._claim_mapped,
+            claim_wait_s=lease_s,
         )
         self.reconciler = Reconciler(
             ctx,
             wait_s=settings.reconcile_wait_s,
             look_every_s=settings.poll_max_interval_s,
+            settle_s=settings.export_settle_s,
             on_adopted=self.tracker.track,
             on_resubmit=self.submitter.wake,
         )
@@ -114,30 +132,62 @@ class JobPipeline:
     def _reconcile(self, job: Job) -> None:
         self.reconciler.add(job)
 
+    async def _claim_mapped(self, job_id: str) -> Job | None:
+        return await self.owned.claim(job_id, {JobState.MAPPED})
+
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Recover, start the loops, report started; returns only by cancellation or a bug."""
+        await self.tracker.load_estimates()
         await self.recover()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._prepare_loop, name="jobs.preparer")
             tg.start_soon(self.submitter.run, name="jobs.submitter")
             tg.start_soon(self.reconciler.run, name="jobs.reconciler")
             tg.start_soon(self.tracker.run, name="jobs.tracker")
+            tg.start_soon(self._lease_loop, name="jobs.leases")
             task_status.started()
 
     async def recover(self) -> None:
-        """Pick up every job a previous process left between two commits."""
-        in_flight = await self._ctx.store.jobs_in_states(IN_FLIGHT, limit=_RECOVERY_LIMIT)
-        for job in in_flight:
-            self.slots.adopt(job.job_id)
-            with structlog.contextvars.bound_contextvars(job_id=job.job_id):
-                await self._recover_one(job)
+        """Claim the in-flight jobs nobody holds and resume each where it stopped.
+
+        That is this owner's own after a restart, and any whose lease ran out; jobs another
+        live worker holds are left to it.
+        """
+        in_flight = await self.owned.claim_free(IN_FLIGHT, _RECOVERY_LIMIT, take_own=True)
+        await self._resume(in_flight)
         log.info("jobs.recovered", in_flight=len(in_flight))
 
+    async def _resume(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            with structlog.contextvars.bound_contextvars(job_id=job.job_id):
+                await self._recover_one(job)
+
+    async def _lease_loop(self) -> None:
+        """Forever: renew this worker's leases, and take over jobs whose worker stopped renewing.
+
+        A store outage only skips a beat: a lease is three beats long.
+        """
+        while True:
+            # Leases run on the store's wall clock, not on the loops' (possibly simulated) one.
+            await anyio.sleep(self.owned.lease_s / 3)
+            try:
+                await self.owned.renew()
+                taken = await self.owned.claim_free(IN_FLIGHT, _RECOVERY_LIMIT, take_own=False)
+            except StoreUnavailableError as exc:
+                log.warning("jobs.lease_renewal_failed", error=str(exc))
+                continue
+            if taken:
+                log.warning("jobs.taken_over", count=len(taken))
+                await self._resume(taken)
+
     async def _recover_one(self, job: Job) -> None:
-        if job.state is JobState.SUBMITTED:
+        step = resume_step(job.state, job.api, job.project_id)
+        if step is Step.TRACK:
             self.tracker.track(job)
+            return
+        if step is not Step.LOOK_UP:
             return
         if job.state is JobState.SUBMITTING:
             note = "restart found the export's outcome unknown"
@@ -149,7 +199,6 @@ class JobPipeline:
                     JobUpdate(error_code="ambiguous", error_message=note, note=note),
                 )
             except StaleTransitionError:
-                self.slots.release(job.job_id)
                 return
             log.warning("job.reconcile", reason=note)
         self.reconciler.add(job)
@@ -180,10 +229,13 @@ class JobPipeline:
         return True
 
     async def _prepare_loop(self) -> None:
-        """Map received jobs one by one (mapping is cheap and local), then hand them on.
+        """Map received jobs a batch at a time, then hand them on.
 
-        A job whose mapping met a store outage is not skipped: the loop looks again after
-        `PREPARE_RETRY_S` instead of waiting for an intake wake-up that may never come.
+        The jobs of a batch are mapped side by side, so their `mapped` commits reach the
+        store's group-commit writer together and share its transactions (one commit per job
+        made mapping far slower than intake). A job whose mapping met a store outage is not
+        skipped: the loop looks again after `PREPARE_RETRY_S` instead of waiting for an intake
+        wake-up that may never come.
         """
         while True:
             self._prepare_wakeup = anyio.Event()
@@ -196,19 +248,29 @@ class JobPipeline:
                 await sleep_or_wake(self._prepare_wakeup, SCAN_RETRY_S, self._ctx.sleep)
                 continue
             fresh = [job for job in jobs if job.job_id not in self._prepare_skip]
-            deferred = False
-            for job in fresh:
-                self._prepare_skip.add(job.job_id)
-                with structlog.contextvars.bound_contextvars(job_id=job.job_id):
-                    if not await self._prepare_isolated(job):
-                        self._prepare_skip.discard(job.job_id)
-                        deferred = True
+            deferred = await self._prepare_batch(fresh)
             if fresh:
                 self.submitter.wake()
             if deferred:
                 await sleep_or_wake(self._prepare_wakeup, PREPARE_RETRY_S, self._ctx.sleep)
             elif len(jobs) < _PREPARE_BATCH or not fresh:
                 await self._prepare_wakeup.wait()
+
+    async def _prepare_batch(self, jobs: list[Job]) -> bool:
+        """Map `jobs` side by side; True when a store outage deferred any of them."""
+        deferred: list[str] = []
+
+        async def one(job: Job) -> None:
+            with structlog.contextvars.bound_contextvars(job_id=job.job_id):
+                if not await self._prepare_isolated(job):
+                    self._prepare_skip.discard(job.job_id)
+                    deferred.append(job.job_id)
+
+        self._prepare_skip.update(job.job_id for job in jobs)
+        async with anyio.create_task_group() as tg:
+            for job in jobs:
+                tg.start_soon(one, job, name=f"prepare {job.job_id}")
+        return bool(deferred)
 
     async def _prepare_isolated(self, job: Job) -> bool:
         """Run the caller's mapping; a crash in it rejects the job with the reason.

@@ -20,6 +20,9 @@ from service.log import get_logger
 from service.mapping.render import MappingError
 from service.mapping.routes import CompiledRoute, build_export, build_updates
 from service.model import (
+    API_LEGACY,
+    API_V3,
+    API_V3_ONE_STEP,
     Job,
     JobState,
     JobUpdate,
@@ -39,7 +42,12 @@ def raw_event_of(event: StoredEvent, source_kind: str) -> RawEvent:
 
 
 def export_request(
-    catalog: Catalog, route: CompiledRoute, context: dict[str, Any], export_name: str
+    catalog: Catalog,
+    route: CompiledRoute,
+    context: dict[str, Any],
+    export_name: str,
+    *,
+    export_flow: str = "two-step",
 ) -> tuple[str, dict[str, Any]]:
     """The flow and body of one job: v3 export, template/modify `updates`, or legacy `{scenes}`."""
     template_name = route.config.template
@@ -53,10 +61,10 @@ def export_request(
         return TEMPLATE_MODIFY_API, body
     patched = build_export(route, catalog.templates[template_name], context)
     if template_name in catalog.legacy:
-        return "legacy", {"scenes": patched["scenes"]}
+        return API_LEGACY, {"scenes": patched["scenes"]}
     body = dict(patched)
     body["name"] = export_name
-    return "v3", body
+    return (API_V3_ONE_STEP if export_flow == "one-step" else API_V3), body
 
 
 class Preparer:
@@ -84,7 +92,9 @@ class Preparer:
             event_id=event.event_id,
             event_type=event.event_type,
         )
-        return export_request(self._catalog, route, context, job.export_name)
+        flows = {t.name: t.export_flow for t in self._cfg.templates}
+        flow = flows.get(route.config.template, "two-step")
+        return export_request(self._catalog, route, context, job.export_name, export_flow=flow)
 
     async def __call__(self, job: Job) -> None:
         """Commit `mapped` with the export body, or `rejected` with the reason."""

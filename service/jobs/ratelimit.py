@@ -1,22 +1,38 @@
 """How hard studiohook pushes AI Studios: one request rate for every call, one render budget.
 
 The API documents no limits, so both are ours to keep: a token bucket shared by every request
-(exports, polls, lookups), paused as a whole by a 429's Retry-After, and a fixed number of
-render slots held by each job from its export until it leaves `submitting|submitted|reconcile`.
+(exports, polls, lookups) whose rate adapts to the API's answers (lowered by a 429, raised
+again after quiet periods, never above a configured hard cap), paused as a whole by a 429's
+Retry-After; and a fixed number of render slots, counted from what the store says each owned
+job is doing.
 """
 
 from __future__ import annotations
 
+import contextvars
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import anyio
 
+from service.jobs.states import RENDERING
 from service.log import get_logger
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from service.jobs.ports import NothingCreatedError
     from service.jobs.schedule import Clock, Sleep
+    from service.model import JobState
 
 log = get_logger("jobs.ratelimit")
+
+HTTP_TOO_MANY_REQUESTS = 429
+
+_admitted: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "studiohook_gate_admitted", default=None
+)
+"""The endpoint whose turn the current task already took (see `RequestGate.turn`)."""
 
 
 class TokenBucket:
@@ -35,6 +51,12 @@ class TokenBucket:
         self._theoretical_at = float("-inf")
         self.paused_until = float("-inf")
 
+    def set_rate(self, rate: float) -> None:
+        """Space the following slots at `rate`; slots already handed out keep their times."""
+        burst = round(self.tolerance_s / self.interval_s) + 1
+        self.interval_s = 1.0 / rate
+        self.tolerance_s = (burst - 1) * self.interval_s
+
     def reserve(self, now: float) -> float:
         """Take the next free slot; seconds from `now` until it (0 when free right away)."""
         theoretical_at = max(self._theoretical_at, now)
@@ -50,22 +72,147 @@ class TokenBucket:
         self._theoretical_at = max(self._theoretical_at, until + self.tolerance_s)
 
 
-class RequestGate:
-    """The client's `before_request`: every API call waits here for its slot.
+class AdaptiveRate:
+    """The request rate, paced by what the API answers (AIMD): pure, the caller passes the time.
 
-    A caller whose slot was reserved before a pause started re-checks after sleeping, so no
-    request leaves inside a Retry-After window.
+    The API documents no limit, so the rate starts at the ceiling and only a 429 brings it
+    down, multiplicatively; after each quiet period without one it climbs back additively.
     """
 
     def __init__(
-        self, rate: float, clock: Clock, *, burst: int = 1, sleep: Sleep = anyio.sleep
+        self,
+        ceiling: float,
+        *,
+        floor: float = 0.5,
+        decrease: float = 0.5,
+        quiet_s: float = 5.0,
+        steps_to_ceiling: int = 10,
     ) -> None:
-        self._bucket = TokenBucket(rate, burst)
+        if ceiling <= 0 or not 0 < floor <= ceiling or not 0 < decrease < 1:
+            raise ValueError("need 0 < floor <= ceiling and 0 < decrease < 1")
+        self.ceiling = ceiling
+        self.floor = floor
+        self.decrease = decrease
+        self.quiet_s = quiet_s
+        self.step = ceiling / steps_to_ceiling
+        self.rate = ceiling
+        self.cut_every_s = 1.0
+        self._quiet_since = float("-inf")
+        self._cut_at = float("-inf")
+
+    def throttled(self, now: float) -> float:
+        """A 429 arrived: cut the rate and restart the quiet period.
+
+        Requests already on the wire when the first 429 came answer the same overload, so the
+        rate is cut at most once per `cut_every_s`.
+        """
+        if now - self._cut_at >= self.cut_every_s:
+            self.rate = max(self.floor, self.rate * self.decrease)
+            self._cut_at = now
+        self._quiet_since = now
+        return self.rate
+
+    def at(self, now: float) -> float:
+        """The rate now: one additive step for each whole quiet period since the last 429."""
+        if self.rate < self.ceiling:
+            periods = int((now - self._quiet_since) // self.quiet_s)
+            if periods > 0:
+                self.rate = min(self.ceiling, self.rate + periods * self.step)
+                self._quiet_since += periods * self.quiet_s
+        return self.rate
+
+
+PRIORITY_ENDPOINTS = frozenset(
+    {"v3.draft", "v3.project_export", "v3.export", "v3.template_modify", "legacy.export"}
+)
+"""Requests that start new jobs' renders: while one waits for its turn, polls and lookups wait."""
+
+
+class RequestGate:
+    """The client's `before_request`: every API call waits here for its slot.
+
+    The spacing follows an `AdaptiveRate` (never above `hard_cap` when one is configured); a
+    429 lowers it and its Retry-After pauses every request. A caller whose slot was reserved
+    before a pause started re-checks after sleeping, so no request leaves inside a Retry-After
+    window. Exports of new jobs go first: a poll waits while an export waits.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        clock: Clock,
+        *,
+        burst: int = 1,
+        sleep: Sleep = anyio.sleep,
+        hard_cap: float | None = None,
+    ) -> None:
+        ceiling = min(rate, hard_cap) if hard_cap is not None else rate
+        self._pace = AdaptiveRate(ceiling, floor=min(0.5, ceiling))
+        self._bucket = TokenBucket(ceiling, burst)
         self._clock = clock
         self._sleep = sleep
+        self._priority_waiting = 0
+        self._priority_done = anyio.Event()
+
+    @property
+    def rate(self) -> float:
+        """The request rate in force now."""
+        return self._pace.at(self._clock())
+
+    def throttled(self, error: NothingCreatedError) -> None:
+        """A request was refused for load: slow down on a 429, and obey its Retry-After."""
+        now = self._clock()
+        if error.status == HTTP_TOO_MANY_REQUESTS:
+            rate = self._pace.throttled(now)
+            self._bucket.set_rate(rate)
+            log.info("api.rate_lowered", requests_per_s=round(rate, 3))
+        if error.retry_after_s is not None:
+            self.pause_for(error.retry_after_s)
 
     async def __call__(self, endpoint: str) -> None:
-        """Wait until a request to `endpoint` may be sent."""
+        """Wait until a request to `endpoint` may be sent.
+
+        Inside `turn(endpoint)` the turn is already taken and the request leaves at once,
+        unless a Retry-After pause began since: no request is ever sent inside one.
+        """
+        if _admitted.get() == endpoint:
+            _admitted.set(None)
+            if self._clock() >= self._bucket.paused_until:
+                return
+        await self._wait(endpoint)
+
+    @asynccontextmanager
+    async def turn(self, endpoint: str) -> AsyncIterator[None]:
+        """Take the next request turn for `endpoint` now; the request inside leaves unqueued.
+
+        The submitter waits here BEFORE it commits `submitting`, so the commit and the paid
+        POST follow each other at once: a crash while a job waits its turn leaves it plainly
+        `mapped`, and only a request actually on the wire can be in doubt.
+        """
+        await self._wait(endpoint)
+        token = _admitted.set(endpoint)
+        try:
+            yield
+        finally:
+            _admitted.reset(token)
+
+    async def _wait(self, endpoint: str) -> None:
+        if endpoint in PRIORITY_ENDPOINTS:
+            self._priority_waiting += 1
+            try:
+                await self._reserve(endpoint)
+            finally:
+                self._priority_waiting -= 1
+                if self._priority_waiting == 0:
+                    self._priority_done.set()
+                    self._priority_done = anyio.Event()
+            return
+        while self._priority_waiting > 0:
+            await self._priority_done.wait()
+        await self._reserve(endpoint)
+
+    async def _reserve(self, endpoint: str) -> None:
+        self._bucket.set_rate(self._pace.at(self._clock()))
         while True:
             wait_s = self._bucket.reserve(self._clock())
             if wait_s > 0:
@@ -86,38 +233,52 @@ class RequestGate:
 
 
 class RenderSlots:
-    """At most `capacity` renders in flight, each slot held by one job id.
+    """At most `capacity` renders in flight: owned jobs that render, plus submits under way.
 
-    A slot is taken before `mapped -> submitting` and released when the job leaves the
-    in-flight states, by whichever loop moves it. Recovery `adopt`s slots without waiting:
-    renders already running count even when they exceed a lowered capacity.
+    A slot is never handed out and taken back by whichever loop moves a job. It is derived:
+    `settle` hears every committed state of every owned job (from `OwnedJobs`, the one place
+    that commits for this worker), and a submit task `reserve`s a slot for its own lifetime
+    and `unreserve`s it when it ends, whatever happened. A job both reserved and rendering
+    counts once. Renders found at start are counted even beyond a lowered capacity.
     """
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
-        self._holders: set[str] = set()
+        self._rendering: set[str] = set()
+        self._reserved: set[str] = set()
         self._freed = anyio.Event()
 
     @property
     def in_flight(self) -> int:
         """How many slots are held."""
-        return len(self._holders)
+        return len(self._rendering | self._reserved)
 
-    async def acquire(self, job_id: str) -> None:
-        """Wait for a free slot and give it to `job_id` (no-op when it already holds one)."""
-        while job_id not in self._holders and len(self._holders) >= self.capacity:
+    def holds(self, job_id: str) -> bool:
+        """Whether `job_id` counts against the capacity now."""
+        return job_id in self._rendering or job_id in self._reserved
+
+    async def reserve(self, job_id: str) -> None:
+        """Wait for a free slot and reserve it for a submit of `job_id` (at once if it has one)."""
+        while not self.holds(job_id) and self.in_flight >= self.capacity:
             await self._freed.wait()
-        self._holders.add(job_id)
+        self._reserved.add(job_id)
 
-    def adopt(self, job_id: str) -> None:
-        """Count a render found running at start, even beyond capacity."""
-        self._holders.add(job_id)
+    def unreserve(self, job_id: str) -> None:
+        """The submit of `job_id` ended; its slot stays taken only if the job now renders."""
+        if job_id in self._reserved:
+            self._reserved.discard(job_id)
+            self._notify()
 
-    def release(self, job_id: str) -> None:
-        """Free the job's slot; safe to call when it holds none."""
-        if job_id in self._holders:
-            self._holders.discard(job_id)
-            self._freed.set()
-            self._freed = anyio.Event()
+    def settle(self, job_id: str, state: JobState | None) -> None:
+        """A committed state of an owned job (None: no longer ours): count it iff it renders."""
+        if state is not None and state in RENDERING:
+            self._rendering.add(job_id)
+        elif job_id in self._rendering:
+            self._rendering.discard(job_id)
+            self._notify()
+
+    def _notify(self) -> None:
+        self._freed.set()
+        self._freed = anyio.Event()

@@ -1,33 +1,41 @@
-"""`reconcile`: a create whose outcome is unknown is resolved by looking, never by posting again.
+"""`reconcile`: a paid call whose outcome is unknown is settled by looking, never by posting blind.
 
-The export is looked up by its name at once; while it is missing the lookup is repeated every
-`look_every_s` (a project list may lag the create, or show only finished exports), and only
-once `reconcile_wait_s` has passed since the job entered `reconcile` is the job sent back to
-`mapped`. Legacy exports carry no name, so an
-uncertain legacy create cannot be checked and fails instead of risking a second payment.
+Two-step v3 jobs read the very project they exported (`GET …/editor/project/{id}`): within
+seconds it shows whether the export started. One-step v3 jobs look their export up by name in
+the project list, repeated every `look_every_s` and, since that list may show only finished
+exports, concluded "never created" only after `reconcile_wait_s`. What each answer means is
+decided in `decide.py`. Legacy exports carry no name and no readable project, so an uncertain
+legacy create fails instead of risking a second payment.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
 
-from service.aistudios.errors import AIStudiosError, RetryableError
 from service.backoff import backoff_delay
 from service.jobs.context import DueHeap
+from service.jobs.decide import (
+    Adopt,
+    ExportAgain,
+    LookupDecision,
+    ProjectLook,
+    after_name_lookup,
+    after_project_read,
+)
+from service.jobs.ports import ApiError, LookupApi, NothingCreatedError, RefusedError
 from service.jobs.schedule import retry_delay
 from service.jobs.submitter import sleep_or_wake
 from service.log import get_logger
-from service.model import Job, JobState, JobUpdate
+from service.model import API_LEGACY, API_V3, Job, JobState, JobUpdate
 from service.store.base import StaleTransitionError, StoreUnavailableError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from service.aistudios.responses import ProjectSummary
     from service.jobs.context import JobLoopContext
 
 log = get_logger("jobs.reconcile")
@@ -35,14 +43,10 @@ log = get_logger("jobs.reconcile")
 LOOKUP_RETRY_BASE_S = 2.0
 LOOKUP_RETRY_CAP_S = 300.0
 LEGACY_UNKNOWN = "legacy export outcome unknown; not retried to avoid paying twice"
+_HTTP_NOT_FOUND = 404
 
 
-class LookupApi(Protocol):
-    """Finding an export by the name it was created under."""
-
-    async def find_project_by_name(self, name: str) -> ProjectSummary | None:
-        """The project created under `name`, or None."""
-        ...
+__all__ = ["LEGACY_UNKNOWN", "LookupApi", "Reconciler"]
 
 
 @dataclass(slots=True)
@@ -64,12 +68,14 @@ class Reconciler:
         *,
         wait_s: float,
         look_every_s: float,
+        settle_s: float,
         on_adopted: Callable[[Job], None],
         on_resubmit: Callable[[], None],
     ) -> None:
         self._ctx = ctx
         self._wait_s = wait_s
         self._look_every_s = look_every_s
+        self._settle_s = settle_s
         self._on_adopted = on_adopted
         self._on_resubmit = on_resubmit
         self._pending: dict[str, _Pending] = {}
@@ -133,29 +139,53 @@ class Reconciler:
         if job is None or job.state is not JobState.RECONCILE:
             self._forget(pending.job_id, job)
             return
-        if job.api == "legacy":
+        if job.api == API_LEGACY:
             await self._fail(job, LEGACY_UNKNOWN)
             return
         try:
-            found = await self._ctx.api.find_project_by_name(job.export_name)
-        except AIStudiosError as exc:
+            decision = await self._look_up(job, pending)
+        except ApiError as exc:
             # Not knowing is no reason to post again: keep looking with back-off.
-            if isinstance(exc, RetryableError) and exc.retry_after_s is not None:
-                self._ctx.gate.pause_for(exc.retry_after_s)
+            if isinstance(exc, NothingCreatedError):
+                self._ctx.gate.throttled(exc)
             log.warning("job.reconcile_lookup_failed", error=exc.message)
             self._retry_later(pending, exc)
             return
-        now = self._ctx.clock()
-        if found is not None:
-            await self._adopt(job, pending, found.id)
-        elif now - pending.entered_at >= self._wait_s:
-            await self._resubmit(job, now)
+        if isinstance(decision, Adopt):
+            await self._adopt(job, pending, decision.project_id)
+        elif isinstance(decision, ExportAgain):
+            await self._resubmit(job, decision)
         else:
-            log.info(
-                "job.reconcile_waiting", until_s=round(pending.entered_at + self._wait_s - now, 3)
+            log.info("job.reconcile_waiting", next_look_s=round(decision.at - self._ctx.clock(), 3))
+            self._schedule(pending, decision.at)
+
+    async def _look_up(self, job: Job, pending: _Pending) -> LookupDecision:
+        """Read what the API shows of this job's export and decide (see `decide.py`)."""
+        if job.api == API_V3 and job.project_id is not None:
+            try:
+                project = await self._ctx.api.get_project_v3(job.project_id)
+            except RefusedError as exc:
+                if exc.status != _HTTP_NOT_FOUND:
+                    raise
+                look = ProjectLook(exists=False, export_started=False)
+            else:
+                look = ProjectLook(exists=True, export_started=project.export_started)
+            return after_project_read(
+                look,
+                job.project_id,
+                entered_at=pending.entered_at,
+                now=self._ctx.clock(),
+                settle_s=self._settle_s,
             )
-            next_look = min(pending.entered_at + self._wait_s, now + self._look_every_s)
-            self._schedule(pending, next_look)
+        found = await self._ctx.api.find_project_by_name(job.export_name)
+        return after_name_lookup(
+            found.id if found is not None else None,
+            job.export_name,
+            entered_at=pending.entered_at,
+            now=self._ctx.clock(),
+            wait_s=self._wait_s,
+            look_every_s=self._look_every_s,
+        )
 
     async def _take_over(self, job: Job, pending: _Pending) -> Job | None:
         """`submitting -> reconcile` for a job handed over with its export outcome uncommitted."""
@@ -190,11 +220,12 @@ class Reconciler:
         log.info("job.adopted", project_id=project_id)
         self._on_adopted(adopted)
 
-    async def _resubmit(self, job: Job, now: float) -> None:
-        waited = now - self._pending[job.job_id].entered_at
+    async def _resubmit(self, job: Job, decision: ExportAgain) -> None:
+        """Back to `mapped`: certainly not exported, so the paid call is due again."""
         update = JobUpdate(
-            next_attempt_at=now,
-            note=f"no export named {job.export_name!r} after {waited:.0f}s; submitting again",
+            next_attempt_at=self._ctx.clock(),
+            note=f"{decision.reason}; submitting again",
+            clear=frozenset() if decision.keep_project else frozenset({"project_id"}),
         )
         try:
             await self._ctx.store.transition(
@@ -203,7 +234,7 @@ class Reconciler:
         except StaleTransitionError:
             self._forget(job.job_id, await self._ctx.store.get_job(job.job_id))
             return
-        log.warning("job.reconcile_not_found", waited_s=round(waited, 3))
+        log.warning("job.reconcile_not_exported", reason=decision.reason)
         self._forget(job.job_id, None)
         self._on_resubmit()
 
@@ -212,6 +243,6 @@ class Reconciler:
         self._forget(job.job_id, None)
 
     def _forget(self, job_id: str, job: Job | None) -> None:
-        """Stop reconciling; free the render slot unless the job is still rendering."""
+        """Stop reconciling (the render slot follows the job's committed state, not this loop)."""
+        del job
         self._pending.pop(job_id, None)
-        self._ctx.release_unless_in_flight(job_id, job)

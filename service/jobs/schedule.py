@@ -9,37 +9,37 @@ server's Retry-After is obeyed to the second.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal
 
-from service.aistudios.errors import RetryableError
 from service.backoff import RandomSource, backoff_delay
+from service.jobs.ports import Clock, NothingCreatedError, Sleep
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Sequence
+    from collections.abc import Sequence
 
     from service.model import Job
 
 FULL_PROGRESS = 100.0
-FINISH_MARGIN = 0.05
+ESTIMATE_WEIGHT = 0.3
+"""How much one finished render moves a learned render-time estimate (an EWMA)."""
+EARLIER_NEXT_TIME = 0.8
+"""A render already finished at its first poll ran at most that long: the next first poll
+comes this much earlier, so the estimate never creeps upward by its own detection delay."""
+FINISH_MARGIN = 0.02
 """Poll this fraction of the estimated remaining time after the estimated finish."""
 
 Verdict = Literal["deadline", "stalled"]
 
-
-class Clock(Protocol):
-    """Seconds on the clock the job timestamps use; tests pass a clock they advance."""
-
-    def __call__(self) -> float:
-        """Now, in seconds."""
-        ...
-
-
-class Sleep(Protocol):
-    """Waits for some seconds; tests pass one that advances their fake clock instead."""
-
-    def __call__(self, seconds: float, /) -> Awaitable[None]:
-        """Return after `seconds` (or when the caller's scope is cancelled)."""
-        ...
+__all__ = [
+    "Clock",
+    "Observation",
+    "Sleep",
+    "next_poll_delay",
+    "render_time_sample",
+    "render_verdict",
+    "retry_delay",
+    "updated_estimate",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +89,29 @@ def next_poll_delay(
     return _clamp(delay, floor_s, ceiling_s)
 
 
+def render_time_sample(observations: Sequence[Observation], ready_at: float) -> float:
+    """How long a finished render took, as well as its polls can tell, for the estimate.
+
+    A reading below 100 extrapolates linearly to the full length (the progress models the
+    render); a render already finished at its first poll only bounds the length from above,
+    so the sample is taken a little earlier than that bound.
+    """
+    start = observations[0]
+    elapsed_s = max(ready_at - start.at, 0.0)
+    partial = [o for o in observations[1:] if 0 < o.progress < FULL_PROGRESS]
+    if partial:
+        last = partial[-1]
+        return min(elapsed_s, (last.at - start.at) * FULL_PROGRESS / last.progress)
+    return elapsed_s * EARLIER_NEXT_TIME
+
+
+def updated_estimate(previous_s: float | None, sample_s: float) -> float:
+    """The learned render time after one more finished render (the first sets it)."""
+    if previous_s is None:
+        return sample_s
+    return previous_s + ESTIMATE_WEIGHT * (sample_s - previous_s)
+
+
 def _last_change_at(observations: Sequence[Observation]) -> float:
     """When the latest progress value was first seen."""
     latest = observations[-1].progress
@@ -116,7 +139,7 @@ def retry_delay(
     Retry-After is never shortened (a request inside the window is another 429) and never
     jittered upward past it by this function; spacing after the window is the rate limiter's.
     """
-    if isinstance(error, RetryableError) and error.retry_after_s is not None:
+    if isinstance(error, NothingCreatedError) and error.retry_after_s is not None:
         return max(error.retry_after_s, 0.0)
     return backoff_delay(attempt, base_s=base_s, cap_s=cap_s, rng=rng)
 

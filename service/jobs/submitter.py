@@ -1,9 +1,17 @@
 """`mapped -> submitting -> submitted`: the one place that spends money.
 
-THE MONEY RULE: `submitting` (attempts + 1) is committed BEFORE the POST, so a crash at any
-point leaves a job that says "a POST may have happened" and is reconciled by name instead of
+THE MONEY RULE: `submitting` (attempts + 1) is committed BEFORE the paid POST, so a crash at
+any point leaves a job that says "a POST may have happened" and is reconciled instead of
 being posted again. After the POST, only a retryable error (nothing was created) sends the job
 back to `mapped`; anything uncertain goes to `reconcile`.
+
+No gap between that commit and the request: the job holds its render slot and takes its turn
+at the request gate first, then commits, then the POST leaves at once. A crash while a job
+waits leaves it `mapped`; only a request actually on the wire can be in doubt.
+
+The two-step v3 flow (the default) first creates the project unexported (not billed) and
+commits its id on the still-`mapped` job; the paid call then exports that project, and an
+uncertain export is settled by reading it (`reconcile.py`). A lost draft is created again.
 """
 
 from __future__ import annotations
@@ -11,25 +19,31 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import orjson
 import structlog
 
-from service.aistudios.errors import AmbiguousError, PermanentError, RetryableError
 from service.aistudios.paid_requests import TEMPLATE_MODIFY_API
 from service.backoff import backoff_delay
+from service.jobs.decide import Step, resume_step
+from service.jobs.ports import (
+    ExportApi,
+    NothingCreatedError,
+    OutcomeUnknownError,
+    RefusedError,
+    Sleep,
+)
 from service.jobs.schedule import retry_delay
 from service.log import get_logger
-from service.model import Job, JobState, JobUpdate
+from service.model import API_LEGACY, API_V3, Job, JobState, JobUpdate
 from service.store.base import StaleTransitionError, StoreUnavailableError
 
 if TYPE_CHECKING:
     from collections.abc import Collection
 
     from service.jobs.context import JobLoopContext
-    from service.jobs.schedule import Sleep
 
 log = get_logger("jobs.submitter")
 
@@ -41,29 +55,19 @@ _COMMIT_ATTEMPTS = 6
 _SCAN_LIMIT = 500
 
 
-class ExportApi(Protocol):
-    """The billed create calls of both API generations."""
+__all__ = ["ExportApi", "Submitter", "paid_endpoint", "sleep_or_wake"]
 
-    async def export_v3(
-        self, body: dict[str, Any], *, name: str, webhook_url: str | None = None
-    ) -> str:
-        """Create and export; returns the project id."""
-        ...
+ClaimMapped = Callable[[str], Awaitable[Job | None]]
+"""Claim one `mapped` job for this worker; None when another worker's lease holds it."""
 
-    async def export_legacy(self, scenes: list[dict[str, Any]]) -> str:
-        """Export changed scenes of a saved project; returns the key to poll."""
-        ...
 
-    async def template_modify(
-        self,
-        template_id: str,
-        updates: dict[str, str],
-        *,
-        name: str,
-        webhook_url: str | None = None,
-    ) -> str:
-        """Create from a server-side template with `updates` and export; returns the project id."""
-        ...
+def paid_endpoint(job: Job) -> str:
+    """The client endpoint name of a job's paid call (the request gate's turn is per name)."""
+    if job.api == API_LEGACY:
+        return "legacy.export"
+    if job.api == TEMPLATE_MODIFY_API:
+        return "v3.template_modify"
+    return "v3.project_export" if job.api == API_V3 else "v3.export"
 
 
 class UnusableBodyError(ValueError):
@@ -85,7 +89,7 @@ def decode_body(job: Job) -> dict[str, Any]:
         raise UnusableBodyError(f"export body is not JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise UnusableBodyError("export body is not a JSON object")
-    if job.api == "legacy" and not isinstance(body.get("scenes"), list):
+    if job.api == API_LEGACY and not isinstance(body.get("scenes"), list):
         raise UnusableBodyError("legacy export body has no scenes list")
     return body
 
@@ -122,8 +126,12 @@ class Submitter:
         public_url: str | None,
         on_submitted: Callable[[Job], None],
         on_reconcile: Callable[[Job], None],
+        claim: ClaimMapped,
+        claim_wait_s: float,
     ) -> None:
         self._ctx = ctx
+        self._claim = claim
+        self._claim_wait_s = claim_wait_s
         self._max_retries = max_retries
         self._public_url = public_url
         self._on_submitted = on_submitted
@@ -174,9 +182,9 @@ class Submitter:
             if due > self._ctx.clock():
                 next_due = min(next_due, due)
                 continue
-            await self._ctx.slots.acquire(job.job_id)
+            await self._ctx.slots.reserve(job.job_id)
             if self._draining:
-                self._ctx.slots.release(job.job_id)
+                self._ctx.slots.unreserve(job.job_id)
                 break
             self._active.add(job.job_id)
             if self._idle.is_set():
@@ -192,50 +200,104 @@ class Submitter:
             except StoreUnavailableError as exc:
                 log.warning("job.submit_deferred", error=str(exc))
                 self._held_back[job_id] = self._ctx.clock() + RETRY_BASE_S
-                await self._release_after_crash(job_id)
             except Exception as exc:
                 log.exception("job.submit_crashed")
                 await self._fail_if_still_mapped(job_id, f"internal error before export: {exc!r}")
             finally:
+                # The submit's reservation ends here, always; a job now rendering keeps its
+                # slot through its committed state (see RenderSlots).
+                self._ctx.slots.unreserve(job_id)
                 self._active.discard(job_id)
                 if not self._active:
                     self._idle.set()
                 self.wake()
 
     async def submit(self, job_id: str) -> None:
-        """Post one mapped job (its slot already held) and commit what happened."""
+        """Claim one mapped job (its slot already reserved), post it and commit what happened."""
         self._held_back.pop(job_id, None)
-        job = await self._ctx.store.get_job(job_id)
-        if job is None or job.state is not JobState.MAPPED:
-            self._ctx.release_unless_in_flight(job_id, job)
+        job = await self._claim(job_id)
+        if job is None:
+            # Another worker holds it, or it left `mapped`: look again once a lease could end.
+            self._held_back[job_id] = self._ctx.clock() + self._claim_wait_s
             return
         try:
             body = decode_body(job)
         except UnusableBodyError as exc:
             await self._fail(job, {JobState.MAPPED}, "unusable_body", str(exc))
             return
-        token = secrets.token_urlsafe(24) if self._public_url and job.api != "legacy" else None
+        if resume_step(job.state, job.api, job.project_id) is Step.CREATE_DRAFT:
+            drafted = await self._create_draft(job, body)
+            if drafted is None:
+                return
+            job = drafted
+        token = secrets.token_urlsafe(24) if self._public_url and job.api != API_LEGACY else None
+        async with self._ctx.gate.turn(paid_endpoint(job)):
+            try:
+                job = await self._ctx.store.transition(
+                    job_id,
+                    {JobState.MAPPED},
+                    JobState.SUBMITTING,
+                    JobUpdate(attempts=job.attempts + 1, callback_token=token),
+                )
+            except StaleTransitionError:
+                return
+            # From here on a billed export may exist: never back to `mapped` unless certain.
+            await self._post_and_record(job, body, token)
+
+    async def _create_draft(self, job: Job, body: dict[str, Any]) -> Job | None:
+        """Step one of the two-step flow: an unbilled draft whose id is committed on the job.
+
+        Nothing is billed whatever happens here, so any failure short of a refusal is simply
+        tried again later (from scratch: a draft whose response was lost is left unused).
+        """
         try:
-            job = await self._ctx.store.transition(
-                job_id,
-                {JobState.MAPPED},
-                JobState.SUBMITTING,
-                JobUpdate(attempts=job.attempts + 1, callback_token=token),
-            )
-        except StaleTransitionError:
-            self._ctx.release_unless_in_flight(job_id, None)
+            project_id = await self._ctx.api.create_draft_v3(body, name=job.export_name)
+        except RefusedError as exc:
+            await self._fail(job, {JobState.MAPPED}, exc.code, exc.message)
+            return None
+        except (NothingCreatedError, OutcomeUnknownError) as exc:
+            await self._draft_again_later(job, exc)
+            return None
+        drafted = await self._ctx.store.update_job(
+            job.job_id, JobUpdate(project_id=project_id, clear=frozenset({"error_code"}))
+        )
+        log.info("job.drafted", project_id=project_id)
+        return drafted
+
+    async def _draft_again_later(
+        self, job: Job, exc: NothingCreatedError | OutcomeUnknownError
+    ) -> None:
+        if isinstance(exc, NothingCreatedError):
+            self._ctx.gate.throttled(exc)
+        failures = job.attempts + 1
+        if failures >= self._max_retries:
+            # The same budget as the paid call's: `attempts` counts tries of either step.
+            job = await self._ctx.store.update_job(job.job_id, JobUpdate(attempts=failures))
+            message = f"gave up creating the draft after {failures} tries: {exc.message}"
+            await self._fail(job, {JobState.MAPPED}, "retries_exhausted", message)
             return
-        # From here on a billed project may exist: never back to `mapped` unless certain.
-        await self._post_and_record(job, body, token)
+        delay = retry_delay(
+            exc, failures, base_s=RETRY_BASE_S, cap_s=RETRY_CAP_S, rng=self._ctx.rng
+        )
+        await self._ctx.store.update_job(
+            job.job_id,
+            JobUpdate(
+                attempts=failures,
+                next_attempt_at=self._ctx.clock() + delay,
+                error_code=exc.code,
+                error_message=exc.message,
+            ),
+        )
+        log.info("job.draft_retry_scheduled", delay_s=round(delay, 3), error=exc.message)
 
     async def _post_and_record(self, job: Job, body: dict[str, Any], token: str | None) -> None:
         try:
             project_id = await self._post(job, body, token)
-        except RetryableError as exc:
+        except NothingCreatedError as exc:
             await self._retry_later(job, exc)
-        except PermanentError as exc:
+        except RefusedError as exc:
             await self._fail_after_post(job, exc.code, exc.message)
-        except AmbiguousError as exc:
+        except OutcomeUnknownError as exc:
             await self._to_reconcile(job, exc.message)
         except Exception as exc:
             log.exception("job.export_crashed")
@@ -244,8 +306,8 @@ class Submitter:
             await self._record_submitted(job, project_id)
 
     async def _post(self, job: Job, body: dict[str, Any], token: str | None) -> str:
-        log.info("job.exporting", attempt=job.attempts, api=job.api)
-        if job.api == "legacy":
+        log.info("job.exporting", attempt=job.attempts, api=job.api, project_id=job.project_id)
+        if job.api == API_LEGACY:
             return await self._ctx.api.export_legacy(body["scenes"])
         webhook = (
             callback_url(self._public_url, job.job_id, token)
@@ -256,6 +318,8 @@ class Submitter:
             return await self._ctx.api.template_modify(
                 body["templateId"], body["updates"], name=job.export_name, webhook_url=webhook
             )
+        if job.api == API_V3 and job.project_id is not None:
+            return await self._ctx.api.export_project_v3(job.project_id, webhook_url=webhook)
         return await self._ctx.api.export_v3(body, name=job.export_name, webhook_url=webhook)
 
     async def _record_submitted(self, job: Job, project_id: str) -> None:
@@ -291,7 +355,7 @@ class Submitter:
 
         `commit` is one `submitting -> to_state` write; None (or StaleTransitionError) means
         another path moved the job. Giving up hands the job, still in `submitting`, to the
-        reconciler, exactly as a restart would: its slot stays held until that resolves it.
+        reconciler, exactly as a restart would.
         """
         for attempt in range(1, _COMMIT_ATTEMPTS + 1):
             try:
@@ -306,7 +370,6 @@ class Submitter:
                 continue
             if moved is None:
                 log.warning("job.moved_during_export", to_state=to_state)
-                await self._release_after_crash(job.job_id)
             return moved
         log.error("job.commit_gave_up", to_state=to_state)
         self._on_reconcile(job)
@@ -324,9 +387,8 @@ class Submitter:
 
         return commit
 
-    async def _retry_later(self, job: Job, exc: RetryableError) -> None:
-        if exc.retry_after_s is not None:
-            self._ctx.gate.pause_for(exc.retry_after_s)
+    async def _retry_later(self, job: Job, exc: NothingCreatedError) -> None:
+        self._ctx.gate.throttled(exc)
         if job.attempts >= self._max_retries:
             message = f"gave up after {job.attempts} attempts: {exc.message}"
             await self._fail_after_post(job, "retries_exhausted", message)
@@ -345,7 +407,6 @@ class Submitter:
         )
         if returned is not None:
             log.info("job.retry_scheduled", delay_s=round(delay, 3), error=exc.message)
-            self._ctx.slots.release(job.job_id)
 
     async def _fail_after_post(self, job: Job, code: str, message: str) -> None:
         """`submitting -> failed`: the API said no export was made, so the verdict is final."""
@@ -353,27 +414,15 @@ class Submitter:
         async def commit() -> Job | None:
             return await self._ctx.fail(job, {JobState.SUBMITTING}, code=code, message=message)
 
-        if await self._commit_persistently(job, JobState.FAILED, commit) is not None:
-            self._ctx.slots.release(job.job_id)
+        await self._commit_persistently(job, JobState.FAILED, commit)
 
     async def _fail(
         self, job: Job, from_states: Collection[JobState], code: str, message: str
     ) -> None:
         await self._ctx.fail(job, from_states, code=code, message=message)
-        self._ctx.slots.release(job.job_id)
 
     async def _fail_if_still_mapped(self, job_id: str, reason: str) -> None:
         """A bug before the POST fails the job (nothing was paid); after it, restart reconciles."""
         job = await self._ctx.store.get_job(job_id)
         if job is not None and job.state is JobState.MAPPED:
             await self._fail(job, {JobState.MAPPED}, "internal_error", reason)
-        else:
-            self._ctx.release_unless_in_flight(job_id, job)
-
-    async def _release_after_crash(self, job_id: str) -> None:
-        """Free the slot unless the job, as stored now, is still rendering."""
-        try:
-            job = await self._ctx.store.get_job(job_id)
-        except StoreUnavailableError:
-            return
-        self._ctx.release_unless_in_flight(job_id, job)

@@ -13,18 +13,26 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
 
-from service.aistudios.errors import AIStudiosError, AuthError, PermanentError, RetryableError
 from service.jobs.context import DueHeap
+from service.jobs.ports import (
+    ApiError,
+    CredentialsRefusedError,
+    NothingCreatedError,
+    ProgressApi,
+    RefusedError,
+)
 from service.jobs.schedule import (
     Observation,
     next_poll_delay,
+    render_time_sample,
     render_verdict,
     retry_delay,
+    updated_estimate,
 )
 from service.jobs.submitter import sleep_or_wake
 from service.log import get_logger
@@ -47,16 +55,7 @@ _KEPT_OBSERVATIONS = 8
 _VERDICT_EPSILON_S = 0.001
 
 
-class ProgressApi(Protocol):
-    """Reading a render's progress in either API generation."""
-
-    async def progress_v3(self, project_id: str) -> Progress:
-        """Progress of a v3 export."""
-        ...
-
-    async def progress_legacy(self, key: str) -> Progress:
-        """Progress of a legacy export."""
-        ...
+__all__ = ["PollTiming", "ProgressApi", "ReadyHook", "Tracker", "ignore_ready"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +83,8 @@ class _Render:
     errors: int = field(default=0)
     callback_seen: bool = False
     first_callback_at: float | None = None
+    first_guess_s: float = 0.0
+    estimate_key: str = ""
 
 
 def verdict_due_at(job: Job, timing: PollTiming) -> float:
@@ -92,6 +93,11 @@ def verdict_due_at(job: Job, timing: PollTiming) -> float:
         return math.inf
     moved_at = job.last_progress_at if job.last_progress_at is not None else job.submitted_at
     return min(job.submitted_at + timing.deadline_s, moved_at + timing.stall_s)
+
+
+def route_of(job: Job) -> str:
+    """The default estimate key: a route renders one template."""
+    return job.route
 
 
 def ignore_ready(job: Job, first_callback_at: float | None) -> None:
@@ -116,10 +122,14 @@ class Tracker:
         *,
         timing: PollTiming,
         on_ready: ReadyHook = ignore_ready,
+        estimate_key: Callable[[Job], str] = route_of,
     ) -> None:
         self._ctx = ctx
         self._timing = timing
         self._on_ready = on_ready
+        self._estimate_key = estimate_key
+        self._estimates: dict[str, float] = {}
+        """Learned render time per template: where each render's first poll lands."""
         self._poll_permits = anyio.Semaphore(MAX_PARALLEL_POLLS)
         self._renders: dict[str, _Render] = {}
         self._due = DueHeap()
@@ -130,9 +140,27 @@ class Tracker:
         """How many renders are being followed."""
         return len(self._renders)
 
+    async def load_estimates(self) -> None:
+        """Read the render times learned before a restart."""
+        self._estimates = await self._ctx.store.render_estimates()
+
+    def estimate_s(self, key: str) -> float | None:
+        """The learned render time of a template (its estimate key), if any render finished."""
+        return self._estimates.get(key)
+
     def track(self, job: Job) -> None:
-        """Follow a `submitted` job; its first poll is timed from what the job already shows."""
-        render = _Render(job.job_id, observations_of(job))
+        """Follow a `submitted` job; its first poll is timed from what the job already shows.
+
+        With nothing shown yet, the first poll comes when the template's renders have been
+        finishing (learned from earlier jobs), or after `first_poll_seconds` for a new one.
+        """
+        key = self._estimate_key(job)
+        render = _Render(
+            job.job_id,
+            observations_of(job),
+            first_guess_s=self._estimates.get(key, self._timing.first_guess_s),
+            estimate_key=key,
+        )
         self._renders[job.job_id] = render
         now = self._ctx.clock()
         self._schedule(render, now + self._delay(render), job)
@@ -175,7 +203,7 @@ class Tracker:
             self._ctx.clock(),
             floor_s=timing.floor_s,
             ceiling_s=timing.ceiling_s,
-            first_guess_s=timing.first_guess_s,
+            first_guess_s=render.first_guess_s,
         )
 
     def _schedule(self, render: _Render, due_at: float, job: Job | None = None) -> None:
@@ -230,7 +258,7 @@ class Tracker:
             return
         try:
             progress = await self._read(job)
-        except AIStudiosError as exc:
+        except ApiError as exc:
             await self._poll_failed(job, render, exc)
             return
         now = self._ctx.clock()
@@ -303,6 +331,7 @@ class Tracker:
         log.info("job.ready", polls=ready.polls)
         self._forget(job.job_id, None)
         self._tell_ready(committed, render.first_callback_at)
+        await self._learn(render, now)
         if not announcements:
             # Nobody subscribed to video.ready: there is nothing to deliver, so it is done.
             with contextlib.suppress(StaleTransitionError):
@@ -313,6 +342,19 @@ class Tracker:
                     JobUpdate(note="no notify target takes video.ready"),
                 )
 
+    async def _learn(self, render: _Render, ready_at: float) -> None:
+        """Fold this render's length into its template's estimate, kept across restarts.
+
+        Best effort: a store outage loses one sample, never the job (it is already ready).
+        """
+        sample_s = render_time_sample(render.observations, ready_at)
+        estimate_s = updated_estimate(self._estimates.get(render.estimate_key), sample_s)
+        self._estimates[render.estimate_key] = estimate_s
+        try:
+            await self._ctx.store.save_render_estimate(render.estimate_key, estimate_s)
+        except StoreUnavailableError as exc:
+            log.warning("render_estimate.save_failed", error=str(exc))
+
     def _tell_ready(self, job: Job, first_callback_at: float | None) -> None:
         """Run the ready hook; its failure is logged, never the job's (it is already ready)."""
         try:
@@ -320,13 +362,13 @@ class Tracker:
         except Exception:
             log.exception("job.ready_hook_failed")
 
-    async def _poll_failed(self, job: Job, render: _Render, exc: AIStudiosError) -> None:
+    async def _poll_failed(self, job: Job, render: _Render, exc: ApiError) -> None:
         """Reads are repeatable: back off (Retry-After exactly), unless the API refused."""
-        if isinstance(exc, PermanentError) and not isinstance(exc, AuthError):
+        if isinstance(exc, RefusedError) and not isinstance(exc, CredentialsRefusedError):
             await self._fail(job, "permanent", f"progress check refused: {exc.message}")
             return
-        if isinstance(exc, RetryableError) and exc.retry_after_s is not None:
-            self._ctx.gate.pause_for(exc.retry_after_s)
+        if isinstance(exc, NothingCreatedError):
+            self._ctx.gate.throttled(exc)
         now = self._ctx.clock()
         if render_verdict(job, now, self._timing.deadline_s, math.inf) == "deadline":
             await self._give_up(job, "deadline")
@@ -366,6 +408,6 @@ class Tracker:
             self._retry_later(render, exc)
 
     def _forget(self, job_id: str, job: Job | None) -> None:
-        """Stop following a render; free its slot unless the job is somehow still in flight."""
+        """Stop following a render (its slot follows the job's committed state, not this loop)."""
+        del job
         self._renders.pop(job_id, None)
-        self._ctx.release_unless_in_flight(job_id, job)

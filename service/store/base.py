@@ -35,6 +35,10 @@ class StaleTransitionError(Exception):
     """The job was not in any of the expected states: another path moved it first."""
 
 
+class FencedError(StaleTransitionError):
+    """The job was claimed again since this fence was handed out: the caller no longer owns it."""
+
+
 class UnknownJobError(StaleTransitionError, LookupError):
     """The job does not exist (never did, or was purged): as stale as a moved job."""
 
@@ -120,8 +124,13 @@ class Store(Protocol):
         to_state: JobState,
         update: JobUpdate | None = None,
         outbox: Sequence[NewOutboxMessage] = (),
+        *,
+        fence: int | None = None,
     ) -> Job:
         """Move a job, record the transition and insert outbox rows, in one transaction.
+
+        With `fence`, the move is refused (FencedError) unless the job's fence is still that
+        number: a worker whose claim was taken over can no longer move the job.
 
         Raises StaleTransitionError when the job is not in `from_states`, so two paths (a
         callback and a poll, say) can never both act on the same move. An outbox row is
@@ -135,8 +144,42 @@ class Store(Protocol):
         The sender sleeps until then instead of polling the outbox.
         """
 
-    async def update_job(self, job_id: str, update: JobUpdate) -> Job:
-        """Change fields without a state change (progress, poll counts)."""
+    async def update_job(self, job_id: str, update: JobUpdate, *, fence: int | None = None) -> Job:
+        """Change fields without a state change (progress, poll counts); fenced as `transition`."""
+
+    async def claim_job(
+        self, job_id: str, states: Collection[JobState], *, owner: str, lease_s: float
+    ) -> Job | None:
+        """Claim one job in `states` for `owner` until now + `lease_s`, bumping its fence.
+
+        Only a free job is claimed: never claimed, its lease expired, or already `owner`'s (a
+        restarted worker takes its own jobs back at once). None when the job is not in `states`
+        or another worker's lease still holds.
+        """
+
+    async def claim_jobs(
+        self,
+        states: Collection[JobState],
+        *,
+        owner: str,
+        lease_s: float,
+        limit: int,
+        take_own: bool = True,
+    ) -> list[Job]:
+        """Claim up to `limit` free jobs in `states`, oldest first (recovery and take-over).
+
+        `take_own=False` (a running worker's take-over scan) claims only jobs whose lease
+        ended and that another worker, or nobody, held.
+        """
+
+    async def save_render_estimate(self, key: str, seconds: float) -> None:
+        """Keep the learned render time of `key` (a template) across restarts."""
+
+    async def render_estimates(self) -> dict[str, float]:
+        """Every learned render time by key."""
+
+    async def renew_leases(self, owner: str, lease_s: float) -> int:
+        """Extend every lease `owner` holds to now + `lease_s`; how many were extended."""
 
     async def count_jobs_by_state(self) -> dict[JobState, int]:
         """For metrics and readiness."""

@@ -106,7 +106,25 @@ _V2 = (
     "CREATE INDEX events_status ON events (status, id)",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
+_V3 = (
+    # Ownership: a job is claimed by one worker (owner) until its lease ends; every claim
+    # bumps the fence, and a transition naming an older fence is refused.
+    "ALTER TABLE jobs ADD COLUMN owner TEXT",
+    "ALTER TABLE jobs ADD COLUMN lease_until REAL",
+    "ALTER TABLE jobs ADD COLUMN fence INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX jobs_owner ON jobs (owner)",
+    # What the tracker learned of each template's render time: its first poll comes then.
+    """
+    CREATE TABLE render_estimates (
+        key        TEXT PRIMARY KEY,
+        seconds    REAL NOT NULL,
+        samples    INTEGER NOT NULL,
+        updated_at REAL NOT NULL
+    )
+    """,
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
 """Statements of each migration; `MIGRATIONS[n]` moves user_version from n to n + 1."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

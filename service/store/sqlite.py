@@ -234,6 +234,8 @@ class SQLiteStore:
         to_state: JobState,
         update: JobUpdate | None = None,
         outbox: Sequence[NewOutboxMessage] = (),
+        *,
+        fence: int | None = None,
     ) -> Job:
         """Compare-and-set the state with its history row and outbox rows, atomically.
 
@@ -250,6 +252,7 @@ class SQLiteStore:
             update=update,
             outbox=tuple(outbox),
             now=self._clock(),
+            fence=fence,
         )
         job: Job = await self._write(work)
         if outbox:
@@ -261,10 +264,67 @@ class SQLiteStore:
         """Called after every commit that inserted outbox rows (the sender's wake-up)."""
         self._outbox_listeners.append(listener)
 
-    async def update_job(self, job_id: str, update: JobUpdate) -> Job:
+    async def update_job(self, job_id: str, update: JobUpdate, *, fence: int | None = None) -> Job:
         """Change fields without a state change; UnknownJobError for a missing job."""
         return await self._write(
-            functools.partial(sql.update_job, job_id=job_id, update=update, now=self._clock())
+            functools.partial(
+                sql.update_job, job_id=job_id, update=update, now=self._clock(), fence=fence
+            )
+        )
+
+    async def claim_job(
+        self, job_id: str, states: Collection[JobState], *, owner: str, lease_s: float
+    ) -> Job | None:
+        """Claim one free job for `owner` (see the Store protocol)."""
+        now = self._clock()
+        return await self._write(
+            functools.partial(
+                sql.claim_job,
+                job_id=job_id,
+                states=frozenset(states),
+                owner=owner,
+                lease_until=now + lease_s,
+                now=now,
+            )
+        )
+
+    async def claim_jobs(
+        self,
+        states: Collection[JobState],
+        *,
+        owner: str,
+        lease_s: float,
+        limit: int,
+        take_own: bool = True,
+    ) -> list[Job]:
+        """Claim up to `limit` free jobs, oldest first (see the Store protocol)."""
+        now = self._clock()
+        return await self._write(
+            functools.partial(
+                sql.claim_jobs,
+                states=frozenset(states),
+                owner=owner,
+                lease_until=now + lease_s,
+                now=now,
+                limit=limit,
+                take_own=take_own,
+            )
+        )
+
+    async def save_render_estimate(self, key: str, seconds: float) -> None:
+        """Keep the learned render time of `key` across restarts."""
+        await self._write(
+            functools.partial(sql.save_render_estimate, key=key, seconds=seconds, now=self._clock())
+        )
+
+    async def render_estimates(self) -> dict[str, float]:
+        """Every learned render time by key."""
+        return await self._read(sql.render_estimates)
+
+    async def renew_leases(self, owner: str, lease_s: float) -> int:
+        """Extend every lease `owner` holds to now + `lease_s`."""
+        return await self._write(
+            functools.partial(sql.renew_leases, owner=owner, lease_until=self._clock() + lease_s)
         )
 
     async def get_job(self, job_id: str) -> Job | None:

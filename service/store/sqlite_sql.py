@@ -30,7 +30,7 @@ from service.model import (
     StoredEvent,
     Transition,
 )
-from service.store.base import StaleTransitionError, UnknownJobError
+from service.store.base import FencedError, StaleTransitionError, UnknownJobError
 
 JOB_COLUMNS = tuple(f.name for f in dataclasses.fields(Job))
 UPDATE_COLUMNS = tuple(
@@ -402,10 +402,12 @@ def _record_transition(
     )
 
 
-def _current_state(conn: sqlite3.Connection, job_id: str) -> JobState:
-    row = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+def _current_state(conn: sqlite3.Connection, job_id: str, fence: int | None = None) -> JobState:
+    row = conn.execute("SELECT state, fence FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
     if row is None:
         raise UnknownJobError(f"job {job_id} does not exist")
+    if fence is not None and row["fence"] != fence:
+        raise FencedError(f"job {job_id} was claimed again (fence {row['fence']}, held {fence})")
     return JobState(row["state"])
 
 
@@ -453,9 +455,10 @@ def transition(
     update: JobUpdate | None,
     outbox: Sequence[NewOutboxMessage],
     now: float,
+    fence: int | None = None,
 ) -> Job:
-    """Compare-and-set the state, record history and enqueue outbox rows together."""
-    current = _current_state(conn, job_id)
+    """Compare-and-set the state (and the fence, when given), record history and outbox rows."""
+    current = _current_state(conn, job_id, fence)
     if current not in from_states:
         expected = ", ".join(sorted(str(s) for s in from_states)) or "nothing"
         raise StaleTransitionError(f"job {job_id} is {current}, expected one of: {expected}")
@@ -498,10 +501,103 @@ def _enqueue(conn: sqlite3.Connection, job: Job, message: NewOutboxMessage, now:
     )
 
 
-def update_job(conn: sqlite3.Connection, job_id: str, update: JobUpdate, now: float) -> Job:
+def update_job(
+    conn: sqlite3.Connection, job_id: str, update: JobUpdate, now: float, fence: int | None = None
+) -> Job:
     """Change fields in place; no state change, so no history row (the note is unused)."""
-    _current_state(conn, job_id)
+    _current_state(conn, job_id, fence)
     return _apply_update(conn, job_id, update, now, None)
+
+
+_FREE = "(owner IS NULL OR owner = ? OR lease_until IS NULL OR lease_until <= ?)"
+"""A job nobody else holds: never claimed, its lease over, or the claimant's own."""
+_EXPIRED = "(owner IS NULL OR owner <> ? OR lease_until IS NULL) AND COALESCE(lease_until, 0) <= ?"
+"""A job another worker (or nobody) held whose lease is over: what a take-over may claim."""
+
+
+def claim_job(
+    conn: sqlite3.Connection,
+    *,
+    job_id: str,
+    states: Collection[JobState],
+    owner: str,
+    lease_until: float,
+    now: float,
+) -> Job | None:
+    """Take one free job in `states` for `owner`, bumping its fence; None when not free."""
+    values = [JobState(s).value for s in states]
+    if not values:
+        return None
+    cursor = conn.execute(
+        "UPDATE jobs SET owner = ?, lease_until = ?, fence = fence + 1"  # noqa: S608 - only placeholders are interpolated
+        f" WHERE job_id = ? AND state IN ({_placeholders(len(values))}) AND {_FREE}",
+        (owner, lease_until, job_id, *values, owner, now),
+    )
+    if cursor.rowcount == 0:
+        return None
+    return get_job(conn, job_id=job_id)
+
+
+def claim_jobs(
+    conn: sqlite3.Connection,
+    *,
+    states: Collection[JobState],
+    owner: str,
+    lease_until: float,
+    now: float,
+    limit: int,
+    take_own: bool = True,
+) -> list[Job]:
+    """Take up to `limit` free jobs in `states`, oldest first, each with a bumped fence.
+
+    Without `take_own`, the claimant's own jobs are left alone (a running worker's take-over
+    scan must not re-claim what it is working on).
+    """
+    values = [JobState(s).value for s in states]
+    if not values or limit < 1:
+        return []
+    free = _FREE if take_own else _EXPIRED
+    rows = conn.execute(
+        f"SELECT job_id FROM jobs WHERE state IN ({_placeholders(len(values))}) AND {free}"  # noqa: S608 - only placeholders are interpolated
+        " ORDER BY created_at, seq LIMIT ?",
+        (*values, owner, now, limit),
+    ).fetchall()
+    ids = [row["job_id"] for row in rows]
+    conn.executemany(
+        "UPDATE jobs SET owner = ?, lease_until = ?, fence = fence + 1 WHERE job_id = ?",
+        [(owner, lease_until, job_id) for job_id in ids],
+    )
+    claimed = [get_job(conn, job_id=job_id) for job_id in ids]
+    return [job for job in claimed if job is not None]
+
+
+def save_render_estimate(conn: sqlite3.Connection, key: str, seconds: float, now: float) -> None:
+    """Store the learned render time of `key`, counting the samples behind it."""
+    conn.execute(
+        "INSERT INTO render_estimates (key, seconds, samples, updated_at) VALUES (?, ?, 1, ?)"
+        " ON CONFLICT (key) DO UPDATE SET seconds = excluded.seconds,"
+        " samples = render_estimates.samples + 1, updated_at = excluded.updated_at",
+        (key, seconds, now),
+    )
+
+
+def render_estimates(conn: sqlite3.Connection) -> dict[str, float]:
+    """Every learned render time by key."""
+    rows = conn.execute("SELECT key, seconds FROM render_estimates").fetchall()
+    return {row["key"]: float(row["seconds"]) for row in rows}
+
+
+def renew_leases(conn: sqlite3.Connection, owner: str, lease_until: float) -> int:
+    """Extend every lease `owner` holds on an unfinished job; fences are unchanged.
+
+    Finished jobs keep their last lease: renewing them would cost a write per job ever done.
+    """
+    cursor = conn.execute(
+        "UPDATE jobs SET lease_until = ? WHERE owner = ? AND lease_until IS NOT NULL"  # noqa: S608 - only placeholders are interpolated
+        f" AND state NOT IN {_TERMINAL_IN}",
+        (lease_until, owner, *_TERMINAL),
+    )
+    return cursor.rowcount
 
 
 def get_job(conn: sqlite3.Connection, job_id: str) -> Job | None:

@@ -284,6 +284,7 @@ poll_min_interval_seconds = 0.05
 poll_max_interval_seconds = 0.5
 first_poll_seconds = 0.2
 reconcile_wait_seconds = 0.5
+export_settle_seconds = 0.5
 
 [aistudios.simulator]
 render_seconds = {render_seconds}
@@ -330,9 +331,27 @@ class SimulatorProcess:
         return state
 
     def exports_per_job(self, job_ids: list[str]) -> dict[str, int]:
-        """How many projects were created under each job's export name (`... #<job_id>`)."""
-        names = [str(p["name"]) for p in self.state()["projects"]]
-        return {job_id: sum(name.endswith(f"#{job_id}") for name in names) for job_id in job_ids}
+        """How many exports were billed under each job's export name (`... #<job_id>`).
+
+        Billed exports, not projects: an unbilled draft does not count, and a second export
+        of one project counts twice.
+        """
+        billed = [(str(p["name"]), int(p["exports"])) for p in self.state()["projects"]]
+        return {
+            job_id: sum(n for name, n in billed if name.endswith(f"#{job_id}"))
+            for job_id in job_ids
+        }
+
+    def set_knobs(self, **knobs: object) -> None:
+        """POST /_simulator/knobs: inject failures into the simulated service."""
+        request = urllib.request.Request(  # noqa: S310 - loopback URL built here
+            f"{self.url}/_simulator/knobs",
+            data=orjson.dumps(knobs),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - loopback URL built here
+            response.read()
 
 
 @pytest.fixture

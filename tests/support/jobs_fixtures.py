@@ -35,6 +35,7 @@ FAST = AIStudiosConfig(
     render_deadline_seconds=20.0,
     stall_seconds=10.0,
     reconcile_wait_s=0.3,
+    export_settle_s=0.3,
     poll_min_interval_s=0.05,
     poll_max_interval_s=0.5,
     max_retries=5,
@@ -86,15 +87,19 @@ class ObservedStore:
         to_state: JobState,
         update: JobUpdate | None = None,
         outbox: Sequence[NewOutboxMessage] = (),
+        *,
+        fence: int | None = None,
     ) -> Job:
         try:
-            return await self.inner.transition(job_id, from_states, to_state, update, outbox)
+            return await self.inner.transition(
+                job_id, from_states, to_state, update, outbox, fence=fence
+            )
         finally:
             self._signal()
 
-    async def update_job(self, job_id: str, update: JobUpdate) -> Job:
+    async def update_job(self, job_id: str, update: JobUpdate, *, fence: int | None = None) -> Job:
         try:
-            return await self.inner.update_job(job_id, update)
+            return await self.inner.update_job(job_id, update, fence=fence)
         finally:
             self._signal()
 
@@ -164,7 +169,11 @@ async def jobs_harness(
     on_ready: ReadyHook = ignore_ready,
     **settings: Any,
 ) -> AsyncIterator[JobsHarness]:
-    """A pipeline on a fresh store and simulator; `callbacks` serves the callback route."""
+    """A pipeline on a fresh store and simulator; `callbacks` serves the callback route.
+
+    `owner_id` and `lease_s` go to the pipeline (its claims); other settings to its config.
+    """
+    ownership = {k: settings.pop(k) for k in ("owner_id", "lease_s") if k in settings}
     config = replace(FAST, **settings)
     pipeline_box: list[JobPipeline] = []
 
@@ -178,7 +187,9 @@ async def jobs_harness(
     inner = SQLiteStore(tmp_path / "jobs.db")
     await inner.open()
     store = ObservedStore(inner)
-    gate = RequestGate(config.max_requests_per_second, clock=time.monotonic)
+    gate = RequestGate(
+        config.request_rate_ceiling, clock=time.monotonic, hard_cap=config.max_requests_per_second
+    )
     try:
         async with (
             running_simulator(knobs or SimulatorKnobs(render_seconds=0.3)) as simulator,
@@ -195,6 +206,7 @@ async def jobs_harness(
                 outbox_for=outbox_for,
                 public_url=callback_base if callbacks else None,
                 on_ready=on_ready,
+                **ownership,
             )
             harness.pipeline = pipeline
             pipeline_box.append(pipeline)

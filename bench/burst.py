@@ -1,0 +1,203 @@
+"""Burst: N events at once to all `ready`, default pacing, against the tutorial's own loop.
+
+  studiohook  JobPipeline (preparer with the shipped config's template and route, the default
+              two-step export, default request pacing and poll timing, a fresh state with
+              nothing learned yet) on a SQLiteStore, the real client and the simulator over
+              loopback; N `received` jobs committed by the real intake; the clock starts when
+              the pipeline starts and stops at the last `ready` commit.
+  baseline    the tutorial's loop in the same run on the same simulator, one per event, all
+              at once: create-and-export (one call), then read the progress right away and
+              every 3 s until it is done.
+
+Renders last R +- 20 % (the simulator's `render_jitter`), so "the slowest render" is a real
+figure: the target is a makespan within 1.15 x the slowest render. The simulator runs in its own process so its CPU is not the daemon's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import orjson
+from _shared import (
+    WatchedStore,
+    configure_bench_logging,
+    emit_result,
+    parse_args,
+    print_table,
+    ratio,
+    real_pipeline,
+    say,
+    seed_events,
+    shipped_catalog,
+    shipped_config,
+    shopify_source,
+    simulator_process,
+)
+
+from service.aistudios.client import AIStudiosClient
+from service.aistudios.simulator import SimulatorKnobs
+from service.config import Config
+from service.intake import StoreIntake
+from service.jobs.ratelimit import RequestGate
+from service.model import Job, JobState
+
+FULL = (200, 256, 2.0)
+QUICK = (50, 256, 1.0)
+JITTER = 0.2
+TUTORIAL_POLL_S = 3.0
+API_KEY = "bench-key"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Run:
+    """What one side measured."""
+
+    makespan_s: float
+    requests: int
+    polls_per_job: float
+
+
+async def _studiohook(cfg: Config, url: str, count: int, secret: str) -> tuple[Run, list[Job]]:
+    state = cfg.service.state_dir
+    store = WatchedStore(state / "studiohook.db", expected=count)
+    await store.open()
+    try:
+        catalog = await shipped_catalog(cfg)
+        source = shopify_source(cfg)
+        say(f"seeding {count} events through the intake ...")
+        await seed_events(StoreIntake(store, catalog), source, count, secret)
+        async with real_pipeline(cfg, store, catalog, url, API_KEY) as (pipeline, calls):
+            say("studiohook: pipeline started, waiting for every job to be ready ...")
+            async with anyio.create_task_group() as tg:
+                started = time.time()
+                await tg.start(pipeline.run)
+                with anyio.fail_after(120):
+                    await store.all_ready.wait()
+                tg.cancel_scope.cancel()
+        makespan = max(store.ready_committed_at.values()) - started
+        jobs = [
+            job
+            for job in await store.jobs_in_states({JobState.READY}, limit=10 * count)
+            if job.job_id in store.ready_committed_at
+        ]
+    finally:
+        await store.close()
+    polls = sum(job.polls for job in jobs) / len(jobs)
+    return Run(makespan, calls[0], polls), jobs
+
+
+async def _tutorial(url: str, bodies: list[dict[str, Any]]) -> Run:
+    gate = RequestGate(1e6, time.monotonic)
+    calls = [0]
+    polls = [0]
+
+    def count_call(_endpoint: str, _outcome: str) -> None:
+        calls[0] += 1
+
+    finished: list[float] = []
+    async with AIStudiosClient(
+        base_url=url, legacy_base_url=url, api_key=API_KEY, before_request=gate, on_call=count_call
+    ) as client:
+
+        async def loop(index: int, body: dict[str, Any]) -> None:
+            project_id = await client.export_v3(body, name=f"tutorial-{index}")
+            while True:
+                polls[0] += 1
+                if (await client.progress_v3(project_id)).done:
+                    break
+                await anyio.sleep(TUTORIAL_POLL_S)
+            finished.append(time.time())
+
+        started = time.time()
+        async with anyio.create_task_group() as tg:
+            for index, body in enumerate(bodies):
+                tg.start_soon(loop, index, body)
+    return Run(max(finished) - started, calls[0], polls[0] / len(bodies))
+
+
+async def _simulator_state(url: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/_simulator/state") as r:
+        state: dict[str, Any] = orjson.loads(await r.read())
+        return state
+
+
+def _slowest_render_s(state: dict[str, Any], names: set[str]) -> float:
+    lengths = [p["render_seconds"] for p in state["projects"] if p["name"] in names]
+    return max(lengths) if lengths else float("nan")
+
+
+async def run(count: int, concurrency: int, render_s: float) -> dict[str, Any]:
+    """Studiohook (cold: nothing learned), then the tutorial loop, on one simulator."""
+    secret = secrets.token_hex(16)
+    with tempfile.TemporaryDirectory(prefix="bench-burst-") as tmp:
+        cfg = shipped_config(Path(tmp) / "state", secret)
+        cfg = dataclasses.replace(
+            cfg,
+            aistudios=dataclasses.replace(
+                cfg.aistudios,
+                max_concurrent_exports=concurrency,
+                simulator=dataclasses.replace(cfg.aistudios.simulator, render_seconds=render_s),
+            ),
+        )
+        configure_bench_logging(Path(tmp) / "service.log")
+        knobs = SimulatorKnobs(render_seconds=render_s, render_jitter=JITTER)
+        with simulator_process(knobs, Path(tmp) / "simulator.log") as url:
+            cold, jobs = await _studiohook(cfg, url, count, secret)
+            state = await _simulator_state(url)
+            cold_slowest = _slowest_render_s(state, {j.export_name for j in jobs})
+            billed = sum(state["billed_by_name"].get(j.export_name, 0) for j in jobs)
+            bodies = [orjson.loads(job.export_body or b"{}") for job in jobs]
+            say(f"baseline: the tutorial loop, {len(bodies)} at once ...")
+            tutorial = await _tutorial(url, bodies)
+            state = await _simulator_state(url)
+            tutorial_slowest = _slowest_render_s(
+                state, {f"tutorial-{i}" for i in range(len(bodies))}
+            )
+    rows = [
+        ("time to the last ready (s)", cold.makespan_s, tutorial.makespan_s,
+         ratio(cold.makespan_s, tutorial.makespan_s)),
+        ("slowest render in that run (s)", cold_slowest, tutorial_slowest, "-"),
+        ("time / slowest render", ratio(cold.makespan_s, cold_slowest),
+         ratio(tutorial.makespan_s, tutorial_slowest), "-"),
+        ("progress polls per job (mean)", cold.polls_per_job, tutorial.polls_per_job,
+         ratio(cold.polls_per_job, tutorial.polls_per_job)),
+        ("API requests", cold.requests, tutorial.requests, ratio(cold.requests, tutorial.requests)),
+        ("exports billed", billed, len(bodies), "-"),
+    ]  # fmt: skip
+    print_table(
+        f"burst: {count} events at once, renders {render_s:g} s +- {JITTER:.0%}, "
+        f"{concurrency} concurrent exports, default pacing and poll timing, nothing learned yet",
+        ["figure", "studiohook", "tutorial loop (3 s)", "ratio"],
+        rows,
+    )
+    return {
+        "events": count,
+        "render_s": render_s,
+        "studiohook_s": round(cold.makespan_s, 3),
+        "studiohook_slowest_render_s": round(cold_slowest, 3),
+        "studiohook_vs_slowest": round(ratio(cold.makespan_s, cold_slowest), 3),
+        "studiohook_polls_per_job": round(cold.polls_per_job, 2),
+        "tutorial_s": round(tutorial.makespan_s, 3),
+        "tutorial_polls_per_job": round(tutorial.polls_per_job, 2),
+        "studiohook_requests": cold.requests,
+        "tutorial_requests": tutorial.requests,
+        "exports_billed": billed,
+    }
+
+
+def main() -> None:
+    """`python bench/burst.py [--quick]`."""
+    args = parse_args(__doc__.splitlines()[0] if __doc__ else "burst bench")
+    count, concurrency, render_s = QUICK if args.quick else FULL
+    emit_result("burst", anyio.run(run, count, concurrency, render_s))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Jobs owned by a worker: claimed in the store, moved under their fence, counted in the budget.
+
+A job is owned through the store, not through process memory: `claim` records an owner id, a
+lease and a new fence on the job row. Every transition this worker makes names the fence it
+holds, so once another worker (or this one after a restart) claimed the job again, the old
+claimant's moves are refused. A heartbeat renews the leases; recovery and take-over pick up
+only jobs whose lease ran out (or this owner's own, after a restart).
+
+`OwnedJobs` is also the one place that hears every committed state of an owned job, so the
+render slots are settled here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from service.log import get_logger
+from service.store.base import FencedError
+
+if TYPE_CHECKING:
+    from collections.abc import Collection, Sequence
+
+    from service.jobs.ratelimit import RenderSlots
+    from service.model import Job, JobState, JobUpdate, NewOutboxMessage
+    from service.store.base import Store
+
+log = get_logger("jobs.ownership")
+
+LEASE_S = 15.0
+"""How long a claim holds without renewal: the longest a crashed worker's jobs wait for
+another worker (a restart under the same owner id takes them back at once)."""
+
+
+class OwnedJobs:
+    """The `JobStore` the job loops use: the real store, under this worker's claims."""
+
+    def __init__(
+        self, store: Store, slots: RenderSlots, *, owner: str, lease_s: float = LEASE_S
+    ) -> None:
+        self._store = store
+        self._slots = slots
+        self.owner = owner
+        self.lease_s = lease_s
+        self._fences: dict[str, int] = {}
+
+    def fence_of(self, job_id: str) -> int | None:
+        """The fence this worker holds on `job_id`, or None when it holds no claim."""
+        return self._fences.get(job_id)
+
+    async def claim(self, job_id: str, states: Collection[JobState]) -> Job | None:
+        """Claim one job in `states` unless another worker's lease holds it."""
+        job = await self._store.claim_job(job_id, states, owner=self.owner, lease_s=self.lease_s)
+        if job is not None:
+            self._own(job)
+        return job
+
+    async def claim_free(
+        self, states: Collection[JobState], limit: int, *, take_own: bool
+    ) -> list[Job]:
+        """Claim free jobs in `states`; `take_own` only at start.
+
+        A restart takes its own jobs back at once; later scans take over only jobs of other
+        workers whose leases expired.
+        """
+        jobs = await self._store.claim_jobs(
+            states, owner=self.owner, lease_s=self.lease_s, limit=limit, take_own=take_own
+        )
+        for job in jobs:
+            self._own(job)
+        return jobs
+
+    async def renew(self) -> int:
+        """Extend every lease this worker holds (the heartbeat)."""
+        return await self._store.renew_leases(self.owner, self.lease_s)
+
+    def _own(self, job: Job) -> None:
+        self._fences[job.job_id] = job.fence
+        self._slots.settle(job.job_id, job.state)
+
+    async def get_job(self, job_id: str) -> Job | None:
+        """Read one job."""
+        return await self._store.get_job(job_id)
+
+    async def jobs_in_states(self, states: Collection[JobState], limit: int = 1000) -> list[Job]:
+        """Jobs in any of these states, oldest first."""
+        return await self._store.jobs_in_states(states, limit)
+
+    async def transition(
+        self,
+        job_id: str,
+        from_states: Collection[JobState],
+        to_state: JobState,
+        update: JobUpdate | None = None,
+        outbox: Sequence[NewOutboxMessage] = (),
+    ) -> Job:
+        """Move a job under this worker's fence; the render slot follows the committed state."""
+        try:
+            job = await self._store.transition(
+                job_id, from_states, to_state, update, outbox, fence=self._fences.get(job_id)
+            )
+        except FencedError:
+            self._lose(job_id)
+            raise
+        # A stale move means another of this worker's moves won (and settled the slot) or an
+        # operator moved a finished job: nothing to settle here.
+        self._slots.settle(job_id, job.state)
+        return job
+
+    async def save_render_estimate(self, key: str, seconds: float) -> None:
+        """Keep the learned render time of `key` across restarts."""
+        await self._store.save_render_estimate(key, seconds)
+
+    async def render_estimates(self) -> dict[str, float]:
+        """Every learned render time by key."""
+        return await self._store.render_estimates()
+
+    async def update_job(self, job_id: str, update: JobUpdate) -> Job:
+        """Change fields under this worker's fence."""
+        try:
+            return await self._store.update_job(job_id, update, fence=self._fences.get(job_id))
+        except FencedError:
+            self._lose(job_id)
+            raise
+
+    def _lose(self, job_id: str) -> None:
+        """Another worker claimed the job since: it is no longer ours to move or count."""
+        log.warning("job.claim_lost", job_id=job_id)
+        self._fences.pop(job_id, None)
+        self._slots.settle(job_id, None)
