@@ -57,6 +57,8 @@ class Catalog:
     legacy: frozenset[str]
     handlers: Mapping[str, Handler] = field(default_factory=dict)
     server_templates: Mapping[str, str] = field(default_factory=dict)
+    one_step: frozenset[str] = frozenset()
+    """Templates whose `export_flow` is `one-step`: created and exported in one billed call."""
 
     def replace_template(self, name: str, document: Any) -> None:  # noqa: ANN401 - a JSON document
         """Swap in a re-fetched saved project: jobs mapped from now on use it."""
@@ -225,5 +227,8 @@ async def load_catalog(
     problems.extend(_notify_problems(cfg))
     handlers, handler_problems = _route_handlers(cfg)
     problems.extend(handler_problems)
-    catalog = Catalog(loaded.templates, routes, frozenset(loaded.legacy), handlers, loaded.server)
+    one_step = frozenset(t.name for t in cfg.templates if t.export_flow == "one-step")
+    catalog = Catalog(
+        loaded.templates, routes, frozenset(loaded.legacy), handlers, loaded.server, one_step
+    )
     return catalog, problems

@@ -18,7 +18,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from handlers import HandlerError, handler_for
 from service import cli_events
 from service.aistudios.client import AIStudiosClient
 from service.aistudios.connect import connect
@@ -28,8 +27,7 @@ from service.catalog import load_catalog
 from service.cli_tables import job_table, jobs_table
 from service.config import Config, ConfigError, config_path, load_config, read_config
 from service.eventloop import loop_options
-from service.ingress.dedupe import DedupeKeyError, dedupe_key, event_id_for
-from service.intake import route_context
+from service.intake import decide, route_context
 from service.jobs.prepare import export_request
 from service.log import configure_logging, register_secrets
 from service.mapping.render import MappingError
@@ -121,28 +119,20 @@ async def _render(
             "which needs credentials ([aistudios] api_key, or app_id and user_key)"
         )
     raw, body = _read_event(Path(args.event), source.name)
-    try:
-        # The same identity the service derives at intake, so the name is the one it would use.
-        seen_by_kind = handler_for(source.kind)(raw)
-        key = dedupe_key(
-            source,
-            payload=raw.payload,
-            headers=raw.headers,
-            body=body,
-            topic=raw.topic,
-            handler_event_id=seen_by_kind.event_id,
-        )
-    except (HandlerError, DedupeKeyError) as exc:
-        raise SystemExit(f"the service would dead-letter this event: {exc}") from exc
-    handled = catalog.handled(route, source.kind, raw, seen_by_kind)
+    # The same identity the service derives at intake, so the name is the one it would use.
+    identity = decide(catalog, (), source=source, raw=raw, body=body)
+    if identity.failures:
+        raise SystemExit(f"the service would dead-letter this event: {identity.reason}")
+    handled = catalog.handled(route, source.kind, raw, None)
     context = route_context(
         handled,
         route=route.config.name,
         source=source.name,
-        event_id=event_id_for(seen_by_kind.event_id, key),
+        event_id=identity.event_id,
         event_type=handled.event_type or raw.topic or "event",
     )
-    name = export_name(route, context, job_id or job_id_for(source.name, key, route.config.name))
+    job_id = job_id or job_id_for(source.name, identity.dedupe_key, route.config.name)
+    name = export_name(route, context, job_id)
     api, request = export_request(catalog, route, context, name)
     return api, request, name, catalog.templates.get(template_name)
 

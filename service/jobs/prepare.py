@@ -46,8 +46,6 @@ def export_request(
     route: CompiledRoute,
     context: dict[str, Any],
     export_name: str,
-    *,
-    export_flow: str = "two-step",
 ) -> tuple[str, dict[str, Any]]:
     """The flow and body of one job: v3 export, template/modify `updates`, or legacy `{scenes}`."""
     template_name = route.config.template
@@ -64,7 +62,7 @@ def export_request(
         return API_LEGACY, {"scenes": patched["scenes"]}
     body = dict(patched)
     body["name"] = export_name
-    return (API_V3_ONE_STEP if export_flow == "one-step" else API_V3), body
+    return (API_V3_ONE_STEP if template_name in catalog.one_step else API_V3), body
 
 
 class Preparer:
@@ -92,9 +90,7 @@ class Preparer:
             event_id=event.event_id,
             event_type=event.event_type,
         )
-        flows = {t.name: t.export_flow for t in self._cfg.templates}
-        flow = flows.get(route.config.template, "two-step")
-        return export_request(self._catalog, route, context, job.export_name, export_flow=flow)
+        return export_request(self._catalog, route, context, job.export_name)
 
     async def __call__(self, job: Job) -> None:
         """Commit `mapped` with the export body, or `rejected` with the reason."""
