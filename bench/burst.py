@@ -13,7 +13,7 @@ Renders last R +- 20 % (the simulator's `render_jitter`), so "the slowest render
 figure: the target is a makespan within 1.15 x the slowest render. The simulator runs in its own process so its CPU is not the daemon's.
 
 Then the same burst once more, on a fresh store, while the simulator answers 429 with a
-Retry-After of 1 s to the next 5 requests, twice (at the start and 0.75 R later). From the
+Retry-After of 1 s to the next 5 requests, twice (at the start and 0.75 R later; a window a 429 answered inside another extends it). From the
 simulator's request log (`GET /_simulator/requests`: every request and every 429 with its
 Retry-After) and the moment the client saw each first 429 and sent each request (same wall
 clock), each Retry-After window is checked: no more than one request may be sent inside it.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+import sqlite3
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -74,6 +75,8 @@ class Run:
     makespan_s: float
     requests: int
     polls_per_job: float
+    timeline: tuple[tuple[str, float, float], ...] = ()
+    """Per state: the first and the last commit into it, seconds after the start."""
 
 
 async def _studiohook(
@@ -119,7 +122,18 @@ async def _studiohook(
     finally:
         await store.close()
     polls = sum(job.polls for job in jobs) / len(jobs)
-    return Run(makespan, calls[0], polls), jobs
+    return Run(makespan, calls[0], polls, _timeline(state / db_name, started)), jobs
+
+
+def _timeline(db_path: Path, started: float) -> tuple[tuple[str, float, float], ...]:
+    """Where the time went: each state's first and last commit, from the job history."""
+    with sqlite3.connect(db_path) as db:
+        rows = db.execute(
+            "SELECT to_state, MIN(at), MAX(at) FROM transitions WHERE at >= ?"
+            " GROUP BY to_state ORDER BY MIN(at)",
+            (started,),
+        ).fetchall()
+    return tuple((str(state), first - started, last - started) for state, first, last in rows)
 
 
 async def _tutorial(url: str, bodies: list[dict[str, Any]]) -> Run:
@@ -342,8 +356,14 @@ async def run(count: int, concurrency: int, render_s: float) -> dict[str, Any]:
         ["figure", "studiohook", "tutorial loop (3 s)", "ratio"],
         rows,
     )
+    print_table(
+        "studiohook's burst, where the time went: each state's first and last commit (s)",
+        ["state", "first", "last"],
+        cold.timeline,
+    )
     _print_windows(windows, throttled, render_s)
     return {
+        "timeline": [(state, round(a, 3), round(b, 3)) for state, a, b in cold.timeline],
         "throttle_windows": len(windows),
         "throttle_worst_inside": max((w.inside for w in windows), default=0),
         "throttle_on_the_wire": [w.on_the_wire for w in windows],
