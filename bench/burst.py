@@ -77,6 +77,8 @@ class Run:
     polls_per_job: float
     timeline: tuple[tuple[str, float, float], ...] = ()
     """Per state: the first and the last commit into it, seconds after the start."""
+    submitted_at: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Per job: its `submitted` commit, seconds after the start."""
 
 
 async def _studiohook(
@@ -122,18 +124,36 @@ async def _studiohook(
     finally:
         await store.close()
     polls = sum(job.polls for job in jobs) / len(jobs)
-    return Run(makespan, calls[0], polls, _timeline(state / db_name, started)), jobs
+    timeline, submitted_at = _timeline(state / db_name, started)
+    return Run(makespan, calls[0], polls, timeline, submitted_at), jobs
 
 
-def _timeline(db_path: Path, started: float) -> tuple[tuple[str, float, float], ...]:
-    """Where the time went: each state's first and last commit, from the job history."""
+def _timeline(
+    db_path: Path, started: float
+) -> tuple[tuple[tuple[str, float, float], ...], dict[str, float]]:
+    """Where the time went: each state's first and last commit, and each job's `submitted`."""
     with sqlite3.connect(db_path) as db:
         rows = db.execute(
             "SELECT to_state, MIN(at), MAX(at) FROM transitions WHERE at >= ?"
             " GROUP BY to_state ORDER BY MIN(at)",
             (started,),
         ).fetchall()
-    return tuple((str(state), first - started, last - started) for state, first, last in rows)
+        submitted = db.execute(
+            "SELECT job_id, MAX(at) FROM transitions WHERE to_state = 'submitted' GROUP BY job_id"
+        ).fetchall()
+    timeline = tuple((str(state), first - started, last - started) for state, first, last in rows)
+    return timeline, {str(job): at - started for job, at in submitted}
+
+
+def _renders_done_s(run: Run, jobs: list[Job], state: dict[str, Any]) -> float:
+    """When the last render finished: each job's `submitted` commit plus its render length."""
+    lengths = {p["name"]: p["render_seconds"] for p in state["projects"]}
+    ends = [
+        run.submitted_at[j.job_id] + lengths[j.export_name]
+        for j in jobs
+        if j.job_id in run.submitted_at and j.export_name in lengths
+    ]
+    return max(ends, default=float("nan"))
 
 
 async def _tutorial(url: str, bodies: list[dict[str, Any]]) -> Run:
@@ -329,6 +349,7 @@ async def run(count: int, concurrency: int, render_s: float) -> dict[str, Any]:
             cold, jobs = await _studiohook(cfg, url, count, secret)
             state = await _simulator_state(url)
             cold_slowest = _slowest_render_s(state, {j.export_name for j in jobs})
+            renders_done = _renders_done_s(cold, jobs, state)
             billed = sum(state["billed_by_name"].get(j.export_name, 0) for j in jobs)
             bodies = [orjson.loads(job.export_body or b"{}") for job in jobs]
             say(f"baseline: the tutorial loop, {len(bodies)} at once ...")
@@ -359,10 +380,15 @@ async def run(count: int, concurrency: int, render_s: float) -> dict[str, Any]:
     print_table(
         "studiohook's burst, where the time went: each state's first and last commit (s)",
         ["state", "first", "last"],
-        cold.timeline,
+        [
+            *cold.timeline,
+            ("last render finished (its submit + its length)", renders_done, "-"),
+            ("last ready - last render finished", cold.makespan_s - renders_done, "-"),
+        ],
     )
     _print_windows(windows, throttled, render_s)
     return {
+        "renders_done_s": round(renders_done, 3),
         "timeline": [(state, round(a, 3), round(b, 3)) for state, a, b in cold.timeline],
         "throttle_windows": len(windows),
         "throttle_worst_inside": max((w.inside for w in windows), default=0),
