@@ -30,6 +30,7 @@ from service.config import Config, ConfigError
 from service.ingress.mqtt import MqttIngress
 from service.ingress.webhooks import webhook_routes
 from service.intake import StoreIntake
+from service.jobs.budget import BudgetLimits
 from service.jobs.pipeline import JobPipeline
 from service.jobs.prepare import Preparer
 from service.jobs.ratelimit import RequestGate
@@ -176,6 +177,19 @@ def _readiness_checks(
     return {"store": store_check, "aistudios": api_check, "mqtt": mqtt_check}
 
 
+def budget_limits(cfg: Config) -> BudgetLimits:
+    """The spending caps of a config: `[budget]` and each route's `max_exports_per_day`."""
+    return BudgetLimits(
+        exports_per_day=cfg.budget.exports_per_day,
+        exports_per_month=cfg.budget.exports_per_month,
+        route_per_day={
+            route.name: route.max_exports_per_day
+            for route in cfg.routes
+            if route.max_exports_per_day is not None
+        },
+    )
+
+
 @dataclass
 class _Parts:
     cfg: Config
@@ -206,6 +220,7 @@ class _Parts:
             public_url=cfg.http.public_url,
             on_ready=self.metrics.observe_ready,
             estimate_key=self.template_of,
+            budget=budget_limits(cfg),
         )
         sender = OutboxSender(
             store,

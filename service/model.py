@@ -30,6 +30,8 @@ class JobState(StrEnum):
     REJECTED = "rejected"
     FAILED = "failed"
     RECONCILE = "reconcile"
+    HELD = "held"
+    """Ready to export, but a spending cap is reached: waits for the period or a raised cap."""
 
 
 TERMINAL_STATES = frozenset(
@@ -39,7 +41,10 @@ TERMINAL_STATES = frozenset(
 ALLOWED_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     JobState.RECEIVED: frozenset({JobState.MAPPED, JobState.REJECTED, JobState.IGNORED}),
     # mapped -> failed: the stored export body is unusable, so there is nothing to POST.
-    JobState.MAPPED: frozenset({JobState.SUBMITTING, JobState.FAILED}),
+    # mapped -> held: the paid call would exceed a spending cap (decided in its transaction).
+    JobState.MAPPED: frozenset({JobState.SUBMITTING, JobState.FAILED, JobState.HELD}),
+    # held -> mapped: released, in order, once the period rolled over or the cap was raised.
+    JobState.HELD: frozenset({JobState.MAPPED}),
     # submitting -> mapped only for a retryable error that certainly created nothing.
     JobState.SUBMITTING: frozenset(
         {JobState.SUBMITTED, JobState.RECONCILE, JobState.FAILED, JobState.MAPPED}
@@ -56,6 +61,18 @@ ALLOWED_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
 }
 """Every move a job may make. The store refuses any other: the money rule is here too, as the
 only ways into `submitted` are `submitting` and `reconcile` (where the export was found)."""
+
+REFUNDING_MOVES: frozenset[tuple[JobState, JobState]] = frozenset(
+    {
+        (JobState.SUBMITTING, JobState.MAPPED),
+        (JobState.SUBMITTING, JobState.FAILED),
+        (JobState.RECONCILE, JobState.MAPPED),
+    }
+)
+"""Moves that prove the paid call committed last created nothing (a 429, a refusal, a lookup
+that found no export): the store takes that call's spend record back in the same transaction,
+so the spending caps count billed exports only. `reconcile -> failed` is not one: there the
+outcome stayed unknown, and an unknown export is counted as spent."""
 
 
 API_V3 = "v3"
@@ -213,6 +230,21 @@ class JobUpdate:
     clear: frozenset[str] = frozenset()
     """Fields set back to NULL (an operator's retry clears the last attempt's outcome)."""
     note: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SpendCap:
+    """One spending limit as it applies right now: at most `limit` paid calls since `since`.
+
+    `route` narrows the count to one route's calls (None: every route). `period` names the
+    period ("day:2026-12-01", "month:2026-12", "route:shop:day:2026-12-01"): a
+    `budget.exhausted` announcement is made once per period.
+    """
+
+    period: str
+    since: float
+    limit: int
+    route: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,12 +8,12 @@ tests pass fakes of any of them.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from service.aistudios.responses import Progress, ProjectState, ProjectSummary
-    from service.model import Job, JobState, JobUpdate, NewOutboxMessage
+    from service.model import Job, JobState, JobUpdate, NewOutboxMessage, SpendCap
 
 
 # --- what an API call can tell the core ---------------------------------------------------
@@ -152,6 +152,20 @@ class JobStore(Protocol):
 
     async def update_job(self, job_id: str, update: JobUpdate) -> Job:
         """Change fields without a state change (under this worker's claim)."""
+        ...
+
+    async def spend_or_hold(
+        self,
+        job_id: str,
+        caps: Sequence[SpendCap],
+        update: JobUpdate,
+        announce: Callable[[Job, SpendCap], Sequence[NewOutboxMessage]],
+    ) -> Job:
+        """`mapped -> submitting` with a spend record, or `-> held` when a cap is full (atomic)."""
+        ...
+
+    async def spend_counts(self, since: float) -> dict[str, int]:
+        """Billed exports recorded since `since`, per route."""
         ...
 
     async def save_render_estimate(self, key: str, seconds: float) -> None:

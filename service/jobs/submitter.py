@@ -1,6 +1,8 @@
 """`mapped -> submitting -> submitted`: the one place that spends money.
 
-THE MONEY RULE: `submitting` (attempts + 1) is committed BEFORE the paid POST, so a crash at
+THE MONEY RULE: `submitting` (attempts + 1) is committed BEFORE the paid POST, in the same
+transaction as the spending caps' check and the spend record (`Store.spend_or_hold`: a job
+over a cap goes `held` instead, and no POST leaves), so a crash at
 any point leaves a job that says "a POST may have happened" and is reconciled instead of
 being posted again. After the POST, only a retryable error (nothing was created) sends the job
 back to `mapped`; anything uncertain goes to `reconcile`.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -36,7 +38,16 @@ from service.jobs.ports import (
 )
 from service.jobs.schedule import retry_delay
 from service.log import get_logger
-from service.model import API_LEGACY, API_V3, V3_APIS, Job, JobState, JobUpdate
+from service.model import (
+    API_LEGACY,
+    API_V3,
+    V3_APIS,
+    Job,
+    JobState,
+    JobUpdate,
+    NewOutboxMessage,
+    SpendCap,
+)
 from service.store.base import StaleTransitionError, StoreUnavailableError
 
 if TYPE_CHECKING:
@@ -55,6 +66,15 @@ _SCAN_LIMIT = 500
 
 
 __all__ = ["ExportApi", "Submitter", "paid_endpoint", "sleep_or_wake"]
+
+CapsFor = Callable[[Job], Sequence[SpendCap]]
+"""The spending caps a job's paid call must stay under right now."""
+
+
+def no_caps(_job: Job) -> Sequence[SpendCap]:
+    """No spending cap configured."""
+    return ()
+
 
 ClaimMapped = Callable[[str], Awaitable[Job | None]]
 """Claim one `mapped` job for this worker; None when another worker's lease holds it."""
@@ -125,8 +145,12 @@ class Submitter:
         on_reconcile: Callable[[Job], None],
         claim: ClaimMapped,
         claim_wait_s: float,
+        caps: CapsFor = no_caps,
+        on_held: Callable[[Job], None] = lambda _job: None,
     ) -> None:
         self._ctx = ctx
+        self._caps = caps
+        self._on_held = on_held
         self._claim = claim
         self._claim_wait_s = claim_wait_s
         self._max_retries = max_retries
@@ -139,6 +163,11 @@ class Submitter:
         self._draining = False
         self._idle = anyio.Event()
         self._idle.set()
+
+    def _announce_exhausted(self, job: Job, cap: SpendCap) -> Sequence[NewOutboxMessage]:
+        """The `budget.exhausted` rows, inserted by the store once per exhausted period."""
+        del cap  # the held job's error message names the period and its cap
+        return self._ctx.outbox_for(job, "budget.exhausted")
 
     def wake(self) -> None:
         """New or returned `mapped` jobs: scan again now."""
@@ -230,13 +259,17 @@ class Submitter:
         token = secrets.token_urlsafe(24) if self._public_url and job.api in V3_APIS else None
         async with self._ctx.gate.turn(paid_endpoint(job)):
             try:
-                job = await self._ctx.store.transition(
+                job = await self._ctx.store.spend_or_hold(
                     job_id,
-                    {JobState.MAPPED},
-                    JobState.SUBMITTING,
+                    self._caps(job),
                     JobUpdate(attempts=job.attempts + 1, callback_token=token),
+                    self._announce_exhausted,
                 )
             except StaleTransitionError:
+                return
+            if job.state is JobState.HELD:
+                log.warning("job.held", reason=job.error_message)
+                self._on_held(job)
                 return
             # From here on a billed export may exist: never back to `mapped` unless certain.
             await self._post_and_record(job, body, token)

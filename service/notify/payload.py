@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 VIDEO_READY = "video.ready"
 VIDEO_FAILED = "video.failed"
-EVENT_TYPES = frozenset({VIDEO_READY, VIDEO_FAILED})
+BUDGET_EXHAUSTED = "budget.exhausted"
+EVENT_TYPES = frozenset({VIDEO_READY, VIDEO_FAILED, BUDGET_EXHAUSTED})
 
 
 def iso_utc(timestamp: float | None) -> str | None:
@@ -76,6 +77,20 @@ def failed_payload(job: Job) -> bytes:
     return orjson.dumps(body)
 
 
+def budget_exhausted_payload(job: Job) -> bytes:
+    """Build `budget.exhausted`: the first job a full cap held, with the cap and its period.
+
+    Sent once per period (the store records the announcement with the hold); the held jobs
+    are exported, in order, when the period rolls over or the cap is raised.
+    """
+    body = _common(job, BUDGET_EXHAUSTED)
+    body |= {
+        "state": "held",
+        "error": {"code": job.error_code or "budget_exhausted", "message": job.error_message},
+    }
+    return orjson.dumps(body)
+
+
 def outbox_rows(
     job: Job, event_type: str, targets: Sequence[NotifyConfig]
 ) -> list[NewOutboxMessage]:
@@ -88,6 +103,8 @@ def outbox_rows(
         payload = ready_payload(job)
     elif event_type == VIDEO_FAILED:
         payload = failed_payload(job)
+    elif event_type == BUDGET_EXHAUSTED:
+        payload = budget_exhausted_payload(job)
     else:
         raise ValueError(f"unknown event type {event_type!r}")
     return [

@@ -115,7 +115,31 @@ _V2 = (
     """,
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
+_V3 = (
+    # One row per paid call committed (the spending caps count these); a move that proves
+    # the call created nothing deletes its row in the same transaction.
+    """
+    CREATE TABLE spend (
+        id          INTEGER PRIMARY KEY,
+        job_id      TEXT NOT NULL REFERENCES jobs (job_id),
+        route       TEXT NOT NULL,
+        export_name TEXT NOT NULL,
+        at          REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX spend_at ON spend (at, route)",
+    "CREATE INDEX spend_job ON spend (job_id, id)",
+    # A `budget.exhausted` announcement is made once per period: the period's row says so.
+    """
+    CREATE TABLE budget_alerts (
+        period TEXT PRIMARY KEY,
+        job_id TEXT NOT NULL,
+        at     REAL NOT NULL
+    )
+    """,
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
 """Statements of each migration; `MIGRATIONS[n]` moves user_version from n to n + 1."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

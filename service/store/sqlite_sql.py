@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import orjson
 
 from service.model import (
     ALLOWED_TRANSITIONS,
+    REFUNDING_MOVES,
     TERMINAL_STATES,
     Acceptance,
     EventStatus,
@@ -25,6 +26,7 @@ from service.model import (
     NewJob,
     NewOutboxMessage,
     OutboxMessage,
+    SpendCap,
     StoredEvent,
     Transition,
 )
@@ -264,9 +266,89 @@ def transition(
         at=now,
         note=update.note if update else None,
     )
+    if (current, to_state) in REFUNDING_MOVES:
+        conn.execute(
+            "DELETE FROM spend WHERE id = (SELECT MAX(id) FROM spend WHERE job_id = ?)", (job_id,)
+        )
     for message in outbox:
         _enqueue(conn, job, message, now)
     return job
+
+
+def _spent_under(conn: sqlite3.Connection, cap: SpendCap) -> int:
+    if cap.route is None:
+        row = conn.execute("SELECT COUNT(*) FROM spend WHERE at >= ?", (cap.since,)).fetchone()
+    else:
+        row = conn.execute(
+            "SELECT COUNT(*) FROM spend WHERE at >= ? AND route = ?", (cap.since, cap.route)
+        ).fetchone()
+    return int(row[0])
+
+
+def spend_or_hold(
+    conn: sqlite3.Connection,
+    *,
+    job_id: str,
+    caps: Sequence[SpendCap],
+    update: JobUpdate,
+    announce: Callable[[Job, SpendCap], Sequence[NewOutboxMessage]],
+    now: float,
+    fence: int | None = None,
+) -> Job:
+    """`mapped -> submitting` with a spend record, or `mapped -> held` when a cap is full.
+
+    Runs in the writer's transaction, so the count, the decision and the record are one
+    atomic step: no two paid calls can both take the last unit of room.
+    """
+    current = _current_state(conn, job_id, fence)
+    if current is not JobState.MAPPED:
+        raise StaleTransitionError(f"job {job_id} is {current}, expected mapped")
+    for cap in caps:
+        if _spent_under(conn, cap) < cap.limit:
+            continue
+        reason = f"spending cap reached: {cap.limit} exports in {cap.period}"
+        held = transition(
+            conn,
+            job_id=job_id,
+            from_states={JobState.MAPPED},
+            to_state=JobState.HELD,
+            update=JobUpdate(error_code="budget_exhausted", error_message=reason, note=reason),
+            outbox=(),
+            now=now,
+            fence=fence,
+        )
+        first = conn.execute(
+            "INSERT INTO budget_alerts (period, job_id, at) VALUES (?, ?, ?)"
+            " ON CONFLICT (period) DO NOTHING",
+            (cap.period, job_id, now),
+        ).rowcount
+        if first:
+            for message in announce(held, cap):
+                _enqueue(conn, held, message, now)
+        return held
+    job = transition(
+        conn,
+        job_id=job_id,
+        from_states={JobState.MAPPED},
+        to_state=JobState.SUBMITTING,
+        update=update,
+        outbox=(),
+        now=now,
+        fence=fence,
+    )
+    conn.execute(
+        "INSERT INTO spend (job_id, route, export_name, at) VALUES (?, ?, ?, ?)",
+        (job_id, job.route, job.export_name, now),
+    )
+    return job
+
+
+def spend_counts(conn: sqlite3.Connection, since: float) -> dict[str, int]:
+    """Paid calls recorded since `since`, per route."""
+    rows = conn.execute(
+        "SELECT route, COUNT(*) AS n FROM spend WHERE at >= ? GROUP BY route", (since,)
+    ).fetchall()
+    return {row["route"]: int(row["n"]) for row in rows}
 
 
 def _enqueue(conn: sqlite3.Connection, job: Job, message: NewOutboxMessage, now: float) -> None:
