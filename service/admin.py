@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -17,10 +17,40 @@ from service.metrics import Metrics
 from service.model import Job, JobState
 from service.store.base import StaleTransitionError, Store, StoreUnavailableError
 
+if TYPE_CHECKING:
+    from service.config import Problem
+    from service.jobs.budget import PeriodReport
+
 log = get_logger("admin")
 
 ReadinessCheck = Callable[[], Awaitable[str | None]]
 """Returns None when fine, else the reason the service is not ready."""
+
+
+class BudgetControl(Protocol):
+    """The spending caps as operators see and steer them (the daemon's pipeline and config)."""
+
+    async def report(self) -> list[PeriodReport]:
+        """Spent and remaining in each current period, globally and per route."""
+        ...
+
+    async def release(self) -> list[Problem]:
+        """Re-read the caps from the config file and release what they admit; its problems."""
+        ...
+
+
+def budget_view(lines: list[PeriodReport]) -> list[dict[str, Any]]:
+    """Period figures as the admin API and the CLI show them (null: no cap)."""
+    return [
+        {
+            "scope": line.scope,
+            "period": line.period,
+            "limit": line.limit,
+            "spent": line.spent,
+            "remaining": line.remaining,
+        }
+        for line in lines
+    ]
 
 
 def _json(data: Any, status: int = 200) -> web.Response:  # noqa: ANN401 - any JSON value
@@ -48,7 +78,9 @@ class AdminApi:
         on_callback: Callable[[str, str], Awaitable[bool]],
         on_retry: Callable[[], None],
         admin_token: str | None,
+        budget: BudgetControl | None = None,
     ) -> None:
+        self._budget = budget
         self._store = store
         self._metrics = metrics
         self._checks = checks
@@ -65,6 +97,8 @@ class AdminApi:
             web.get("/jobs", self.list_jobs),
             web.get("/jobs/{job_id}", self.show_job),
             web.post("/jobs/{job_id}/retry", self.retry_job),
+            web.get("/budget", self.show_budget),
+            web.post("/budget/release", self.release_budget),
             web.get("/callbacks/{job_id}/{token}", self.callback),
             web.post("/callbacks/{job_id}/{token}", self.callback),
         ]
@@ -89,6 +123,8 @@ class AdminApi:
         try:
             self._metrics.set_job_counts(await self._store.count_jobs_by_state())
             self._metrics.outbox_backlog.set(await self._store.outbox_backlog())
+            if self._budget is not None:
+                self._metrics.set_budget(await self._budget.report())
         except StoreUnavailableError:
             log.warning("metrics.store_unavailable")
         return web.Response(body=self._metrics.render(), content_type="text/plain")
@@ -161,6 +197,34 @@ class AdminApi:
         log.info("job.retry", job_id=job_id)
         self._on_retry()
         return _json(job_view(job), status=202)
+
+    async def show_budget(self, request: web.Request) -> web.Response:
+        """`GET /budget`: billed exports and room left per period, globally and per route."""
+        if not self._authorised(request):
+            return _json({"error": "admin token required"}, status=401)
+        if self._budget is None:
+            return _json({"error": "no budget in this service"}, status=404)
+        held = await self._store.count_jobs_by_state()
+        lines = budget_view(await self._budget.report())
+        return _json({"periods": lines, "held": held.get(JobState.HELD, 0)})
+
+    async def release_budget(self, request: web.Request) -> web.Response:
+        """`POST /budget/release`: re-read the caps from the config file, release what fits.
+
+        A raised cap takes effect without a restart; a config with problems changes nothing
+        and answers 422 with them.
+        """
+        if not self._authorised(request):
+            return _json({"error": "admin token required"}, status=401)
+        if self._budget is None:
+            return _json({"error": "no budget in this service"}, status=404)
+        problems = await self._budget.release()
+        if problems:
+            return _json(
+                {"error": "config has problems", "problems": [str(p) for p in problems]}, 422
+            )
+        log.info("budget.release_requested")
+        return _json({"periods": budget_view(await self._budget.report())}, status=202)
 
     async def callback(self, request: web.Request) -> web.Response:
         """AI Studios completion callback: only wakes a confirming poll, never trusted itself."""

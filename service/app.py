@@ -26,11 +26,12 @@ from service.aistudios.connect import connect
 from service.aistudios.errors import AIStudiosError
 from service.aistudios.simulator import Simulator, SimulatorKnobs
 from service.catalog import Catalog, load_catalog
-from service.config import Config, ConfigError
+from service.config import Config, ConfigError, Problem, read_config
 from service.ingress.mqtt import MqttIngress
 from service.ingress.webhooks import webhook_routes
 from service.intake import StoreIntake
-from service.jobs.budget import BudgetLimits
+from service.jobs.budget import BudgetLimits, PeriodReport
+from service.jobs.budget import report as budget_report
 from service.jobs.pipeline import JobPipeline
 from service.jobs.prepare import Preparer
 from service.jobs.ratelimit import RequestGate
@@ -190,6 +191,34 @@ def budget_limits(cfg: Config) -> BudgetLimits:
     )
 
 
+class PipelineBudget:
+    """The admin API's view of the caps: the pipeline's figures, the config file's caps."""
+
+    def __init__(self, pipeline: JobPipeline, cfg: Config) -> None:
+        self._pipeline = pipeline
+        self._cfg = cfg
+
+    async def report(self) -> list[PeriodReport]:
+        """Spent and remaining in each current period, globally and per route."""
+        routes = [route.name for route in self._cfg.routes]
+        spent = await self._pipeline.spent()
+        return budget_report(self._pipeline.budget, spent, routes, time.time())
+
+    async def release(self) -> list[Problem]:
+        """Re-read `[budget]` and the routes' caps; apply them unless the file has problems.
+
+        Only the caps change: every other setting still needs a restart.
+        """
+        try:
+            fresh, problems = await anyio.to_thread.run_sync(read_config, self._cfg.path)
+        except ConfigError as exc:
+            return exc.problems
+        if problems:
+            return problems
+        self._pipeline.set_budget(budget_limits(fresh))
+        return []
+
+
 @dataclass
 class _Parts:
     cfg: Config
@@ -255,6 +284,7 @@ class _Parts:
             on_callback=pipeline.on_callback,
             on_retry=pipeline.notify_new_jobs,
             admin_token=cfg.http.admin_token,
+            budget=PipelineBudget(pipeline, cfg),
         )
         routes = [
             *webhook_routes(

@@ -237,6 +237,41 @@ async def _jobs(args: argparse.Namespace) -> int:
             return EXIT_PROBLEMS
 
 
+async def _budget_request(session: aiohttp.ClientSession, base: str, *, release: bool) -> int:
+    if release:
+        async with session.post(f"{base}/budget/release") as response:
+            data = await response.json()
+            if response.status != 202:  # noqa: PLR2004 - the release contract
+                err.print(f"release refused ({response.status}): {data.get('error')}")
+                for problem in data.get("problems", []):
+                    err.print(f"  {problem}")
+                return EXIT_PROBLEMS
+    async with session.get(f"{base}/budget") as response:
+        data = await response.json()
+        if response.status != 200:  # noqa: PLR2004 - anything else carries an error
+            err.print(data.get("error", response.reason))
+            return EXIT_PROBLEMS
+    out.print(f"{'scope':<24} {'period':<12} {'spent':>7} {'cap':>7} {'remaining':>9}")
+    for line in data["periods"]:
+        cap = "-" if line["limit"] is None else str(line["limit"])
+        left = "-" if line["remaining"] is None else str(line["remaining"])
+        out.print(f"{line['scope']:<24} {line['period']:<12} {line['spent']:>7} {cap:>7} {left:>9}")
+    out.print(f"held jobs: {data['held']}")
+    return EXIT_OK
+
+
+async def _budget(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    base = args.url or _admin_url(cfg)
+    headers = {"Authorization": f"Bearer {cfg.http.admin_token}"} if cfg.http.admin_token else {}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        try:
+            return await _budget_request(session, base, release=args.action == "release")
+        except aiohttp.ClientConnectionError as exc:
+            err.print(f"cannot reach the service at {base}: {exc}")
+            return EXIT_PROBLEMS
+
+
 def _print_jobs(jobs: list[dict[str, Any]]) -> None:
     job_column = Column("job", no_wrap=True, min_width=len("job_") + 24)
     state_column = Column("state", no_wrap=True, min_width=len("submitting"))
@@ -327,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--status", help="only jobs in this state")
     jobs.add_argument("--limit", type=int, default=50)
     jobs.add_argument("--url", help="the service's admin URL (default: from [http] listen)")
+    budget = command("budget", "billed exports and room left; `release` applies raised caps")
+    budget.add_argument("action", nargs="?", choices=["release"])
+    budget.add_argument("--url", help="the service's admin URL (default: from [http] listen)")
     sim = sub.add_parser("simulator", help="run the AI Studios simulator on its own")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=9900)
@@ -340,6 +378,7 @@ COMMANDS = {
     "preview": _preview,
     "submit": _submit,
     "jobs": _jobs,
+    "budget": _budget,
     "simulator": _simulator,
 }
 

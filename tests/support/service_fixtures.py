@@ -47,6 +47,7 @@ def service_config_text(
     poll_min_s: float = 0.05,
     download: bool = False,
     notify: bool = True,
+    extra: str = "",
 ) -> str:
     """A complete config for one test: fast timings, unique topics, every notify kind."""
     webhook = (
@@ -122,7 +123,8 @@ source = "devices"
 events = ["{prefix}/in/#"]
 template = "promo"
 {PATCHES}
-{targets if notify else ""}"""
+{targets if notify else ""}
+{extra}"""
 
 
 def make_config(tmp_path: Path, **kwargs: Any) -> Config:
