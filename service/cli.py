@@ -67,7 +67,26 @@ async def _check(args: argparse.Namespace) -> int:
         f"ok: {cfg.path}: {len(cfg.sources)} sources, {len(catalog.templates)} templates, "
         f"{len(catalog.routes)} routes, {len(cfg.notify)} notify targets"
     )
+    out.print(f"spending caps: {_caps_summary(cfg)}")
     return EXIT_OK
+
+
+def _caps_summary(cfg: Config) -> str:
+    """The configured spending caps in one line, as `check` reports them."""
+    caps = [
+        f"{count}/{period}"
+        for count, period in (
+            (cfg.budget.exports_per_day, "day"),
+            (cfg.budget.exports_per_month, "month"),
+        )
+        if count is not None
+    ]
+    caps += [
+        f"{route.name} {route.max_exports_per_day}/day"
+        for route in cfg.routes
+        if route.max_exports_per_day is not None
+    ]
+    return ", ".join(caps) or "none (every export is sent)"
 
 
 def _read_event(path: Path, source: str) -> tuple[RawEvent, bytes]:
