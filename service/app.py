@@ -35,10 +35,12 @@ from service.jobs.budget import report as budget_report
 from service.jobs.pipeline import JobPipeline
 from service.jobs.prepare import Preparer
 from service.jobs.ratelimit import RequestGate
+from service.jobs.submitter import RenderCache
 from service.log import get_logger
 from service.metrics import Metrics
 from service.model import Job, JobState, NewOutboxMessage
 from service.notify.build import build_notifiers, outbox_rows_for
+from service.notify.probe import HttpProbe
 from service.notify.sender import Notifier, OutboxSender
 from service.store.base import StaleTransitionError, Store, StoreUnavailableError
 from service.store.factory import store_from_url
@@ -130,7 +132,9 @@ async def run_service(
             notifiers = await stack.enter_async_context(
                 build_notifiers(cfg, store, (api.api_url, api.legacy_url))
             )
-            parts = _Parts(cfg, store, api.client, gate, catalog, notifiers, metrics)
+            probe = HttpProbe()
+            stack.push_async_callback(probe.aclose)
+            parts = _Parts(cfg, store, api.client, gate, catalog, notifiers, metrics, probe)
             await parts.run(api.simulator, api.api_url, shutdown, task_status)
     finally:
         with anyio.CancelScope(shield=True):
@@ -228,9 +232,23 @@ class _Parts:
     catalog: Catalog
     notifiers: Mapping[str, Notifier]
     metrics: Metrics
+    probe: HttpProbe | None = None
 
     def outbox_for(self, job: Job, event_type: str) -> Sequence[NewOutboxMessage]:
         return outbox_rows_for(self.cfg, job, event_type)
+
+    def render_cache(self) -> RenderCache | None:
+        """The render cache, when any route sets `cache_seconds`."""
+        windows = {r.name: r.cache_seconds for r in self.cfg.routes if r.cache_seconds}
+        if not windows or self.probe is None:
+            return None
+
+        def on_hit(job: Job) -> None:
+            self.metrics.cache_hits.labels(route=job.route).inc()
+
+        return RenderCache(
+            seconds_for=lambda job: windows.get(job.route), probe=self.probe, on_hit=on_hit
+        )
 
     def template_of(self, job: Job) -> str:
         """The template a job renders: its render time is learned per template."""
@@ -250,6 +268,7 @@ class _Parts:
             on_ready=self.metrics.observe_ready,
             estimate_key=self.template_of,
             budget=budget_limits(cfg),
+            cache=self.render_cache(),
         )
         sender = OutboxSender(
             store,

@@ -183,6 +183,8 @@ class RouteConfig:
     download: bool = False
     max_exports_per_day: int | None = None
     """This route's own daily cap on billed exports (UTC days), under the global ones."""
+    cache_seconds: float | None = None
+    """Reuse a video whose export body was identical within this many seconds (off: None)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -582,6 +584,9 @@ def _route(t: _Table) -> RouteConfig:
         export_name=t.text("export_name", None),
         download=t.boolean("download", default=False),
         max_exports_per_day=_optional_count(t, "max_exports_per_day"),
+        cache_seconds=t.number("cache_seconds", 0.0, minimum=1.0)
+        if "cache_seconds" in t.data
+        else None,
     )
     t.finish()
     return cfg

@@ -59,6 +59,12 @@ class Metrics:
             buckets=_LAG_BUCKETS_S,
             registry=r,
         )
+        self.cache_hits = Counter(
+            "studiohook_cache_hits_total",
+            "Jobs completed with an identical earlier video instead of a paid export.",
+            ["route"],
+            registry=r,
+        )
         self.budget_spent = Gauge(
             "studiohook_budget_spent",
             "Billed exports recorded in the current period (scope: day, month, route:NAME).",

@@ -42,7 +42,10 @@ ALLOWED_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     JobState.RECEIVED: frozenset({JobState.MAPPED, JobState.REJECTED, JobState.IGNORED}),
     # mapped -> failed: the stored export body is unusable, so there is nothing to POST.
     # mapped -> held: the paid call would exceed a spending cap (decided in its transaction).
-    JobState.MAPPED: frozenset({JobState.SUBMITTING, JobState.FAILED, JobState.HELD}),
+    # mapped -> ready: the render cache reuses an identical earlier video; nothing is posted.
+    JobState.MAPPED: frozenset(
+        {JobState.SUBMITTING, JobState.FAILED, JobState.HELD, JobState.READY}
+    ),
     # held -> mapped: released, in order, once the period rolled over or the cap was raised.
     JobState.HELD: frozenset({JobState.MAPPED}),
     # submitting -> mapped only for a retryable error that certainly created nothing.
@@ -204,6 +207,10 @@ class Job:
     """Until when that claim holds; after it, any worker may take the job over."""
     fence: int = 0
     """Bumped by every claim: a transition naming an older fence is refused."""
+    render_key: str | None = None
+    """The canonical export body's digest, committed with the paid call: the render cache's key."""
+    reused_from: str | None = None
+    """The job whose video this one reused (the render cache), instead of exporting."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +234,8 @@ class JobUpdate:
     video_sha256: str | None = None
     polls: int | None = None
     export_name: str | None = None
+    render_key: str | None = None
+    reused_from: str | None = None
     clear: frozenset[str] = frozenset()
     """Fields set back to NULL (an operator's retry clears the last attempt's outcome)."""
     note: str | None = None

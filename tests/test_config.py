@@ -178,3 +178,12 @@ def test_budget_caps_and_a_route_cap_are_read_and_unset_means_no_cap(tmp_path):
     problems = locations(caught.value)
     assert "budget.exports_per_day" in problems
     assert "budget.per_week" in problems
+
+
+def test_the_render_cache_is_off_unless_a_route_sets_cache_seconds(tmp_path):
+    assert load_config(write(tmp_path, MINIMAL), env={}).routes[0].cache_seconds is None
+    text = MINIMAL.replace('template = "promo"\n', 'template = "promo"\ncache_seconds = 3600\n')
+    assert load_config(write(tmp_path, text), env={}).routes[0].cache_seconds == 3600.0
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text.replace("3600", "0")), env={})
+    assert "routes[0].cache_seconds" in locations(caught.value)

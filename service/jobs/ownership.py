@@ -124,6 +124,10 @@ class OwnedJobs:
         self._slots.settle(job_id, job.state)
         return job
 
+    async def cached_render(self, render_key: str, since: float) -> Job | None:
+        """The latest exported job with this render key ready since `since`."""
+        return await self._store.cached_render(render_key, since)
+
     async def spend_counts(self, since: float) -> dict[str, int]:
         """Billed exports recorded since `since`, per route."""
         return await self._store.spend_counts(since)

@@ -35,7 +35,7 @@ from service.jobs.ports import RenderApi
 from service.jobs.ratelimit import RenderSlots
 from service.jobs.reconcile import Reconciler
 from service.jobs.states import IN_FLIGHT
-from service.jobs.submitter import SCAN_RETRY_S, Submitter, sleep_or_wake
+from service.jobs.submitter import SCAN_RETRY_S, RenderCache, Submitter, sleep_or_wake
 from service.jobs.tracker import (
     PollTiming,
     ReadyHook,
@@ -93,6 +93,7 @@ class JobPipeline:
         estimate_key: Callable[[Job], str] = route_of,
         budget: BudgetLimits | None = None,
         budget_rescan_s: float = BUDGET_RESCAN_S,
+        cache: RenderCache | None = None,
     ) -> None:
         self._prepare = prepare
         self.budget = budget or BudgetLimits()
@@ -134,6 +135,7 @@ class JobPipeline:
             claim_wait_s=lease_s,
             caps=self._caps_for,
             on_held=self._on_held,
+            cache=cache,
         )
         self.reconciler = Reconciler(
             ctx,

@@ -168,10 +168,22 @@ class JobStore(Protocol):
         """Billed exports recorded since `since`, per route."""
         ...
 
+    async def cached_render(self, render_key: str, since: float) -> Job | None:
+        """The latest exported job with this render key ready since `since`."""
+        ...
+
     async def save_render_estimate(self, key: str, seconds: float) -> None:
         """Keep the learned render time of `key` across restarts."""
         ...
 
     async def render_estimates(self) -> dict[str, float]:
         """Every learned render time by key."""
+        ...
+
+
+class UrlProbe(Protocol):
+    """Whether a video URL still downloads (the vendor documents no URL lifetime)."""
+
+    async def downloads(self, url: str) -> bool:
+        """True when the URL answers a HEAD (or a one-byte range GET) with success."""
         ...

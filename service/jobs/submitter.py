@@ -18,9 +18,11 @@ uncertain export is settled by reading it (`reconcile.py`). A lost draft is crea
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -28,6 +30,7 @@ import orjson
 import structlog
 
 from service.backoff import backoff_delay
+from service.jobs.cache import render_key, reuse_since
 from service.jobs.decide import Step, resume_step
 from service.jobs.ports import (
     ExportApi,
@@ -35,6 +38,7 @@ from service.jobs.ports import (
     OutcomeUnknownError,
     RefusedError,
     Sleep,
+    UrlProbe,
 )
 from service.jobs.schedule import retry_delay
 from service.log import get_logger
@@ -66,6 +70,16 @@ _SCAN_LIMIT = 500
 
 
 __all__ = ["ExportApi", "Submitter", "paid_endpoint", "sleep_or_wake"]
+
+
+@dataclass(frozen=True)
+class RenderCache:
+    """What the render cache needs: each job's window, the URL probe, the hit counter."""
+
+    seconds_for: Callable[[Job], float | None]
+    probe: UrlProbe
+    on_hit: Callable[[Job], None] = lambda _job: None
+
 
 CapsFor = Callable[[Job], Sequence[SpendCap]]
 """The spending caps a job's paid call must stay under right now."""
@@ -147,8 +161,12 @@ class Submitter:
         claim_wait_s: float,
         caps: CapsFor = no_caps,
         on_held: Callable[[Job], None] = lambda _job: None,
+        cache: RenderCache | None = None,
     ) -> None:
         self._ctx = ctx
+        self._probe = cache.probe if cache is not None else None
+        self._cache_s = cache.seconds_for if cache is not None else (lambda _job: None)
+        self._on_reused = cache.on_hit if cache is not None else (lambda _job: None)
         self._caps = caps
         self._on_held = on_held
         self._claim = claim
@@ -251,6 +269,9 @@ class Submitter:
         except UnusableBodyError as exc:
             await self._fail(job, {JobState.MAPPED}, "unusable_body", str(exc))
             return
+        key = render_key(job.api, body)
+        if await self._reused(job, key):
+            return
         if resume_step(job.state, job.api, job.project_id) is Step.CREATE_DRAFT:
             drafted = await self._create_draft(job, body)
             if drafted is None:
@@ -262,7 +283,7 @@ class Submitter:
                 job = await self._ctx.store.spend_or_hold(
                     job_id,
                     self._caps(job),
-                    JobUpdate(attempts=job.attempts + 1, callback_token=token),
+                    JobUpdate(attempts=job.attempts + 1, callback_token=token, render_key=key),
                     self._announce_exhausted,
                 )
             except StaleTransitionError:
@@ -273,6 +294,53 @@ class Submitter:
                 return
             # From here on a billed export may exist: never back to `mapped` unless certain.
             await self._post_and_record(job, body, token)
+
+    async def _reused(self, job: Job, key: str) -> bool:
+        """The render cache: end the job with an identical earlier video, if it still downloads.
+
+        Only a job of a route with `cache_seconds` asks; the earlier video must have been
+        exported itself within the window, and its URL is probed first (the vendor documents
+        no URL lifetime): a URL that no longer downloads means exporting normally.
+        """
+        since = reuse_since(self._ctx.clock(), self._cache_s(job))
+        if since is None or self._probe is None:
+            return False
+        earlier = await self._ctx.store.cached_render(key, since)
+        if earlier is None or earlier.job_id == job.job_id or earlier.download_url is None:
+            return False
+        if not await self._probe.downloads(earlier.download_url):
+            log.info("cache.miss_url_gone", earlier_job_id=earlier.job_id)
+            return False
+        now = self._ctx.clock()
+        update = JobUpdate(
+            download_url=earlier.download_url,
+            ready_at=now,
+            progress=100.0,
+            render_key=key,
+            reused_from=earlier.job_id,
+            note=f"reused the video of {earlier.job_id}",
+        )
+        ready = dataclasses.replace(
+            job,
+            state=JobState.READY,
+            download_url=earlier.download_url,
+            ready_at=now,
+            progress=100.0,
+            reused_from=earlier.job_id,
+        )
+        try:
+            moved = await self._ctx.store.transition(
+                job.job_id,
+                {JobState.MAPPED},
+                JobState.READY,
+                update,
+                self._ctx.outbox_for(ready, "video.ready"),
+            )
+        except StaleTransitionError:
+            return True
+        log.info("job.reused", reused_from=earlier.job_id)
+        self._on_reused(moved)
+        return True
 
     async def _create_draft(self, job: Job, body: dict[str, Any]) -> Job | None:
         """Step one of the two-step flow: an unbilled draft whose id is committed on the job.

@@ -58,6 +58,8 @@ def ready_payload(job: Job) -> bytes:
         "ready_at": iso_utc(job.ready_at),
         "attempts": job.attempts,
     }
+    if job.reused_from is not None:
+        body["reused_from"] = job.reused_from
     return orjson.dumps(body)
 
 

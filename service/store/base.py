@@ -158,6 +158,13 @@ class Store(Protocol):
         job's latest spend row inside `transition`'s transaction.
         """
 
+    async def cached_render(self, render_key: str, since: float) -> Job | None:
+        """The render cache's lookup: the latest reusable job with `render_key`, or None.
+
+        Reusable: itself exported (`reused_from` empty), `ready` or `notified` with a download
+        URL, and `ready_at >= since`.
+        """
+
     async def spend_counts(self, since: float) -> dict[str, int]:
         """Spend records with `at >= since`, counted per route (for release, CLI, metrics)."""
 

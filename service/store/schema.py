@@ -129,6 +129,10 @@ _V3 = (
     """,
     "CREATE INDEX spend_at ON spend (at, route)",
     "CREATE INDEX spend_job ON spend (job_id, id)",
+    # The render cache: a job's canonical body digest, and the job whose video it reused.
+    "ALTER TABLE jobs ADD COLUMN render_key TEXT",
+    "ALTER TABLE jobs ADD COLUMN reused_from TEXT",
+    "CREATE INDEX jobs_render_key ON jobs (render_key, ready_at)",
     # A `budget.exhausted` announcement is made once per period: the period's row says so.
     """
     CREATE TABLE budget_alerts (

@@ -297,6 +297,12 @@ class SQLiteStore:
                 listener()
         return job
 
+    async def cached_render(self, render_key: str, since: float) -> Job | None:
+        """The latest exported job with this render key ready since `since` (render cache)."""
+        return await self._read(
+            functools.partial(sql.cached_render, render_key=render_key, since=since)
+        )
+
     async def spend_counts(self, since: float) -> dict[str, int]:
         """Paid calls recorded since `since`, per route."""
         return await self._read(functools.partial(sql.spend_counts, since=since))

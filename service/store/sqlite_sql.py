@@ -343,6 +343,17 @@ def spend_or_hold(
     return job
 
 
+def cached_render(conn: sqlite3.Connection, render_key: str, since: float) -> Job | None:
+    """The latest job with this render key whose own export became ready at or after `since`."""
+    row = conn.execute(
+        f"{_JOB_SELECT} WHERE render_key = ? AND ready_at >= ? AND state IN (?, ?)"
+        " AND download_url IS NOT NULL AND reused_from IS NULL"
+        " ORDER BY ready_at DESC LIMIT 1",
+        (render_key, since, JobState.READY.value, JobState.NOTIFIED.value),
+    ).fetchone()
+    return job_from_row(row) if row is not None else None
+
+
 def spend_counts(conn: sqlite3.Connection, since: float) -> dict[str, int]:
     """Paid calls recorded since `since`, per route."""
     rows = conn.execute(

@@ -192,7 +192,7 @@ async def jobs_harness(
     pipeline and the store alike; other settings to its config. `shared_simulator` keeps one
     simulator across two harnesses on the same `tmp_path` (a restart against the same cloud).
     """
-    pipeline_keys = ("owner_id", "lease_s", "budget", "budget_rescan_s", "clock")
+    pipeline_keys = ("owner_id", "lease_s", "budget", "budget_rescan_s", "clock", "cache")
     ownership = {k: settings.pop(k) for k in pipeline_keys if k in settings}
     config = replace(FAST, **settings)
     pipeline_box: list[JobPipeline] = []
