@@ -213,6 +213,8 @@ class JobPipeline:
             released += 1
         if released:
             log.info("budget.released", count=released, still_held=len(held) - released)
+        if admitted:
+            # Also when another worker released them first: this one may hold their claims.
             self.submitter.wake()
 
     async def _claim_mapped(self, job_id: str) -> Job | None:
