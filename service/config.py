@@ -23,8 +23,8 @@ SOURCE_KINDS = frozenset(
     {"shopify", "woocommerce", "strapi", "contentful", "standard", "hmac", "token", "json", "mqtt"}
 )
 NOTIFY_KINDS = frozenset({"mqtt", "webhook", "file"})
-NOTIFY_EVENTS = frozenset({"video.ready", "video.failed", "budget.exhausted"})
-DEFAULT_NOTIFY_EVENTS = ("video.ready", "video.failed", "budget.exhausted")
+DEFAULT_NOTIFY_EVENTS = ("video.ready", "video.failed", "video.superseded", "budget.exhausted")
+NOTIFY_EVENTS = frozenset(DEFAULT_NOTIFY_EVENTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +185,9 @@ class RouteConfig:
     """This route's own daily cap on billed exports (UTC days), under the global ones."""
     cache_seconds: float | None = None
     """Reuse a video whose export body was identical within this many seconds (off: None)."""
+    coalesce_key: str | None = None
+    """Jinja2: events with the same key within `coalesce_seconds` become one job (the latest)."""
+    coalesce_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -584,6 +587,8 @@ def _route(t: _Table) -> RouteConfig:
         export_name=t.text("export_name", None),
         download=t.boolean("download", default=False),
         max_exports_per_day=_optional_count(t, "max_exports_per_day"),
+        coalesce_key=t.text("coalesce_key", None),
+        coalesce_seconds=t.number("coalesce_seconds", 0.0),
         cache_seconds=t.number("cache_seconds", 0.0, minimum=1.0)
         if "cache_seconds" in t.data
         else None,

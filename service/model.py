@@ -32,22 +32,34 @@ class JobState(StrEnum):
     RECONCILE = "reconcile"
     HELD = "held"
     """Ready to export, but a spending cap is reached: waits for the period or a raised cap."""
+    SUPERSEDED = "superseded"
+    """Coalesced into a newer job for the same key before it was submitted (`superseded_by`)."""
 
 
 TERMINAL_STATES = frozenset(
-    {JobState.NOTIFIED, JobState.IGNORED, JobState.REJECTED, JobState.FAILED}
+    {
+        JobState.NOTIFIED,
+        JobState.IGNORED,
+        JobState.REJECTED,
+        JobState.FAILED,
+        JobState.SUPERSEDED,
+    }
 )
 
 ALLOWED_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
-    JobState.RECEIVED: frozenset({JobState.MAPPED, JobState.REJECTED, JobState.IGNORED}),
+    # received|mapped|held -> superseded: coalesced into a newer job, never once submitted.
+    JobState.RECEIVED: frozenset(
+        {JobState.MAPPED, JobState.REJECTED, JobState.IGNORED, JobState.SUPERSEDED}
+    ),
     # mapped -> failed: the stored export body is unusable, so there is nothing to POST.
     # mapped -> held: the paid call would exceed a spending cap (decided in its transaction).
     # mapped -> ready: the render cache reuses an identical earlier video; nothing is posted.
     JobState.MAPPED: frozenset(
-        {JobState.SUBMITTING, JobState.FAILED, JobState.HELD, JobState.READY}
+        {JobState.SUBMITTING, JobState.FAILED, JobState.HELD, JobState.READY, JobState.SUPERSEDED}
     ),
     # held -> mapped: released, in order, once the period rolled over or the cap was raised.
-    JobState.HELD: frozenset({JobState.MAPPED}),
+    JobState.HELD: frozenset({JobState.MAPPED, JobState.SUPERSEDED}),
+    JobState.SUPERSEDED: frozenset(),
     # submitting -> mapped only for a retryable error that certainly created nothing.
     JobState.SUBMITTING: frozenset(
         {JobState.SUBMITTED, JobState.RECONCILE, JobState.FAILED, JobState.MAPPED}
@@ -211,6 +223,10 @@ class Job:
     """The canonical export body's digest, committed with the paid call: the render cache's key."""
     reused_from: str | None = None
     """The job whose video this one reused (the render cache), instead of exporting."""
+    coalesce_key: str | None = None
+    """`route:key` of a coalescing route: newer events with the same key supersede this job."""
+    superseded_by: str | None = None
+    """The newer job that replaced this one (state `superseded`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +252,8 @@ class JobUpdate:
     export_name: str | None = None
     render_key: str | None = None
     reused_from: str | None = None
+    coalesce_key: str | None = None
+    superseded_by: str | None = None
     clear: frozenset[str] = frozenset()
     """Fields set back to NULL (an operator's retry clears the last attempt's outcome)."""
     note: str | None = None

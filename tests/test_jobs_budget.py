@@ -117,10 +117,11 @@ def test_report_shows_spent_and_remaining_per_period_and_route():
     }
 
 
-def test_held_is_entered_only_from_mapped_and_left_only_back_to_mapped():
+def test_held_is_entered_only_from_mapped_and_never_posts_directly():
     sources = {state for state, targets in ALLOWED_TRANSITIONS.items() if S.HELD in targets}
     assert sources == {S.MAPPED}
-    assert ALLOWED_TRANSITIONS[S.HELD] == {S.MAPPED}
+    # Released back to `mapped`, or replaced by a newer job of its coalescing key.
+    assert ALLOWED_TRANSITIONS[S.HELD] == {S.MAPPED, S.SUPERSEDED}
     assert all(S.HELD not in move for move in REFUNDING_MOVES)
 
 

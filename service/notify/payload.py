@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 VIDEO_READY = "video.ready"
 VIDEO_FAILED = "video.failed"
 BUDGET_EXHAUSTED = "budget.exhausted"
-EVENT_TYPES = frozenset({VIDEO_READY, VIDEO_FAILED, BUDGET_EXHAUSTED})
+VIDEO_SUPERSEDED = "video.superseded"
+EVENT_TYPES = frozenset({VIDEO_READY, VIDEO_FAILED, BUDGET_EXHAUSTED, VIDEO_SUPERSEDED})
 
 
 def iso_utc(timestamp: float | None) -> str | None:
@@ -107,6 +108,9 @@ def outbox_rows(
         payload = failed_payload(job)
     elif event_type == BUDGET_EXHAUSTED:
         payload = budget_exhausted_payload(job)
+    elif event_type == VIDEO_SUPERSEDED:
+        body = _common(job, VIDEO_SUPERSEDED) | {"superseded_by": job.superseded_by}
+        payload = orjson.dumps(body)
     else:
         raise ValueError(f"unknown event type {event_type!r}")
     return [

@@ -165,6 +165,20 @@ class Store(Protocol):
         URL, and `ready_at >= since`.
         """
 
+    async def map_coalesced(
+        self,
+        job_id: str,
+        update: JobUpdate,
+        announce: Callable[[Job], Sequence[NewOutboxMessage]],
+    ) -> Job:
+        """Map a coalescing job, superseding the older waiting jobs of its key: ONE transaction.
+
+        `received -> mapped` with `update` (whose `coalesce_key` is set), and every older
+        `mapped`/`held` job of that key -> `superseded` (`superseded_by` = this job, with the
+        rows `announce(superseded_job)` returns). When a newer waiting job of the key exists,
+        this job is superseded by it instead. Returns this job.
+        """
+
     async def spend_counts(self, since: float) -> dict[str, int]:
         """Spend records with `at >= since`, counted per route (for release, CLI, metrics)."""
 

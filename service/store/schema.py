@@ -133,6 +133,10 @@ _V3 = (
     "ALTER TABLE jobs ADD COLUMN render_key TEXT",
     "ALTER TABLE jobs ADD COLUMN reused_from TEXT",
     "CREATE INDEX jobs_render_key ON jobs (render_key, ready_at)",
+    # Coalescing: jobs of one key supersede each other until one is submitted.
+    "ALTER TABLE jobs ADD COLUMN coalesce_key TEXT",
+    "ALTER TABLE jobs ADD COLUMN superseded_by TEXT",
+    "CREATE INDEX jobs_coalesce_key ON jobs (coalesce_key, seq)",
     # A `budget.exhausted` announcement is made once per period: the period's row says so.
     """
     CREATE TABLE budget_alerts (

@@ -303,6 +303,26 @@ class SQLiteStore:
             functools.partial(sql.cached_render, render_key=render_key, since=since)
         )
 
+    async def map_coalesced(
+        self,
+        job_id: str,
+        update: JobUpdate,
+        announce: Callable[[Job], Sequence[NewOutboxMessage]],
+    ) -> Job:
+        """Map a coalescing job and supersede the older waiting jobs of its key, atomically."""
+        job: Job = await self._write(
+            functools.partial(
+                sql.map_coalesced,
+                job_id=job_id,
+                update=update,
+                announce=announce,
+                now=self._clock(),
+            )
+        )
+        for listener in self._outbox_listeners:
+            listener()
+        return job
+
     async def spend_counts(self, since: float) -> dict[str, int]:
         """Paid calls recorded since `since`, per route."""
         return await self._read(functools.partial(sql.spend_counts, since=since))

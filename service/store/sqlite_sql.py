@@ -354,6 +354,80 @@ def cached_render(conn: sqlite3.Connection, render_key: str, since: float) -> Jo
     return job_from_row(row) if row is not None else None
 
 
+_WAITING = (JobState.MAPPED.value, JobState.HELD.value)
+
+
+def map_coalesced(
+    conn: sqlite3.Connection,
+    *,
+    job_id: str,
+    update: JobUpdate,
+    announce: Callable[[Job], Sequence[NewOutboxMessage]],
+    now: float,
+) -> Job:
+    """`received -> mapped` for a coalescing job, superseding the older waiting jobs of its key.
+
+    Waiting means `mapped` or `held`: a job once submitted is never superseded. A job mapped
+    after a newer one of its key (mapping runs side by side) is itself superseded by it.
+    """
+    key = update.coalesce_key
+    if key is None:
+        raise ValueError("map_coalesced needs update.coalesce_key")
+    row = conn.execute("SELECT seq FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise UnknownJobError(f"job {job_id} does not exist")
+    seq = row["seq"]
+    newer = conn.execute(
+        "SELECT job_id FROM jobs WHERE coalesce_key = ? AND seq > ? AND state IN (?, ?)"
+        " ORDER BY seq DESC LIMIT 1",
+        (key, seq, *_WAITING),
+    ).fetchone()
+    if newer is not None:
+        return _supersede(conn, job_id, {JobState.RECEIVED}, newer["job_id"], key, announce, now)
+    job = transition(
+        conn,
+        job_id=job_id,
+        from_states={JobState.RECEIVED},
+        to_state=JobState.MAPPED,
+        update=update,
+        outbox=(),
+        now=now,
+    )
+    older = conn.execute(
+        "SELECT job_id FROM jobs WHERE coalesce_key = ? AND seq < ? AND state IN (?, ?)"
+        " ORDER BY seq",
+        (key, seq, *_WAITING),
+    ).fetchall()
+    for old in older:
+        _supersede(
+            conn, old["job_id"], {JobState.MAPPED, JobState.HELD}, job_id, key, announce, now
+        )
+    return job
+
+
+def _supersede(  # noqa: PLR0917 - one private helper of map_coalesced
+    conn: sqlite3.Connection,
+    job_id: str,
+    from_states: Collection[JobState],
+    by: str,
+    key: str,
+    announce: Callable[[Job], Sequence[NewOutboxMessage]],
+    now: float,
+) -> Job:
+    superseded = transition(
+        conn,
+        job_id=job_id,
+        from_states=from_states,
+        to_state=JobState.SUPERSEDED,
+        update=JobUpdate(coalesce_key=key, superseded_by=by, note=f"superseded by {by}"),
+        outbox=(),
+        now=now,
+    )
+    for message in announce(superseded):
+        _enqueue(conn, superseded, message, now)
+    return superseded
+
+
 def spend_counts(conn: sqlite3.Connection, since: float) -> dict[str, int]:
     """Paid calls recorded since `since`, per route."""
     rows = conn.execute(

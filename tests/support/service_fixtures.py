@@ -48,6 +48,7 @@ def service_config_text(
     download: bool = False,
     notify: bool = True,
     extra: str = "",
+    route_extra: str = "",
 ) -> str:
     """A complete config for one test: fast timings, unique topics, every notify kind."""
     webhook = (
@@ -116,6 +117,7 @@ source = "shop"
 events = ["products/create"]
 template = "promo"
 download = {str(download).lower()}
+{route_extra}
 {PATCHES}
 [[routes]]
 name = "device-product"
