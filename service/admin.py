@@ -6,7 +6,7 @@ import dataclasses
 import hmac
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -19,6 +19,10 @@ from service.metrics import Metrics
 from service.model import Job, JobState
 from service.store.base import StaleTransitionError, Store, StoreUnavailableError
 
+if TYPE_CHECKING:
+    from service.config import Problem
+    from service.jobs.budget import PeriodReport
+
 log = get_logger("admin")
 
 ReadinessCheck = Callable[[], Awaitable[str | None]]
@@ -29,6 +33,32 @@ MIN_SHORT_ID_CHARS = 4
 MAX_CANDIDATES = 5
 _SHORT_ID = re.compile(rf"[0-9a-f]{{{MIN_SHORT_ID_CHARS},}}")
 """A short job id as `studiohook jobs` shows it: the first hex digits, `job_` optional."""
+
+
+class BudgetControl(Protocol):
+    """The spending caps as operators see and steer them (the daemon's pipeline and config)."""
+
+    async def report(self) -> list[PeriodReport]:
+        """Spent and remaining in each current period, globally and per route."""
+        ...
+
+    async def release(self) -> list[Problem]:
+        """Re-read the caps from the config file and release what they admit; its problems."""
+        ...
+
+
+def budget_view(lines: list[PeriodReport]) -> list[dict[str, Any]]:
+    """Period figures as the admin API and the CLI show them (null: no cap)."""
+    return [
+        {
+            "scope": line.scope,
+            "period": line.period,
+            "limit": line.limit,
+            "spent": line.spent,
+            "remaining": line.remaining,
+        }
+        for line in lines
+    ]
 
 
 def _json(data: Any, status: int = 200) -> web.Response:  # noqa: ANN401 - any JSON value
@@ -80,7 +110,9 @@ class AdminApi:
         on_retry: Callable[[], None],
         admin_token: str | None,
         replay: ReplayEvent | None = None,
+        budget: BudgetControl | None = None,
     ) -> None:
+        self._budget = budget
         self._store = store
         self._metrics = metrics
         self._checks = checks
@@ -98,6 +130,8 @@ class AdminApi:
             web.get("/jobs", self.list_jobs),
             web.get("/jobs/{job_id}", self.show_job),
             web.post("/jobs/{job_id}/retry", self.retry_job),
+            web.get("/budget", self.show_budget),
+            web.post("/budget/release", self.release_budget),
             web.get("/callbacks/{job_id}/{token}", self.callback),
             web.post("/callbacks/{job_id}/{token}", self.callback),
             *(self._events.routes() if self._events is not None else ()),
@@ -123,6 +157,8 @@ class AdminApi:
         try:
             self._metrics.set_job_counts(await self._store.count_jobs_by_state())
             self._metrics.outbox_backlog.set(await self._store.outbox_backlog())
+            if self._budget is not None:
+                self._metrics.set_budget(await self._budget.report())
         except StoreUnavailableError:
             log.warning("metrics.store_unavailable")
         return web.Response(body=self._metrics.render(), content_type="text/plain")
@@ -201,6 +237,34 @@ class AdminApi:
             return _json({"error": str(exc)}, status=409)
         self._on_retry()
         return _json(job_view(job), status=202)
+
+    async def show_budget(self, request: web.Request) -> web.Response:
+        """`GET /budget`: billed exports and room left per period, globally and per route."""
+        if not self._authorised(request):
+            return _json({"error": "admin token required"}, status=401)
+        if self._budget is None:
+            return _json({"error": "no budget in this service"}, status=404)
+        held = await self._store.count_jobs_by_state()
+        lines = budget_view(await self._budget.report())
+        return _json({"periods": lines, "held": held.get(JobState.HELD, 0)})
+
+    async def release_budget(self, request: web.Request) -> web.Response:
+        """`POST /budget/release`: re-read the caps from the config file, release what fits.
+
+        A raised cap takes effect without a restart; a config with problems changes nothing
+        and answers 422 with them.
+        """
+        if not self._authorised(request):
+            return _json({"error": "admin token required"}, status=401)
+        if self._budget is None:
+            return _json({"error": "no budget in this service"}, status=404)
+        problems = await self._budget.release()
+        if problems:
+            return _json(
+                {"error": "config has problems", "problems": [str(p) for p in problems]}, 422
+            )
+        log.info("budget.release_requested")
+        return _json({"periods": budget_view(await self._budget.report())}, status=202)
 
     async def callback(self, request: web.Request) -> web.Response:
         """AI Studios completion callback: only wakes a confirming poll, never trusted itself."""

@@ -27,19 +27,23 @@ from service.aistudios.connect import connect
 from service.aistudios.errors import AIStudiosError
 from service.aistudios.simulator import Simulator, SimulatorKnobs
 from service.catalog import Catalog, load_catalog
-from service.config import Config, ConfigError
+from service.config import Config, ConfigError, Problem, read_config
 from service.console.server import PREFIX as CONSOLE_PREFIX
 from service.console.server import Console
 from service.ingress.mqtt import MqttIngress
 from service.ingress.webhooks import webhook_routes
 from service.intake import StoreIntake
+from service.jobs.budget import BudgetLimits, PeriodReport
+from service.jobs.budget import report as budget_report
 from service.jobs.pipeline import JobPipeline
 from service.jobs.prepare import Preparer
 from service.jobs.ratelimit import RequestGate
+from service.jobs.submitter import RenderCache
 from service.log import get_logger
 from service.metrics import Metrics
 from service.model import Job, JobState, NewOutboxMessage
 from service.notify.build import build_notifiers, outbox_rows_for
+from service.notify.probe import HttpProbe
 from service.notify.sender import Notifier, OutboxSender
 from service.store.base import StaleTransitionError, Store, StoreUnavailableError
 from service.store.factory import store_from_url
@@ -144,7 +148,11 @@ async def run_service(
                 build_notifiers(cfg, store, (api.api_url, api.legacy_url))
             )
             refresher = TemplateRefresher(cfg, catalog, api.client, requests=reload_requests)
-            parts = _Parts(cfg, store, api.client, gate, catalog, notifiers, metrics, refresher)
+            probe = HttpProbe()
+            stack.push_async_callback(probe.aclose)
+            parts = _Parts(
+                cfg, store, api.client, gate, catalog, notifiers, metrics, refresher, probe
+            )
             await parts.run(api.simulator, api.api_url, shutdown, task_status)
     finally:
         with anyio.CancelScope(shield=True):
@@ -192,6 +200,47 @@ def _readiness_checks(
     return {"store": store_check, "aistudios": api_check, "mqtt": mqtt_check}
 
 
+def budget_limits(cfg: Config) -> BudgetLimits:
+    """The spending caps of a config: `[budget]` and each route's `max_exports_per_day`."""
+    return BudgetLimits(
+        exports_per_day=cfg.budget.exports_per_day,
+        exports_per_month=cfg.budget.exports_per_month,
+        route_per_day={
+            route.name: route.max_exports_per_day
+            for route in cfg.routes
+            if route.max_exports_per_day is not None
+        },
+    )
+
+
+class PipelineBudget:
+    """The admin API's view of the caps: the pipeline's figures, the config file's caps."""
+
+    def __init__(self, pipeline: JobPipeline, cfg: Config) -> None:
+        self._pipeline = pipeline
+        self._cfg = cfg
+
+    async def report(self) -> list[PeriodReport]:
+        """Spent and remaining in each current period, globally and per route."""
+        routes = [route.name for route in self._cfg.routes]
+        spent = await self._pipeline.spent()
+        return budget_report(self._pipeline.budget, spent, routes, time.time())
+
+    async def release(self) -> list[Problem]:
+        """Re-read `[budget]` and the routes' caps; apply them unless the file has problems.
+
+        Only the caps change: every other setting still needs a restart.
+        """
+        try:
+            fresh, problems = await anyio.to_thread.run_sync(read_config, self._cfg.path)
+        except ConfigError as exc:
+            return exc.problems
+        if problems:
+            return problems
+        self._pipeline.set_budget(budget_limits(fresh))
+        return []
+
+
 @dataclass
 class _Parts:
     cfg: Config
@@ -202,9 +251,23 @@ class _Parts:
     notifiers: Mapping[str, Notifier]
     metrics: Metrics
     refresher: TemplateRefresher
+    probe: HttpProbe | None = None
 
     def outbox_for(self, job: Job, event_type: str) -> Sequence[NewOutboxMessage]:
         return outbox_rows_for(self.cfg, job, event_type)
+
+    def render_cache(self) -> RenderCache | None:
+        """The render cache, when any route sets `cache_seconds`."""
+        windows = {r.name: r.cache_seconds for r in self.cfg.routes if r.cache_seconds}
+        if not windows or self.probe is None:
+            return None
+
+        def on_hit(job: Job) -> None:
+            self.metrics.cache_hits.labels(route=job.route).inc()
+
+        return RenderCache(
+            seconds_for=lambda job: windows.get(job.route), probe=self.probe, on_hit=on_hit
+        )
 
     def template_of(self, job: Job) -> str:
         """The template a job renders: its render time is learned per template."""
@@ -223,6 +286,8 @@ class _Parts:
             public_url=cfg.http.public_url,
             on_ready=self.metrics.observe_ready,
             estimate_key=self.template_of,
+            budget=budget_limits(cfg),
+            cache=self.render_cache(),
         )
         sender = OutboxSender(
             store,
@@ -263,6 +328,7 @@ class _Parts:
             on_retry=pipeline.notify_new_jobs,
             admin_token=cfg.http.admin_token,
             replay=intake.replay,
+            budget=PipelineBudget(pipeline, cfg),
         )
         console = Console(
             store=self.store,

@@ -85,7 +85,26 @@ async def _check(args: argparse.Namespace) -> int:
         f"ok: {cfg.path}: {len(cfg.sources)} sources, {len(catalog.templates)} templates, "
         f"{len(catalog.routes)} routes, {len(cfg.notify)} notify targets"
     )
+    out.print(f"spending caps: {_caps_summary(cfg)}")
     return EXIT_OK
+
+
+def _caps_summary(cfg: Config) -> str:
+    """The configured spending caps in one line, as `check` reports them."""
+    caps = [
+        f"{count}/{period}"
+        for count, period in (
+            (cfg.budget.exports_per_day, "day"),
+            (cfg.budget.exports_per_month, "month"),
+        )
+        if count is not None
+    ]
+    caps += [
+        f"{route.name} {route.max_exports_per_day}/day"
+        for route in cfg.routes
+        if route.max_exports_per_day is not None
+    ]
+    return ", ".join(caps) or "none (every export is sent)"
 
 
 def _read_event(path: Path, source: str) -> tuple[RawEvent, bytes]:
@@ -326,6 +345,41 @@ def _print_json(data: object) -> None:
     sys.stdout.write(orjson.dumps(data).decode() + "\n")
 
 
+async def _budget_request(session: aiohttp.ClientSession, base: str, *, release: bool) -> int:
+    if release:
+        async with session.post(f"{base}/budget/release") as response:
+            data = await response.json()
+            if response.status != 202:  # noqa: PLR2004 - the release contract
+                err.print(f"release refused ({response.status}): {data.get('error')}")
+                for problem in data.get("problems", []):
+                    err.print(f"  {problem}")
+                return EXIT_PROBLEMS
+    async with session.get(f"{base}/budget") as response:
+        data = await response.json()
+        if response.status != 200:  # noqa: PLR2004 - anything else carries an error
+            err.print(data.get("error", response.reason))
+            return EXIT_PROBLEMS
+    out.print(f"{'scope':<24} {'period':<12} {'spent':>7} {'cap':>7} {'remaining':>9}")
+    for line in data["periods"]:
+        cap = "-" if line["limit"] is None else str(line["limit"])
+        left = "-" if line["remaining"] is None else str(line["remaining"])
+        out.print(f"{line['scope']:<24} {line['period']:<12} {line['spent']:>7} {cap:>7} {left:>9}")
+    out.print(f"held jobs: {data['held']}")
+    return EXIT_OK
+
+
+async def _budget(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    base = args.url or _admin_url(cfg)
+    headers = {"Authorization": f"Bearer {cfg.http.admin_token}"} if cfg.http.admin_token else {}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        try:
+            return await _budget_request(session, base, release=args.action == "release")
+        except aiohttp.ClientConnectionError as exc:
+            err.print(f"cannot reach the service at {base}: {exc}")
+            return EXIT_PROBLEMS
+
+
 async def _events(args: argparse.Namespace) -> int:
     cfg = _load(args)
     headers = {"Authorization": f"Bearer {cfg.http.admin_token}"} if cfg.http.admin_token else {}
@@ -423,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--wide", action="store_true", help="whole job ids, every column, no folding")
     jobs.add_argument("--json", action="store_true", help="the admin API's JSON, for scripts")
     cli_events.add_parser(command)
+    budget = command("budget", "billed exports and room left; `release` applies raised caps")
+    budget.add_argument("action", nargs="?", choices=["release"])
+    budget.add_argument("--url", help="the service's admin URL (default: from [http] listen)")
     sim = sub.add_parser("simulator", help="run the AI Studios simulator on its own")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=9900)
@@ -438,6 +495,7 @@ COMMANDS = {
     "jobs": _jobs,
     "events": _events,
     "reload": _reload,
+    "budget": _budget,
     "simulator": _simulator,
 }
 

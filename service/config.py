@@ -23,7 +23,8 @@ SOURCE_KINDS = frozenset(
     {"shopify", "woocommerce", "strapi", "contentful", "standard", "hmac", "token", "json", "mqtt"}
 )
 NOTIFY_KINDS = frozenset({"mqtt", "webhook", "file"})
-NOTIFY_EVENTS = frozenset({"video.ready", "video.failed"})
+DEFAULT_NOTIFY_EVENTS = ("video.ready", "video.failed", "video.superseded", "budget.exhausted")
+NOTIFY_EVENTS = frozenset(DEFAULT_NOTIFY_EVENTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +208,21 @@ class RouteConfig:
     patches: tuple[tuple[str, str], ...] = ()
     export_name: str | None = None
     download: bool = False
+    max_exports_per_day: int | None = None
+    """This route's own daily cap on billed exports (UTC days), under the global ones."""
+    cache_seconds: float | None = None
+    """Reuse a video whose export body was identical within this many seconds (off: None)."""
+    coalesce_key: str | None = None
+    """Jinja2: events with the same key within `coalesce_seconds` become one job (the latest)."""
+    coalesce_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetConfig:
+    """Global spending caps on billed exports, per UTC day and month; unset means no cap."""
+
+    exports_per_day: int | None = None
+    exports_per_month: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +231,7 @@ class NotifyConfig:
 
     name: str
     kind: str
-    events: tuple[str, ...] = ("video.ready", "video.failed")
+    events: tuple[str, ...] = DEFAULT_NOTIFY_EVENTS
     topic: str = "studiohook/videos/{route}/{job_id}"
     url: str | None = None
     secret: str | None = field(default=None, repr=False)
@@ -237,6 +253,7 @@ class Config:
     templates: tuple[TemplateConfig, ...]
     routes: tuple[RouteConfig, ...]
     notify: tuple[NotifyConfig, ...]
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     def source(self, name: str) -> SourceConfig | None:
         """Look a source up by name."""
@@ -639,6 +656,28 @@ def _route(t: _Table) -> RouteConfig:
         patches=tuple(patches),
         export_name=t.text("export_name", None),
         download=t.boolean("download", default=False),
+        max_exports_per_day=_optional_count(t, "max_exports_per_day"),
+        coalesce_key=t.text("coalesce_key", None),
+        coalesce_seconds=t.number("coalesce_seconds", 0.0),
+        cache_seconds=t.number("cache_seconds", 0.0, minimum=1.0)
+        if "cache_seconds" in t.data
+        else None,
+    )
+    t.finish()
+    return cfg
+
+
+def _optional_count(t: _Table, key: str) -> int | None:
+    """A cap that stays unset (None) unless the key is given; 0 holds every export."""
+    if key not in t.data:
+        return None
+    return t.integer(key, 0)
+
+
+def _budget(t: _Table) -> BudgetConfig:
+    cfg = BudgetConfig(
+        exports_per_day=_optional_count(t, "exports_per_day"),
+        exports_per_month=_optional_count(t, "exports_per_month"),
     )
     t.finish()
     return cfg
@@ -649,11 +688,12 @@ def _notify(t: _Table, base_dir: Path, index: int) -> NotifyConfig:
     kind = t.text("kind", "", choices=NOTIFY_KINDS)
     if "kind" not in t.data:
         t.problems.append(Problem(_join(t.path, "kind"), "is required"))
-    events = t.str_list("events") or ("video.ready", "video.failed")
+    events = t.str_list("events") or DEFAULT_NOTIFY_EVENTS
     for i, event in enumerate(events):
         if event not in NOTIFY_EVENTS:
+            allowed = ", ".join(sorted(NOTIFY_EVENTS))
             t.problems.append(
-                Problem(f"{_join(t.path, 'events')}[{i}]", "must be video.ready or video.failed")
+                Problem(f"{_join(t.path, 'events')}[{i}]", f"must be one of {allowed}")
             )
     path_text = t.text("path", None)
     path = None
@@ -724,6 +764,7 @@ def parse_config(
         templates=tuple(_template(t, base_dir) for t in root.array_of_tables("templates")),
         routes=tuple(_route(t) for t in root.array_of_tables("routes")),
         notify=tuple(_notify(t, base_dir, i) for i, t in enumerate(root.array_of_tables("notify"))),
+        budget=_budget(root.table("budget")),
     )
     root.finish()
     _unique(list(cfg.sources), "sources", problems)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from service.model import Job, JobState
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from service.jobs.budget import PeriodReport
 
 _RENDER_BUCKETS_S = (5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 _LAG_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
@@ -59,6 +66,24 @@ class Metrics:
             buckets=_LAG_BUCKETS_S,
             registry=r,
         )
+        self.cache_hits = Counter(
+            "studiohook_cache_hits_total",
+            "Jobs completed with an identical earlier video instead of a paid export.",
+            ["route"],
+            registry=r,
+        )
+        self.budget_spent = Gauge(
+            "studiohook_budget_spent",
+            "Billed exports recorded in the current period (scope: day, month, route:NAME).",
+            ["scope"],
+            registry=r,
+        )
+        self.budget_remaining = Gauge(
+            "studiohook_budget_remaining",
+            "Exports the spending cap still allows in the current period (capped scopes only).",
+            ["scope"],
+            registry=r,
+        )
         self.outbox_backlog = Gauge(
             "studiohook_outbox_backlog", "Outbox messages not yet delivered.", registry=r
         )
@@ -67,6 +92,13 @@ class Metrics:
         """Refresh the per-state gauge; every state is exported, zero included."""
         for state in JobState:
             self.jobs.labels(state=state.value).set(counts.get(state, 0))
+
+    def set_budget(self, lines: Sequence[PeriodReport]) -> None:
+        """Refresh the spending figures of each period (read from the store at scrape time)."""
+        for line in lines:
+            self.budget_spent.labels(scope=line.scope).set(line.spent)
+            if line.remaining is not None:
+                self.budget_remaining.labels(scope=line.scope).set(line.remaining)
 
     def observe_ready(self, job: Job, callback_at: float | None) -> None:
         """Record a render's cost and timing as it becomes ready."""

@@ -30,16 +30,36 @@ class JobState(StrEnum):
     REJECTED = "rejected"
     FAILED = "failed"
     RECONCILE = "reconcile"
+    HELD = "held"
+    """Ready to export, but a spending cap is reached: waits for the period or a raised cap."""
+    SUPERSEDED = "superseded"
+    """Coalesced into a newer job for the same key before it was submitted (`superseded_by`)."""
 
 
 TERMINAL_STATES = frozenset(
-    {JobState.NOTIFIED, JobState.IGNORED, JobState.REJECTED, JobState.FAILED}
+    {
+        JobState.NOTIFIED,
+        JobState.IGNORED,
+        JobState.REJECTED,
+        JobState.FAILED,
+        JobState.SUPERSEDED,
+    }
 )
 
 ALLOWED_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
-    JobState.RECEIVED: frozenset({JobState.MAPPED, JobState.REJECTED, JobState.IGNORED}),
+    # received|mapped|held -> superseded: coalesced into a newer job, never once submitted.
+    JobState.RECEIVED: frozenset(
+        {JobState.MAPPED, JobState.REJECTED, JobState.IGNORED, JobState.SUPERSEDED}
+    ),
     # mapped -> failed: the stored export body is unusable, so there is nothing to POST.
-    JobState.MAPPED: frozenset({JobState.SUBMITTING, JobState.FAILED}),
+    # mapped -> held: the paid call would exceed a spending cap (decided in its transaction).
+    # mapped -> ready: the render cache reuses an identical earlier video; nothing is posted.
+    JobState.MAPPED: frozenset(
+        {JobState.SUBMITTING, JobState.FAILED, JobState.HELD, JobState.READY, JobState.SUPERSEDED}
+    ),
+    # held -> mapped: released, in order, once the period rolled over or the cap was raised.
+    JobState.HELD: frozenset({JobState.MAPPED, JobState.SUPERSEDED}),
+    JobState.SUPERSEDED: frozenset(),
     # submitting -> mapped only for a retryable error that certainly created nothing.
     JobState.SUBMITTING: frozenset(
         {JobState.SUBMITTED, JobState.RECONCILE, JobState.FAILED, JobState.MAPPED}
@@ -57,6 +77,18 @@ ALLOWED_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
 }
 """Every move a job may make. The store refuses any other: the money rule is here too, as the
 only ways into `submitted` are `submitting` and `reconcile` (where the export was found)."""
+
+REFUNDING_MOVES: frozenset[tuple[JobState, JobState]] = frozenset(
+    {
+        (JobState.SUBMITTING, JobState.MAPPED),
+        (JobState.SUBMITTING, JobState.FAILED),
+        (JobState.RECONCILE, JobState.MAPPED),
+    }
+)
+"""Moves that prove the paid call committed last created nothing (a 429, a refusal, a lookup
+that found no export): the store takes that call's spend record back in the same transaction,
+so the spending caps count billed exports only. `reconcile -> failed` is not one: there the
+outcome stayed unknown, and an unknown export is counted as spent."""
 
 
 API_V3 = "v3"
@@ -219,6 +251,14 @@ class Job:
     """Until when that claim holds; after it, any worker may take the job over."""
     fence: int = 0
     """Bumped by every claim: a transition naming an older fence is refused."""
+    render_key: str | None = None
+    """The canonical export body's digest, committed with the paid call: the render cache's key."""
+    reused_from: str | None = None
+    """The job whose video this one reused (the render cache), instead of exporting."""
+    coalesce_key: str | None = None
+    """`route:key` of a coalescing route: newer events with the same key supersede this job."""
+    superseded_by: str | None = None
+    """The newer job that replaced this one (state `superseded`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,9 +282,28 @@ class JobUpdate:
     video_sha256: str | None = None
     polls: int | None = None
     export_name: str | None = None
+    render_key: str | None = None
+    reused_from: str | None = None
+    coalesce_key: str | None = None
+    superseded_by: str | None = None
     clear: frozenset[str] = frozenset()
     """Fields set back to NULL (an operator's retry clears the last attempt's outcome)."""
     note: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SpendCap:
+    """One spending limit as it applies right now: at most `limit` paid calls since `since`.
+
+    `route` narrows the count to one route's calls (None: every route). `period` names the
+    period ("day:2026-12-01", "month:2026-12", "route:shop:day:2026-12-01"): a
+    `budget.exhausted` announcement is made once per period.
+    """
+
+    period: str
+    since: float
+    limit: int
+    route: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

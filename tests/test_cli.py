@@ -58,6 +58,7 @@ def test_check_accepts_the_shipped_config():
     assert result.returncode == 0, result.stderr
     assert "ok:" in result.stdout
     assert "2 routes" in result.stdout
+    assert "spending caps: none" in result.stdout
 
 
 def test_check_lists_every_problem_with_its_location(tmp_path):

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from service.app import budget_limits
 from service.config import ConfigError, load_config, parse_config
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "product-promo.json"
@@ -162,3 +163,27 @@ def test_templates_export_in_two_steps_unless_one_step_is_chosen(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, wrong), env={})
     assert "one-step" in locations(caught.value)["templates[0].export_flow"]
+
+
+def test_budget_caps_and_a_route_cap_are_read_and_unset_means_no_cap(tmp_path):
+    assert budget_limits(load_config(write(tmp_path, MINIMAL), env={})).enabled is False
+    text = MINIMAL.replace('template = "promo"\n', 'template = "promo"\nmax_exports_per_day = 3\n')
+    text += "\n[budget]\nexports_per_day = 50\nexports_per_month = 1000\n"
+    limits = budget_limits(load_config(write(tmp_path, text), env={}))
+    assert (limits.exports_per_day, limits.exports_per_month) == (50, 1000)
+    assert limits.route_per_day == {"r": 3}
+    bad = MINIMAL + "\n[budget]\nexports_per_day = -1\nper_week = 3\n"
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, bad), env={})
+    problems = locations(caught.value)
+    assert "budget.exports_per_day" in problems
+    assert "budget.per_week" in problems
+
+
+def test_the_render_cache_is_off_unless_a_route_sets_cache_seconds(tmp_path):
+    assert load_config(write(tmp_path, MINIMAL), env={}).routes[0].cache_seconds is None
+    text = MINIMAL.replace('template = "promo"\n', 'template = "promo"\ncache_seconds = 3600\n')
+    assert load_config(write(tmp_path, text), env={}).routes[0].cache_seconds == 3600.0
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text.replace("3600", "0")), env={})
+    assert "routes[0].cache_seconds" in locations(caught.value)

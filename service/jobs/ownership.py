@@ -18,10 +18,10 @@ from service.log import get_logger
 from service.store.base import FencedError
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Sequence
+    from collections.abc import Callable, Collection, Sequence
 
     from service.jobs.ratelimit import RenderSlots
-    from service.model import Job, JobState, JobUpdate, NewOutboxMessage
+    from service.model import Job, JobState, JobUpdate, NewOutboxMessage, SpendCap
     from service.store.base import Store
 
 log = get_logger("jobs.ownership")
@@ -105,6 +105,32 @@ class OwnedJobs:
         # operator moved a finished job: nothing to settle here.
         self._slots.settle(job_id, job.state)
         return job
+
+    async def spend_or_hold(
+        self,
+        job_id: str,
+        caps: Sequence[SpendCap],
+        update: JobUpdate,
+        announce: Callable[[Job, SpendCap], Sequence[NewOutboxMessage]],
+    ) -> Job:
+        """The paid call's commit under the caps, fenced; the slot follows the committed state."""
+        try:
+            job = await self._store.spend_or_hold(
+                job_id, caps, update, announce, fence=self._fences.get(job_id)
+            )
+        except FencedError:
+            self._lose(job_id)
+            raise
+        self._slots.settle(job_id, job.state)
+        return job
+
+    async def cached_render(self, render_key: str, since: float) -> Job | None:
+        """The latest exported job with this render key ready since `since`."""
+        return await self._store.cached_render(render_key, since)
+
+    async def spend_counts(self, since: float) -> dict[str, int]:
+        """Billed exports recorded since `since`, per route."""
+        return await self._store.spend_counts(since)
 
     async def save_render_estimate(self, key: str, seconds: float) -> None:
         """Keep the learned render time of `key` across restarts."""

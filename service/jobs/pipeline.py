@@ -19,6 +19,15 @@ from typing import TYPE_CHECKING
 import anyio
 import structlog
 
+from service.jobs.budget import (
+    BudgetLimits,
+    Spent,
+    caps_for,
+    day_start,
+    month_start,
+    next_rollover,
+    releasable,
+)
 from service.jobs.context import JobLoopContext, end_with_error
 from service.jobs.decide import Step, resume_step
 from service.jobs.ownership import LEASE_S, OwnedJobs
@@ -26,7 +35,7 @@ from service.jobs.ports import RenderApi
 from service.jobs.ratelimit import RenderSlots
 from service.jobs.reconcile import Reconciler
 from service.jobs.states import IN_FLIGHT
-from service.jobs.submitter import SCAN_RETRY_S, Submitter, sleep_or_wake
+from service.jobs.submitter import SCAN_RETRY_S, RenderCache, Submitter, sleep_or_wake
 from service.jobs.tracker import (
     PollTiming,
     ReadyHook,
@@ -35,7 +44,7 @@ from service.jobs.tracker import (
     route_of,
 )
 from service.log import get_logger
-from service.model import Job, JobState, JobUpdate
+from service.model import Job, JobState, JobUpdate, SpendCap
 from service.store.base import StaleTransitionError, StoreUnavailableError
 
 if TYPE_CHECKING:
@@ -56,6 +65,8 @@ Prepare = Callable[[Job], Awaitable[None]]
 _RECOVERY_LIMIT = 100_000
 _PREPARE_BATCH = 100
 _DUMMY_TOKEN = "x" * 32
+BUDGET_RESCAN_S = 60.0
+"""How often held jobs are looked at between rollovers (room freed by a refunded call)."""
 PREPARE_RETRY_S = 1.0
 """How soon mapping is tried again after a store outage deferred a job."""
 
@@ -80,8 +91,14 @@ class JobPipeline:
         owner_id: str | None = None,
         lease_s: float = LEASE_S,
         estimate_key: Callable[[Job], str] = route_of,
+        budget: BudgetLimits | None = None,
+        budget_rescan_s: float = BUDGET_RESCAN_S,
+        cache: RenderCache | None = None,
     ) -> None:
         self._prepare = prepare
+        self.budget = budget or BudgetLimits()
+        self._budget_rescan_s = budget_rescan_s
+        self._budget_wakeup = anyio.Event()
         self.slots = RenderSlots(settings.max_concurrent_exports)
         self.owned = OwnedJobs(
             store, self.slots, owner=owner_id or socket.gethostname(), lease_s=lease_s
@@ -116,6 +133,9 @@ class JobPipeline:
             on_reconcile=self._reconcile,
             claim=self._claim_mapped,
             claim_wait_s=lease_s,
+            caps=self._caps_for,
+            on_held=self._on_held,
+            cache=cache,
         )
         self.reconciler = Reconciler(
             ctx,
@@ -132,6 +152,71 @@ class JobPipeline:
     def _reconcile(self, job: Job) -> None:
         self.reconciler.add(job)
 
+    def _caps_for(self, job: Job) -> tuple[SpendCap, ...]:
+        return caps_for(self.budget, job.route, self._ctx.clock())
+
+    def _on_held(self, _job: Job) -> None:
+        # A refund (an export that created nothing) may have made room since the last scan.
+        self._budget_wakeup.set()
+
+    def set_budget(self, budget: BudgetLimits) -> None:
+        """New caps (a reloaded config): held jobs the new room admits are released now."""
+        self.budget = budget
+        self._budget_wakeup.set()
+
+    def release_held(self) -> None:
+        """Look at the held jobs now (an operator's `studiohook budget release`)."""
+        self._budget_wakeup.set()
+
+    async def spent(self) -> Spent:
+        """Billed exports recorded in the current day and month (all routes, and per route)."""
+        now = self._ctx.clock()
+        today = await self._ctx.store.spend_counts(day_start(now))
+        this_month = await self._ctx.store.spend_counts(month_start(now))
+        return Spent(day=sum(today.values()), month=sum(this_month.values()), route_day=today)
+
+    async def _budget_loop(self) -> None:
+        """Forever: release the held jobs the caps admit, at each rollover and when woken.
+
+        Between rollovers it also looks every `budget_rescan_s`, since a refunded call (one
+        that certainly created nothing) frees room without any other signal.
+        """
+        while True:
+            self._budget_wakeup = anyio.Event()
+            try:
+                await self._release_admitted()
+            except StoreUnavailableError as exc:
+                log.warning("budget.release_failed", error=str(exc))
+            now = self._ctx.clock()
+            wait_s = min(next_rollover(now) - now, self._budget_rescan_s)
+            await sleep_or_wake(self._budget_wakeup, wait_s, self._ctx.sleep)
+
+    async def _release_admitted(self) -> None:
+        held = await self._ctx.store.jobs_in_states({JobState.HELD}, limit=_RECOVERY_LIMIT)
+        if not held:
+            return
+        admitted = releasable(held, self.budget, await self.spent())
+        released = 0
+        for job_id in admitted:
+            try:
+                await self._ctx.store.transition(
+                    job_id,
+                    {JobState.HELD},
+                    JobState.MAPPED,
+                    JobUpdate(
+                        clear=frozenset({"error_code", "error_message", "next_attempt_at"}),
+                        note="released: the spending caps have room",
+                    ),
+                )
+            except StaleTransitionError:
+                continue  # another worker released it first
+            released += 1
+        if released:
+            log.info("budget.released", count=released, still_held=len(held) - released)
+        if admitted:
+            # Also when another worker released them first: this one may hold their claims.
+            self.submitter.wake()
+
     async def _claim_mapped(self, job_id: str) -> Job | None:
         return await self.owned.claim(job_id, {JobState.MAPPED})
 
@@ -147,6 +232,7 @@ class JobPipeline:
             tg.start_soon(self.reconciler.run, name="jobs.reconciler")
             tg.start_soon(self.tracker.run, name="jobs.tracker")
             tg.start_soon(self._lease_loop, name="jobs.leases")
+            tg.start_soon(self._budget_loop, name="jobs.budget")
             task_status.started()
 
     async def recover(self) -> None:

@@ -8,12 +8,12 @@ tests pass fakes of any of them.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from service.aistudios.responses import Progress, ProjectState, ProjectSummary
-    from service.model import Job, JobState, JobUpdate, NewOutboxMessage
+    from service.model import Job, JobState, JobUpdate, NewOutboxMessage, SpendCap
 
 
 # --- what an API call can tell the core ---------------------------------------------------
@@ -165,10 +165,36 @@ class JobStore(Protocol):
         """Change fields without a state change (under this worker's claim)."""
         ...
 
+    async def spend_or_hold(
+        self,
+        job_id: str,
+        caps: Sequence[SpendCap],
+        update: JobUpdate,
+        announce: Callable[[Job, SpendCap], Sequence[NewOutboxMessage]],
+    ) -> Job:
+        """`mapped -> submitting` with a spend record, or `-> held` when a cap is full (atomic)."""
+        ...
+
+    async def spend_counts(self, since: float) -> dict[str, int]:
+        """Billed exports recorded since `since`, per route."""
+        ...
+
+    async def cached_render(self, render_key: str, since: float) -> Job | None:
+        """The latest exported job with this render key ready since `since`."""
+        ...
+
     async def save_render_estimate(self, key: str, seconds: float) -> None:
         """Keep the learned render time of `key` across restarts."""
         ...
 
     async def render_estimates(self) -> dict[str, float]:
         """Every learned render time by key."""
+        ...
+
+
+class UrlProbe(Protocol):
+    """Whether a video URL still downloads (the vendor documents no URL lifetime)."""
+
+    async def downloads(self, url: str) -> bool:
+        """True when the URL answers a HEAD (or a one-byte range GET) with success."""
         ...

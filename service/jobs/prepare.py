@@ -17,7 +17,7 @@ from service.config import Config
 from service.intake import route_context
 from service.jobs.context import OutboxFor, end_with_error
 from service.log import get_logger
-from service.mapping.render import MappingError
+from service.mapping.render import Expression, MappingError, compile_expression, evaluate
 from service.mapping.routes import CompiledRoute, build_export, build_updates
 from service.model import (
     API_LEGACY,
@@ -73,8 +73,19 @@ class Preparer:
         self._catalog = catalog
         self._store = store
         self._outbox_for = outbox_for
+        self._coalesce_expressions: dict[str, Expression] = {}
 
-    def _body_for(self, job: Job, event: StoredEvent) -> tuple[str, dict[str, Any]]:
+    def _coalesce_key(self, route: CompiledRoute, context: dict[str, Any]) -> str | None:
+        """`route:key` of a coalescing route for this event (the key is Jinja2), else None."""
+        text = route.config.coalesce_key
+        if text is None or route.config.coalesce_seconds <= 0:
+            return None
+        expression = self._coalesce_expressions.get(text)
+        if expression is None:
+            expression = self._coalesce_expressions[text] = compile_expression(text)
+        return f"{route.config.name}:{evaluate(expression, context)}"
+
+    def _body_for(self, job: Job, event: StoredEvent) -> tuple[str, dict[str, Any], str | None]:
         route = self._catalog.routes.get(job.route)
         source = self._cfg.source(event.source)
         if route is None or source is None:
@@ -90,7 +101,25 @@ class Preparer:
             event_id=event.event_id,
             event_type=event.event_type,
         )
-        return export_request(self._catalog, route, context, job.export_name)
+        api, body = export_request(self._catalog, route, context, job.export_name)
+        return api, body, self._coalesce_key(route, context)
+
+    async def _map_coalesced(
+        self, job: Job, api: str, body: dict[str, Any], coalesce_key: str
+    ) -> None:
+        """Map the job to wait out its window; older waiting jobs of its key are superseded."""
+        route = self._catalog.routes[job.route]
+        update = JobUpdate(
+            export_body=orjson.dumps(body),
+            api=api,
+            coalesce_key=coalesce_key,
+            next_attempt_at=time.time() + route.config.coalesce_seconds,
+        )
+        mapped = await self._store.map_coalesced(
+            job.job_id, update, lambda superseded: self._outbox_for(superseded, "video.superseded")
+        )
+        if mapped.state is JobState.SUPERSEDED:
+            log.info("job.superseded", job_id=job.job_id, by=mapped.superseded_by)
 
     async def __call__(self, job: Job) -> None:
         """Commit `mapped` with the export body, or `rejected` with the reason."""
@@ -98,7 +127,7 @@ class Preparer:
         if event is None:
             raise LookupError(f"job {job.job_id} has no inbox event {job.event_row}")
         try:
-            api, body = self._body_for(job, event)
+            api, body, coalesce_key = self._body_for(job, event)
         except (MappingError, ValueError, KeyError, TypeError) as exc:
             await end_with_error(
                 self._store,
@@ -112,11 +141,14 @@ class Preparer:
             )
             return
         try:
-            await self._store.transition(
-                job.job_id,
-                {JobState.RECEIVED},
-                JobState.MAPPED,
-                JobUpdate(export_body=orjson.dumps(body), api=api),
-            )
+            if coalesce_key is None:
+                await self._store.transition(
+                    job.job_id,
+                    {JobState.RECEIVED},
+                    JobState.MAPPED,
+                    JobUpdate(export_body=orjson.dumps(body), api=api),
+                )
+            else:
+                await self._map_coalesced(job, api, body, coalesce_key)
         except StaleTransitionError:
             log.info("job.prepare_raced", job_id=job.job_id)

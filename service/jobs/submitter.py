@@ -1,6 +1,8 @@
 """`mapped -> submitting -> submitted`: the one place that spends money.
 
-THE MONEY RULE: `submitting` (attempts + 1) is committed BEFORE the paid POST, so a crash at
+THE MONEY RULE: `submitting` (attempts + 1) is committed BEFORE the paid POST, in the same
+transaction as the spending caps' check and the spend record (`Store.spend_or_hold`: a job
+over a cap goes `held` instead, and no POST leaves), so a crash at
 any point leaves a job that says "a POST may have happened" and is reconciled instead of
 being posted again. After the POST, only a retryable error (nothing was created) sends the job
 back to `mapped`; anything uncertain goes to `reconcile`.
@@ -16,9 +18,11 @@ uncertain export is settled by reading it (`reconcile.py`). A lost draft is crea
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -27,6 +31,7 @@ import structlog
 
 from service.aistudios.paid_requests import TEMPLATE_MODIFY_API
 from service.backoff import backoff_delay
+from service.jobs.cache import render_key, reuse_since
 from service.jobs.decide import Step, resume_step
 from service.jobs.ports import (
     ExportApi,
@@ -34,10 +39,19 @@ from service.jobs.ports import (
     OutcomeUnknownError,
     RefusedError,
     Sleep,
+    UrlProbe,
 )
 from service.jobs.schedule import retry_delay
 from service.log import get_logger
-from service.model import API_LEGACY, API_V3, Job, JobState, JobUpdate
+from service.model import (
+    API_LEGACY,
+    API_V3,
+    Job,
+    JobState,
+    JobUpdate,
+    NewOutboxMessage,
+    SpendCap,
+)
 from service.store.base import StaleTransitionError, StoreUnavailableError
 
 if TYPE_CHECKING:
@@ -56,6 +70,25 @@ _SCAN_LIMIT = 500
 
 
 __all__ = ["ExportApi", "Submitter", "paid_endpoint", "sleep_or_wake"]
+
+
+@dataclass(frozen=True)
+class RenderCache:
+    """What the render cache needs: each job's window, the URL probe, the hit counter."""
+
+    seconds_for: Callable[[Job], float | None]
+    probe: UrlProbe
+    on_hit: Callable[[Job], None] = lambda _job: None
+
+
+CapsFor = Callable[[Job], Sequence[SpendCap]]
+"""The spending caps a job's paid call must stay under right now."""
+
+
+def no_caps(_job: Job) -> Sequence[SpendCap]:
+    """No spending cap configured."""
+    return ()
+
 
 ClaimMapped = Callable[[str], Awaitable[Job | None]]
 """Claim one `mapped` job for this worker; None when another worker's lease holds it."""
@@ -128,8 +161,16 @@ class Submitter:
         on_reconcile: Callable[[Job], None],
         claim: ClaimMapped,
         claim_wait_s: float,
+        caps: CapsFor = no_caps,
+        on_held: Callable[[Job], None] = lambda _job: None,
+        cache: RenderCache | None = None,
     ) -> None:
         self._ctx = ctx
+        self._probe = cache.probe if cache is not None else None
+        self._cache_s = cache.seconds_for if cache is not None else (lambda _job: None)
+        self._on_reused = cache.on_hit if cache is not None else (lambda _job: None)
+        self._caps = caps
+        self._on_held = on_held
         self._claim = claim
         self._claim_wait_s = claim_wait_s
         self._max_retries = max_retries
@@ -142,6 +183,11 @@ class Submitter:
         self._draining = False
         self._idle = anyio.Event()
         self._idle.set()
+
+    def _announce_exhausted(self, job: Job, cap: SpendCap) -> Sequence[NewOutboxMessage]:
+        """The `budget.exhausted` rows, inserted by the store once per exhausted period."""
+        del cap  # the held job's error message names the period and its cap
+        return self._ctx.outbox_for(job, "budget.exhausted")
 
     def wake(self) -> None:
         """New or returned `mapped` jobs: scan again now."""
@@ -225,6 +271,9 @@ class Submitter:
         except UnusableBodyError as exc:
             await self._fail(job, {JobState.MAPPED}, "unusable_body", str(exc))
             return
+        key = render_key(job.api, body)
+        if await self._reused(job, key):
+            return
         if resume_step(job.state, job.api, job.project_id) is Step.CREATE_DRAFT:
             drafted = await self._create_draft(job, body)
             if drafted is None:
@@ -233,16 +282,67 @@ class Submitter:
         token = secrets.token_urlsafe(24) if self._public_url and job.api != API_LEGACY else None
         async with self._ctx.gate.turn(paid_endpoint(job)):
             try:
-                job = await self._ctx.store.transition(
+                job = await self._ctx.store.spend_or_hold(
                     job_id,
-                    {JobState.MAPPED},
-                    JobState.SUBMITTING,
-                    JobUpdate(attempts=job.attempts + 1, callback_token=token),
+                    self._caps(job),
+                    JobUpdate(attempts=job.attempts + 1, callback_token=token, render_key=key),
+                    self._announce_exhausted,
                 )
             except StaleTransitionError:
                 return
+            if job.state is JobState.HELD:
+                log.warning("job.held", reason=job.error_message)
+                self._on_held(job)
+                return
             # From here on a billed export may exist: never back to `mapped` unless certain.
             await self._post_and_record(job, body, token)
+
+    async def _reused(self, job: Job, key: str) -> bool:
+        """The render cache: end the job with an identical earlier video, if it still downloads.
+
+        Only a job of a route with `cache_seconds` asks; the earlier video must have been
+        exported itself within the window, and its URL is probed first (the vendor documents
+        no URL lifetime): a URL that no longer downloads means exporting normally.
+        """
+        since = reuse_since(self._ctx.clock(), self._cache_s(job))
+        if since is None or self._probe is None:
+            return False
+        earlier = await self._ctx.store.cached_render(key, since)
+        if earlier is None or earlier.job_id == job.job_id or earlier.download_url is None:
+            return False
+        if not await self._probe.downloads(earlier.download_url):
+            log.info("cache.miss_url_gone", earlier_job_id=earlier.job_id)
+            return False
+        now = self._ctx.clock()
+        update = JobUpdate(
+            download_url=earlier.download_url,
+            ready_at=now,
+            progress=100.0,
+            render_key=key,
+            reused_from=earlier.job_id,
+            note=f"reused the video of {earlier.job_id}",
+        )
+        ready = dataclasses.replace(
+            job,
+            state=JobState.READY,
+            download_url=earlier.download_url,
+            ready_at=now,
+            progress=100.0,
+            reused_from=earlier.job_id,
+        )
+        try:
+            moved = await self._ctx.store.transition(
+                job.job_id,
+                {JobState.MAPPED},
+                JobState.READY,
+                update,
+                self._ctx.outbox_for(ready, "video.ready"),
+            )
+        except StaleTransitionError:
+            return True
+        log.info("job.reused", reused_from=earlier.job_id)
+        self._on_reused(moved)
+        return True
 
     async def _create_draft(self, job: Job, body: dict[str, Any]) -> Job | None:
         """Step one of the two-step flow: an unbilled draft whose id is committed on the job.

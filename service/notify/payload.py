@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 
 VIDEO_READY = "video.ready"
 VIDEO_FAILED = "video.failed"
-EVENT_TYPES = frozenset({VIDEO_READY, VIDEO_FAILED})
+BUDGET_EXHAUSTED = "budget.exhausted"
+VIDEO_SUPERSEDED = "video.superseded"
+EVENT_TYPES = frozenset({VIDEO_READY, VIDEO_FAILED, BUDGET_EXHAUSTED, VIDEO_SUPERSEDED})
 
 
 def iso_utc(timestamp: float | None) -> str | None:
@@ -57,6 +59,8 @@ def ready_payload(job: Job) -> bytes:
         "ready_at": iso_utc(job.ready_at),
         "attempts": job.attempts,
     }
+    if job.reused_from is not None:
+        body["reused_from"] = job.reused_from
     return orjson.dumps(body)
 
 
@@ -76,6 +80,20 @@ def failed_payload(job: Job) -> bytes:
     return orjson.dumps(body)
 
 
+def budget_exhausted_payload(job: Job) -> bytes:
+    """Build `budget.exhausted`: the first job a full cap held, with the cap and its period.
+
+    Sent once per period (the store records the announcement with the hold); the held jobs
+    are exported, in order, when the period rolls over or the cap is raised.
+    """
+    body = _common(job, BUDGET_EXHAUSTED)
+    body |= {
+        "state": "held",
+        "error": {"code": job.error_code or "budget_exhausted", "message": job.error_message},
+    }
+    return orjson.dumps(body)
+
+
 def outbox_rows(
     job: Job, event_type: str, targets: Sequence[NotifyConfig]
 ) -> list[NewOutboxMessage]:
@@ -88,6 +106,11 @@ def outbox_rows(
         payload = ready_payload(job)
     elif event_type == VIDEO_FAILED:
         payload = failed_payload(job)
+    elif event_type == BUDGET_EXHAUSTED:
+        payload = budget_exhausted_payload(job)
+    elif event_type == VIDEO_SUPERSEDED:
+        body = _common(job, VIDEO_SUPERSEDED) | {"superseded_by": job.superseded_by}
+        payload = orjson.dumps(body)
     else:
         raise ValueError(f"unknown event type {event_type!r}")
     return [

@@ -22,6 +22,7 @@ from service.model import (
     NewOutboxMessage,
     OutboxMessage,
     Replay,
+    SpendCap,
     StoredEvent,
     Transition,
 )
@@ -171,6 +172,52 @@ class Store(Protocol):
         `take_own=False` (a running worker's take-over scan) claims only jobs whose lease
         ended and that another worker, or nobody, held.
         """
+
+    async def spend_or_hold(
+        self,
+        job_id: str,
+        caps: Sequence[SpendCap],
+        update: JobUpdate,
+        announce: Callable[[Job, SpendCap], Sequence[NewOutboxMessage]],
+        *,
+        fence: int | None = None,
+    ) -> Job:
+        """The paid call's commit under the spending caps, in ONE transaction.
+
+        Counts the spend records under each cap (`at >= cap.since`, of `cap.route` when set);
+        if all have room, moves the `mapped` job to `submitting` with `update` and records one
+        spend row (job, route, export name, now). Otherwise moves it to `held` (error code
+        `budget_exhausted`) and, the first time that cap's `period` is exhausted, inserts the
+        rows `announce(held_job, cap)` returns. The count and the write must not interleave
+        with another caller's: SQLite's single writer serialises them; another engine must
+        lock (e.g. one advisory transaction lock) so concurrent workers never overshoot.
+        Fenced and stale as `transition`. A move in `model.REFUNDING_MOVES` deletes the
+        job's latest spend row inside `transition`'s transaction.
+        """
+
+    async def cached_render(self, render_key: str, since: float) -> Job | None:
+        """The render cache's lookup: the latest reusable job with `render_key`, or None.
+
+        Reusable: itself exported (`reused_from` empty), `ready` or `notified` with a download
+        URL, and `ready_at >= since`.
+        """
+
+    async def map_coalesced(
+        self,
+        job_id: str,
+        update: JobUpdate,
+        announce: Callable[[Job], Sequence[NewOutboxMessage]],
+    ) -> Job:
+        """Map a coalescing job, superseding the older waiting jobs of its key: ONE transaction.
+
+        `received -> mapped` with `update` (whose `coalesce_key` is set), and every older
+        `mapped`/`held` job of that key -> `superseded` (`superseded_by` = this job, with the
+        rows `announce(superseded_job)` returns). When a newer waiting job of the key exists,
+        this job is superseded by it instead. Returns this job.
+        """
+
+    async def spend_counts(self, since: float) -> dict[str, int]:
+        """Spend records with `at >= since`, counted per route (for release, CLI, metrics)."""
 
     async def save_render_estimate(self, key: str, seconds: float) -> None:
         """Keep the learned render time of `key` (a template) across restarts."""

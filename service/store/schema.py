@@ -124,7 +124,39 @@ _V3 = (
     """,
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
+_V4 = (
+    # One row per paid call committed (the spending caps count these); a move that proves
+    # the call created nothing deletes its row in the same transaction.
+    """
+    CREATE TABLE spend (
+        id          INTEGER PRIMARY KEY,
+        job_id      TEXT NOT NULL REFERENCES jobs (job_id),
+        route       TEXT NOT NULL,
+        export_name TEXT NOT NULL,
+        at          REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX spend_at ON spend (at, route)",
+    "CREATE INDEX spend_job ON spend (job_id, id)",
+    # The render cache: a job's canonical body digest, and the job whose video it reused.
+    "ALTER TABLE jobs ADD COLUMN render_key TEXT",
+    "ALTER TABLE jobs ADD COLUMN reused_from TEXT",
+    "CREATE INDEX jobs_render_key ON jobs (render_key, ready_at)",
+    # Coalescing: jobs of one key supersede each other until one is submitted.
+    "ALTER TABLE jobs ADD COLUMN coalesce_key TEXT",
+    "ALTER TABLE jobs ADD COLUMN superseded_by TEXT",
+    "CREATE INDEX jobs_coalesce_key ON jobs (coalesce_key, seq)",
+    # A `budget.exhausted` announcement is made once per period: the period's row says so.
+    """
+    CREATE TABLE budget_alerts (
+        period TEXT PRIMARY KEY,
+        job_id TEXT NOT NULL,
+        at     REAL NOT NULL
+    )
+    """,
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4)
 """Statements of each migration; `MIGRATIONS[n]` moves user_version from n to n + 1."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import orjson
 
 from service.model import (
     ALLOWED_TRANSITIONS,
+    REFUNDING_MOVES,
     TERMINAL_STATES,
     Acceptance,
     EventStatus,
@@ -27,6 +28,7 @@ from service.model import (
     OutboxMessage,
     Replay,
     ReplayedJob,
+    SpendCap,
     StoredEvent,
     Transition,
 )
@@ -473,9 +475,174 @@ def transition(
         at=now,
         note=update.note if update else None,
     )
+    if (current, to_state) in REFUNDING_MOVES:
+        conn.execute(
+            "DELETE FROM spend WHERE id = (SELECT MAX(id) FROM spend WHERE job_id = ?)", (job_id,)
+        )
     for message in outbox:
         _enqueue(conn, job, message, now)
     return job
+
+
+def _spent_under(conn: sqlite3.Connection, cap: SpendCap) -> int:
+    if cap.route is None:
+        row = conn.execute("SELECT COUNT(*) FROM spend WHERE at >= ?", (cap.since,)).fetchone()
+    else:
+        row = conn.execute(
+            "SELECT COUNT(*) FROM spend WHERE at >= ? AND route = ?", (cap.since, cap.route)
+        ).fetchone()
+    return int(row[0])
+
+
+def spend_or_hold(
+    conn: sqlite3.Connection,
+    *,
+    job_id: str,
+    caps: Sequence[SpendCap],
+    update: JobUpdate,
+    announce: Callable[[Job, SpendCap], Sequence[NewOutboxMessage]],
+    now: float,
+    fence: int | None = None,
+) -> Job:
+    """`mapped -> submitting` with a spend record, or `mapped -> held` when a cap is full.
+
+    Runs in the writer's transaction, so the count, the decision and the record are one
+    atomic step: no two paid calls can both take the last unit of room.
+    """
+    current = _current_state(conn, job_id, fence)
+    if current is not JobState.MAPPED:
+        raise StaleTransitionError(f"job {job_id} is {current}, expected mapped")
+    for cap in caps:
+        if _spent_under(conn, cap) < cap.limit:
+            continue
+        reason = f"spending cap reached: {cap.limit} exports in {cap.period}"
+        held = transition(
+            conn,
+            job_id=job_id,
+            from_states={JobState.MAPPED},
+            to_state=JobState.HELD,
+            update=JobUpdate(error_code="budget_exhausted", error_message=reason, note=reason),
+            outbox=(),
+            now=now,
+            fence=fence,
+        )
+        first = conn.execute(
+            "INSERT INTO budget_alerts (period, job_id, at) VALUES (?, ?, ?)"
+            " ON CONFLICT (period) DO NOTHING",
+            (cap.period, job_id, now),
+        ).rowcount
+        if first:
+            for message in announce(held, cap):
+                _enqueue(conn, held, message, now)
+        return held
+    job = transition(
+        conn,
+        job_id=job_id,
+        from_states={JobState.MAPPED},
+        to_state=JobState.SUBMITTING,
+        update=update,
+        outbox=(),
+        now=now,
+        fence=fence,
+    )
+    conn.execute(
+        "INSERT INTO spend (job_id, route, export_name, at) VALUES (?, ?, ?, ?)",
+        (job_id, job.route, job.export_name, now),
+    )
+    return job
+
+
+def cached_render(conn: sqlite3.Connection, render_key: str, since: float) -> Job | None:
+    """The latest job with this render key whose own export became ready at or after `since`."""
+    row = conn.execute(
+        f"{_JOB_SELECT} WHERE render_key = ? AND ready_at >= ? AND state IN (?, ?)"
+        " AND download_url IS NOT NULL AND reused_from IS NULL"
+        " ORDER BY ready_at DESC LIMIT 1",
+        (render_key, since, JobState.READY.value, JobState.NOTIFIED.value),
+    ).fetchone()
+    return job_from_row(row) if row is not None else None
+
+
+_WAITING = (JobState.MAPPED.value, JobState.HELD.value)
+
+
+def map_coalesced(
+    conn: sqlite3.Connection,
+    *,
+    job_id: str,
+    update: JobUpdate,
+    announce: Callable[[Job], Sequence[NewOutboxMessage]],
+    now: float,
+) -> Job:
+    """`received -> mapped` for a coalescing job, superseding the older waiting jobs of its key.
+
+    Waiting means `mapped` or `held`: a job once submitted is never superseded. A job mapped
+    after a newer one of its key (mapping runs side by side) is itself superseded by it.
+    """
+    key = update.coalesce_key
+    if key is None:
+        raise ValueError("map_coalesced needs update.coalesce_key")
+    row = conn.execute("SELECT seq FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise UnknownJobError(f"job {job_id} does not exist")
+    seq = row["seq"]
+    newer = conn.execute(
+        "SELECT job_id FROM jobs WHERE coalesce_key = ? AND seq > ? AND state IN (?, ?)"
+        " ORDER BY seq DESC LIMIT 1",
+        (key, seq, *_WAITING),
+    ).fetchone()
+    if newer is not None:
+        return _supersede(conn, job_id, {JobState.RECEIVED}, newer["job_id"], key, announce, now)
+    job = transition(
+        conn,
+        job_id=job_id,
+        from_states={JobState.RECEIVED},
+        to_state=JobState.MAPPED,
+        update=update,
+        outbox=(),
+        now=now,
+    )
+    older = conn.execute(
+        "SELECT job_id FROM jobs WHERE coalesce_key = ? AND seq < ? AND state IN (?, ?)"
+        " ORDER BY seq",
+        (key, seq, *_WAITING),
+    ).fetchall()
+    for old in older:
+        _supersede(
+            conn, old["job_id"], {JobState.MAPPED, JobState.HELD}, job_id, key, announce, now
+        )
+    return job
+
+
+def _supersede(  # noqa: PLR0917 - one private helper of map_coalesced
+    conn: sqlite3.Connection,
+    job_id: str,
+    from_states: Collection[JobState],
+    by: str,
+    key: str,
+    announce: Callable[[Job], Sequence[NewOutboxMessage]],
+    now: float,
+) -> Job:
+    superseded = transition(
+        conn,
+        job_id=job_id,
+        from_states=from_states,
+        to_state=JobState.SUPERSEDED,
+        update=JobUpdate(coalesce_key=key, superseded_by=by, note=f"superseded by {by}"),
+        outbox=(),
+        now=now,
+    )
+    for message in announce(superseded):
+        _enqueue(conn, superseded, message, now)
+    return superseded
+
+
+def spend_counts(conn: sqlite3.Connection, since: float) -> dict[str, int]:
+    """Paid calls recorded since `since`, per route."""
+    rows = conn.execute(
+        "SELECT route, COUNT(*) AS n FROM spend WHERE at >= ? GROUP BY route", (since,)
+    ).fetchall()
+    return {row["route"]: int(row["n"]) for row in rows}
 
 
 def _enqueue(conn: sqlite3.Connection, job: Job, message: NewOutboxMessage, now: float) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Collection, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,22 @@ class ObservedStore:
         finally:
             self._signal()
 
+    async def spend_or_hold(self, *args: Any, **kwargs: Any) -> Job:
+        try:
+            return await self.inner.spend_or_hold(*args, **kwargs)
+        finally:
+            self._signal()
+
+    async def wait_until(self, check: Any, timeout_s: float = 15.0) -> Any:
+        """Await `check()` (an async predicate over the store) until it returns a truthy value."""
+        with anyio.fail_after(timeout_s):
+            while True:
+                changed = self._changed
+                result = await check()
+                if result:
+                    return result
+                await changed.wait()
+
     async def wait_for(
         self, job_id: str, states: Collection[JobState], timeout_s: float = 15.0
     ) -> Job:
@@ -167,13 +183,17 @@ async def jobs_harness(
     callbacks: bool = False,
     start: bool = True,
     on_ready: ReadyHook = ignore_ready,
+    shared_simulator: Simulator | None = None,
     **settings: Any,
 ) -> AsyncIterator[JobsHarness]:
     """A pipeline on a fresh store and simulator; `callbacks` serves the callback route.
 
-    `owner_id` and `lease_s` go to the pipeline (its claims); other settings to its config.
+    `owner_id`, `lease_s`, `budget`, `budget_rescan_s` go to the pipeline; `clock` to the
+    pipeline and the store alike; other settings to its config. `shared_simulator` keeps one
+    simulator across two harnesses on the same `tmp_path` (a restart against the same cloud).
     """
-    ownership = {k: settings.pop(k) for k in ("owner_id", "lease_s") if k in settings}
+    pipeline_keys = ("owner_id", "lease_s", "budget", "budget_rescan_s", "clock", "cache")
+    ownership = {k: settings.pop(k) for k in pipeline_keys if k in settings}
     config = replace(FAST, **settings)
     pipeline_box: list[JobPipeline] = []
 
@@ -184,7 +204,7 @@ async def jobs_harness(
             return web.Response(status=204 if accepted else 404)
         return web.Response(status=404)
 
-    inner = SQLiteStore(tmp_path / "jobs.db")
+    inner = SQLiteStore(tmp_path / "jobs.db", clock=ownership.get("clock", time.time))
     await inner.open()
     store = ObservedStore(inner)
     gate = RequestGate(
@@ -192,7 +212,11 @@ async def jobs_harness(
     )
     try:
         async with (
-            running_simulator(knobs or SimulatorKnobs(render_seconds=0.3)) as simulator,
+            (
+                nullcontext(shared_simulator)
+                if shared_simulator is not None
+                else running_simulator(knobs or SimulatorKnobs(render_seconds=0.3))
+            ) as simulator,
             client_for(simulator, before_request=gate) as client,
             tiny_server(route) as callback_base,
         ):

@@ -47,6 +47,8 @@ def service_config_text(
     poll_min_s: float = 0.05,
     download: bool = False,
     notify: bool = True,
+    extra: str = "",
+    route_extra: str = "",
 ) -> str:
     """A complete config for one test: fast timings, unique topics, every notify kind."""
     webhook = (
@@ -115,6 +117,7 @@ source = "shop"
 events = ["products/create"]
 template = "promo"
 download = {str(download).lower()}
+{route_extra}
 {PATCHES}
 [[routes]]
 name = "device-product"
@@ -122,7 +125,8 @@ source = "devices"
 events = ["{prefix}/in/#"]
 template = "promo"
 {PATCHES}
-{targets if notify else ""}"""
+{targets if notify else ""}
+{extra}"""
 
 
 def make_config(tmp_path: Path, **kwargs: Any) -> Config:
