@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from service.store.base import Store
+from service.store.postgres import PostgresStore
 from service.store.sqlite import SQLiteStore
 
 _SQLITE_PREFIX = "sqlite:///"
@@ -25,9 +26,13 @@ def sqlite_path(url: str) -> Path:
 
 
 def store_from_url(url: str, *, clock: Callable[[], float] = time.time) -> Store:
-    """Build (not open) the store a URL names; unknown or unavailable engines are ValueError."""
+    """Build (not open) the store a URL names; unknown engines are ValueError.
+
+    `postgresql://user:pass@host/db` (or `postgres://`) is the shared engine several instances
+    can run on; the URL is handed to libpq as it is, so its query parameters (sslmode, ...) work.
+    """
     if url.startswith(_SQLITE_PREFIX):
         return SQLiteStore(sqlite_path(url), clock=clock)
     if url.startswith(("postgresql://", "postgres://")):
-        raise ValueError("PostgreSQL engine is not available yet")
+        return PostgresStore(url, clock=clock)
     raise ValueError(f"unsupported store URL {url!r}: use sqlite:///PATH or postgresql://")
