@@ -43,6 +43,7 @@ from service.notify.build import build_notifiers, outbox_rows_for
 from service.notify.sender import Notifier, OutboxSender
 from service.store.base import StaleTransitionError, Store, StoreUnavailableError
 from service.store.factory import store_from_url
+from service.store.postgres import PostgresStore
 from service.summary import startup_summary
 from service.template_refresh import ReloadRequests, TemplateRefresher, reload_routes
 
@@ -223,6 +224,7 @@ class _Parts:
             public_url=cfg.http.public_url,
             on_ready=self.metrics.observe_ready,
             estimate_key=self.template_of,
+            owner_id=cfg.service.instance or None,
         )
         sender = OutboxSender(
             store,
@@ -285,6 +287,10 @@ class _Parts:
         async with anyio.create_task_group() as workers:
             await workers.start(pipeline.run, name="jobs")
             await workers.start(sender.run, name="outbox")
+            if isinstance(self.store, PostgresStore):
+                # Other instances' commits wake this one's loops (LISTEN/NOTIFY).
+                self.store.add_work_listener(pipeline.notify_new_jobs)
+                await workers.start(self.store.listen, name="store-notifications")
             workers.start_soon(_purge_dedupe, self.store, name="dedupe-purge")
             workers.start_soon(self.refresher.run, name="template-refresh")
             async with anyio.create_task_group() as intake_group:

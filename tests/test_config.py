@@ -162,3 +162,15 @@ def test_templates_export_in_two_steps_unless_one_step_is_chosen(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, wrong), env={})
     assert "one-step" in locations(caught.value)["templates[0].export_flow"]
+
+
+def test_a_postgresql_store_and_the_instance_id_come_from_the_environment(tmp_path):
+    text = (
+        '[service]\ninstance = "${STUDIOHOOK_INSTANCE:-}"\n'
+        '[store]\nurl = "${DATABASE_URL}"\n' + MINIMAL
+    )
+    env = {"DATABASE_URL": "postgresql://u:p@db/studiohook", "STUDIOHOOK_INSTANCE": "web-2"}
+    cfg = load_config(write(tmp_path, text), env=env)
+    assert cfg.store.url == "postgresql://u:p@db/studiohook"
+    assert cfg.service.instance == "web-2"
+    assert load_config(write(tmp_path, MINIMAL), env={}).service.instance == ""

@@ -7,7 +7,7 @@ import anyio
 import psycopg
 import pytest
 
-from service.model import JobState, JobUpdate
+from service.model import JobState, JobUpdate, NewOutboxMessage
 from service.store.base import FencedError, StoreUnavailableError
 from service.store.postgres import PostgresStore, SchemaTooNewError
 from service.store.postgres_schema import SCHEMA_VERSION
@@ -141,3 +141,37 @@ async def test_an_instance_whose_lease_was_taken_over_cannot_move_the_job(
         job.job_id, {S}, JobState.SUBMITTED, JobUpdate(project_id="p2"), fence=taken.fence
     )
     assert (moved.project_id, moved.owner, moved.progress) == ("p2", "w2", 0.0)
+
+
+async def test_an_idle_instance_is_woken_by_work_another_instance_commits(two_instances):
+    first, second = two_instances
+    new_jobs, announcements = anyio.Event(), anyio.Event()
+    second.add_work_listener(new_jobs.set)
+    second.add_outbox_listener(announcements.set)
+    event = sample_event("k1")
+    job = sample_job(event)
+    async with anyio.create_task_group() as tg:
+        await tg.start(second.listen)
+        assert not new_jobs.is_set()
+        await first.accept_event(event, [job])
+        with anyio.fail_after(5):
+            await new_jobs.wait()
+        assert not announcements.is_set()
+        await first.transition(job.job_id, {JobState.RECEIVED}, M)
+        await first.transition(
+            job.job_id,
+            {M},
+            JobState.FAILED,
+            None,
+            [
+                NewOutboxMessage(
+                    target="mqtt",
+                    event_type="video.failed",
+                    payload=b"{}",
+                    export_name=job.export_name,
+                )
+            ],
+        )
+        with anyio.fail_after(5):
+            await announcements.wait()
+        tg.cancel_scope.cancel()

@@ -19,6 +19,8 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TypeVar
 
+import anyio
+import anyio.abc
 import psycopg
 import psycopg_pool
 from psycopg import AsyncConnection
@@ -55,6 +57,7 @@ Conn = AsyncConnection[DictRow]
 
 _log = get_logger("store.postgres")
 _PURGE_CHUNK = 500
+_LISTEN_RETRY_S = 1.0
 _ATTEMPTS = 3
 """Tries of a transaction PostgreSQL aborted to break a deadlock or a serialisation conflict."""
 
@@ -83,6 +86,7 @@ class PostgresStore:
         self._pool: psycopg_pool.AsyncConnectionPool[Conn] | None = None
         self._closed = False
         self._outbox_listeners: list[Callable[[], None]] = []
+        self._work_listeners: list[Callable[[], None]] = []
 
     @property
     def url(self) -> str:
@@ -235,6 +239,48 @@ class PostgresStore:
 
     def _outbox_committed(self) -> None:
         for listener in self._outbox_listeners:
+            listener()
+
+    def add_work_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener` when any instance on this database committed new jobs (via `listen`)."""
+        self._work_listeners.append(listener)
+
+    async def listen(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Forever: wake this instance's loops when any instance commits work (LISTEN/NOTIFY).
+
+        Idle instances learn of jobs another instance accepted, and of announcements to send,
+        at once instead of by polling. A lost connection is retried every second; after a
+        reconnect every listener is called, since notifications sent meanwhile are gone.
+        """
+        reported = False
+        while True:
+            try:
+                conn = await AsyncConnection.connect(
+                    self._url, autocommit=True, connect_timeout=max(1, int(self._timeout_s))
+                )
+                async with conn:
+                    await conn.execute(f"LISTEN {sql.JOBS_CHANNEL}")
+                    await conn.execute(f"LISTEN {sql.OUTBOX_CHANNEL}")
+                    if reported:
+                        self._notified(sql.JOBS_CHANNEL)
+                        self._notified(sql.OUTBOX_CHANNEL)
+                    else:
+                        task_status.started()
+                        reported = True
+                    async for notification in conn.notifies():
+                        self._notified(notification.channel)
+            except psycopg.OperationalError as exc:
+                _log.warning("store_listen_lost", error=str(exc))
+                if not reported:
+                    task_status.started()
+                    reported = True
+                await anyio.sleep(_LISTEN_RETRY_S)
+
+    def _notified(self, channel: str) -> None:
+        listeners = self._work_listeners if channel == sql.JOBS_CHANNEL else self._outbox_listeners
+        for listener in listeners:
             listener()
 
     async def update_job(self, job_id: str, update: JobUpdate, *, fence: int | None = None) -> Job:
