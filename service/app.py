@@ -124,7 +124,7 @@ async def run_service(
         )
     cfg.service.state_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics()
-    store = store_from_url(cfg.store.url)
+    store = store_from_url(cfg.store.url, instance=cfg.service.instance or None)
     await store.open()
     try:
         async with AsyncExitStack() as stack:

@@ -175,3 +175,44 @@ async def test_an_idle_instance_is_woken_by_work_another_instance_commits(two_in
         with anyio.fail_after(5):
             await announcements.wait()
         tg.cancel_scope.cancel()
+
+
+async def failed_with_announcement(store, key):
+    event = sample_event(key)
+    job = sample_job(event)
+    await store.accept_event(event, [job])
+    await store.transition(job.job_id, {JobState.RECEIVED}, M)
+    message = NewOutboxMessage(
+        target="hook", event_type="video.failed", payload=b"{}", export_name=job.export_name
+    )
+    await store.transition(job.job_id, {M}, JobState.FAILED, None, [message])
+    return job
+
+
+async def test_one_announcement_is_sent_by_one_instance_until_its_claim_ends(
+    postgres_url, store_clock
+):
+    first = PostgresStore(postgres_url, clock=store_clock, outbox_claimant="a", outbox_lease_s=30)
+    second = PostgresStore(postgres_url, clock=store_clock, outbox_claimant="b", outbox_lease_s=30)
+    await first.open()
+    await second.open()
+    try:
+        job = await failed_with_announcement(first, "k1")
+        now = store_clock()
+        [mine] = await first.due_outbox(now)
+        assert mine.job_id == job.job_id
+        assert await second.due_outbox(now + 29) == []  # first is sending it
+        assert [m.id for m in await first.due_outbox(now + 29)] == [mine.id]  # renewed
+        assert await second.due_outbox(now + 58) == []
+        [taken] = await second.due_outbox(now + 59)  # first went quiet: its claim ended
+        assert taken.id == mine.id
+
+        await second.outbox_retry(taken.id, now + 70, "503 from target")  # releases the claim
+        [again] = await first.due_outbox(now + 70)
+        assert (again.id, again.attempts) == (mine.id, 1)
+        await first.outbox_delivered(again.id)
+        assert await second.due_outbox(now + 1000) == []
+        assert await first.due_outbox(now + 1000) == []
+    finally:
+        await first.close()
+        await second.close()

@@ -67,7 +67,11 @@ class SchemaTooNewError(StoreUnavailableError):
 
 
 class PostgresStore:
-    """The Store protocol on a PostgreSQL database; see the module docstring."""
+    """The Store protocol on a PostgreSQL database; see the module docstring.
+
+    With `outbox_claimant` (the instance id; the app sets it), `due_outbox` claims the rows it
+    returns for `outbox_lease_s`, so instances sharing the database do not both send them.
+    """
 
     def __init__(
         self,
@@ -77,6 +81,8 @@ class PostgresStore:
         min_connections: int = 1,
         max_connections: int = 10,
         connect_timeout_s: float = 10.0,
+        outbox_claimant: str | None = None,
+        outbox_lease_s: float = 30.0,
     ) -> None:
         self._url = url
         self._clock = clock
@@ -87,6 +93,8 @@ class PostgresStore:
         self._closed = False
         self._outbox_listeners: list[Callable[[], None]] = []
         self._work_listeners: list[Callable[[], None]] = []
+        self._outbox_claimant = outbox_claimant
+        self._outbox_lease_s = outbox_lease_s
 
     @property
     def url(self) -> str:
@@ -397,7 +405,15 @@ class PostgresStore:
 
     async def due_outbox(self, now: float, limit: int = 100) -> list[OutboxMessage]:
         """Pending outbox rows due at `now`, oldest first."""
-        return await self._run(functools.partial(sql.due_outbox, now=now, limit=limit))
+        return await self._run(
+            functools.partial(
+                sql.due_outbox,
+                now=now,
+                limit=limit,
+                claimant=self._outbox_claimant,
+                lease_until=now + self._outbox_lease_s,
+            )
+        )
 
     async def outbox_delivered(self, message_id: int) -> None:
         """Mark one outbox row delivered."""
@@ -416,7 +432,8 @@ class PostgresStore:
             functools.partial(
                 sql.update_outbox,
                 message_id=message_id,
-                assignments="attempts = attempts + 1, next_attempt_at = %s, last_error = %s",
+                assignments="attempts = attempts + 1, next_attempt_at = %s, last_error = %s,"
+                " claimed_by = NULL, claimed_until = NULL",
                 params=(next_attempt_at, error),
             )
         )

@@ -95,6 +95,9 @@ _V1 = (
         last_error      TEXT,
         created_at      DOUBLE PRECISION NOT NULL,
         delivered_at    DOUBLE PRECISION,
+        -- Which instance is delivering the row, until when: two instances never send it both.
+        claimed_by      TEXT,
+        claimed_until   DOUBLE PRECISION,
         UNIQUE (job_id, target, event_type, export_name)
     )
     """,

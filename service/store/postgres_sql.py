@@ -45,6 +45,7 @@ _OUTBOX_COLS = (
     "id, job_id, target, event_type, payload, attempts, next_attempt_at, status, last_error,"
     " export_name"
 )
+_OUTBOX_RETURNING = ", ".join(f"outbox.{c.strip()}" for c in _OUTBOX_COLS.split(","))
 _EVENT_SELECT = (
     "SELECT id, source, dedupe_key, event_id, event_type, body, headers, received_at,"
     " status, reason, failed_step, replays FROM events"
@@ -626,14 +627,31 @@ async def count_jobs_by_state(conn: Conn) -> dict[JobState, int]:
 # --- outbox -----------------------------------------------------------------------------
 
 
-async def due_outbox(conn: Conn, *, now: float, limit: int) -> list[OutboxMessage]:
-    """Pending rows due at `now`, oldest first."""
+async def due_outbox(
+    conn: Conn, *, now: float, limit: int, claimant: str | None, lease_until: float
+) -> list[OutboxMessage]:
+    """Pending rows due at `now`, oldest first; with a `claimant`, claimed for it.
+
+    A claimed row is invisible to other claimants until `lease_until` (renewed by each scan
+    of its claimant, released by a retry): instances sharing the database do not both send
+    one announcement, and the rows of an instance that died are sent once its claim ends.
+    """
+    if claimant is None:
+        cur = await conn.execute(
+            f"SELECT {_OUTBOX_COLS} FROM outbox WHERE status = 'pending'"  # noqa: S608 - constant SQL
+            " AND next_attempt_at <= %s ORDER BY id LIMIT %s",
+            (now, limit),
+        )
+        return [_outbox_from_row(r) for r in await cur.fetchall()]
     cur = await conn.execute(
-        f"SELECT {_OUTBOX_COLS} FROM outbox WHERE status = 'pending' AND next_attempt_at <= %s"  # noqa: S608 - constant SQL
-        " ORDER BY id LIMIT %s",
-        (now, limit),
+        "WITH picked AS (SELECT id FROM outbox WHERE status = 'pending'"  # noqa: S608 - constant SQL
+        " AND next_attempt_at <= %(now)s AND (claimed_by IS NULL OR claimed_by = %(me)s"
+        " OR claimed_until <= %(now)s) ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+        " UPDATE outbox SET claimed_by = %(me)s, claimed_until = %(until)s FROM picked"
+        f" WHERE outbox.id = picked.id RETURNING {_OUTBOX_RETURNING}",
+        {"now": now, "me": claimant, "limit": limit, "until": lease_until},
     )
-    return [_outbox_from_row(r) for r in await cur.fetchall()]
+    return sorted((_outbox_from_row(r) for r in await cur.fetchall()), key=lambda m: m.id)
 
 
 async def update_outbox(
