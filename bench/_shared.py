@@ -19,7 +19,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -164,9 +164,7 @@ class WatchedStore(SQLiteStore):
         fence: int | None = None,
     ) -> Job:
         """The real transition; a `ready` one is timed when its commit is durable."""
-        job = await super().transition(
-            job_id, from_states, to_state, update, outbox, fence=fence
-        )
+        job = await super().transition(job_id, from_states, to_state, update, outbox, fence=fence)
         if to_state is JobState.READY:
             self.ready_committed_at[job_id] = time.time()
             self._ready_changed.set()
@@ -316,24 +314,41 @@ async def seed_events(
 
 @asynccontextmanager
 async def real_pipeline(
-    cfg: Config, store: SQLiteStore, catalog: Catalog, api_url: str, api_key: str
+    cfg: Config,
+    store: SQLiteStore,
+    catalog: Catalog,
+    api_url: str,
+    api_key: str,
+    *,
+    on_call: Callable[[str, str], None] | None = None,
+    on_send: Callable[[str], None] | None = None,
 ) -> AsyncIterator[tuple[JobPipeline, list[int]]]:
-    """The daemon's pipeline as app.py wires it, on `store`; with a count of API calls."""
+    """The daemon's pipeline as app.py wires it, on `store`; with a count of API calls
+    (`on_call` is told each call's endpoint and outcome as the client reports it, `on_send`
+    each request's endpoint the moment the gate lets it leave)."""
     calls = [0]
 
-    def count_call(_endpoint: str, _outcome: str) -> None:
+    def count_call(endpoint: str, outcome: str) -> None:
         calls[0] += 1
+        if on_call is not None:
+            on_call(endpoint, outcome)
 
     gate = RequestGate(
         cfg.aistudios.request_rate_ceiling,
         time.monotonic,
         hard_cap=cfg.aistudios.max_requests_per_second,
     )
+
+    async def before_request(endpoint: str) -> None:
+        await gate(endpoint)
+        if on_send is not None:
+            on_send(endpoint)
+
     async with AIStudiosClient(
         base_url=api_url,
         legacy_base_url=api_url,
         api_key=api_key,
-        before_request=gate,
+        before_request=before_request,
         on_call=count_call,
     ) as client:
 

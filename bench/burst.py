@@ -11,14 +11,24 @@
 
 Renders last R +- 20 % (the simulator's `render_jitter`), so "the slowest render" is a real
 figure: the target is a makespan within 1.15 x the slowest render. The simulator runs in its own process so its CPU is not the daemon's.
+
+Then the same burst once more, on a fresh store, while the simulator answers 429 with a
+Retry-After of 1 s to the next 5 requests, twice (at the start and 0.75 R later; a window a 429 answered inside another extends it). From the
+simulator's request log (`GET /_simulator/requests`: every request and every 429 with its
+Retry-After) and the moment the client saw each first 429 and sent each request (same wall
+clock), each Retry-After window is checked: no more than one request may be sent inside it.
+Requests sent before the client saw the 429 but handled by the simulator after it are counted
+apart ("on the wire"): the simulator stamps a request when it handles it, not when it was sent.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import secrets
+import sqlite3
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +62,9 @@ FULL = (200, 256, 2.0)
 QUICK = (50, 256, 1.0)
 JITTER = 0.2
 TUTORIAL_POLL_S = 3.0
+THROTTLE_NEXT = 5
+THROTTLE_RETRY_AFTER_S = 1.0
+THROTTLE_TIMES = 2
 API_KEY = "bench-key"
 
 
@@ -62,21 +75,42 @@ class Run:
     makespan_s: float
     requests: int
     polls_per_job: float
+    timeline: tuple[tuple[str, float, float], ...] = ()
+    """Per state: the first and the last commit into it, seconds after the start."""
+    submitted_at: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Per job: its `submitted` commit, seconds after the start."""
 
 
-async def _studiohook(cfg: Config, url: str, count: int, secret: str) -> tuple[Run, list[Job]]:
+async def _studiohook(
+    cfg: Config,
+    url: str,
+    count: int,
+    secret: str,
+    *,
+    db_name: str = "studiohook.db",
+    on_call: Callable[[str, str], None] | None = None,
+    on_send: Callable[[str], None] | None = None,
+    meanwhile: Callable[[], Awaitable[None]] | None = None,
+) -> tuple[Run, list[Job]]:
     state = cfg.service.state_dir
-    store = WatchedStore(state / "studiohook.db", expected=count)
+    store = WatchedStore(state / db_name, expected=count)
     await store.open()
     try:
         catalog = await shipped_catalog(cfg)
         source = shopify_source(cfg)
         say(f"seeding {count} events through the intake ...")
         await seed_events(StoreIntake(store, catalog), source, count, secret)
-        async with real_pipeline(cfg, store, catalog, url, API_KEY) as (pipeline, calls):
+        async with real_pipeline(
+            cfg, store, catalog, url, API_KEY, on_call=on_call, on_send=on_send
+        ) as (
+            pipeline,
+            calls,
+        ):
             say("studiohook: pipeline started, waiting for every job to be ready ...")
             async with anyio.create_task_group() as tg:
                 started = time.time()
+                if meanwhile is not None:
+                    tg.start_soon(meanwhile)
                 await tg.start(pipeline.run)
                 with anyio.fail_after(120):
                     await store.all_ready.wait()
@@ -90,7 +124,36 @@ async def _studiohook(cfg: Config, url: str, count: int, secret: str) -> tuple[R
     finally:
         await store.close()
     polls = sum(job.polls for job in jobs) / len(jobs)
-    return Run(makespan, calls[0], polls), jobs
+    timeline, submitted_at = _timeline(state / db_name, started)
+    return Run(makespan, calls[0], polls, timeline, submitted_at), jobs
+
+
+def _timeline(
+    db_path: Path, started: float
+) -> tuple[tuple[tuple[str, float, float], ...], dict[str, float]]:
+    """Where the time went: each state's first and last commit, and each job's `submitted`."""
+    with sqlite3.connect(db_path) as db:
+        rows = db.execute(
+            "SELECT to_state, MIN(at), MAX(at) FROM transitions WHERE at >= ?"
+            " GROUP BY to_state ORDER BY MIN(at)",
+            (started,),
+        ).fetchall()
+        submitted = db.execute(
+            "SELECT job_id, MAX(at) FROM transitions WHERE to_state = 'submitted' GROUP BY job_id"
+        ).fetchall()
+    timeline = tuple((str(state), first - started, last - started) for state, first, last in rows)
+    return timeline, {str(job): at - started for job, at in submitted}
+
+
+def _renders_done_s(run: Run, jobs: list[Job], state: dict[str, Any]) -> float:
+    """When the last render finished: each job's `submitted` commit plus its render length."""
+    lengths = {p["name"]: p["render_seconds"] for p in state["projects"]}
+    ends = [
+        run.submitted_at[j.job_id] + lengths[j.export_name]
+        for j in jobs
+        if j.job_id in run.submitted_at and j.export_name in lengths
+    ]
+    return max(ends, default=float("nan"))
 
 
 async def _tutorial(url: str, bodies: list[dict[str, Any]]) -> Run:
@@ -133,6 +196,140 @@ def _slowest_render_s(state: dict[str, Any], names: set[str]) -> float:
     return max(lengths) if lengths else float("nan")
 
 
+async def _simulator_post(url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session, session.post(f"{url}{path}", json=body) as r:
+        answer: dict[str, Any] = orjson.loads(await r.read())
+        return answer
+
+
+async def _simulator_get(url: str, path: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session, session.get(f"{url}{path}") as r:
+        answer: dict[str, Any] = orjson.loads(await r.read())
+        return answer
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Window:
+    """One Retry-After window, merged over the 429s that overlap it, on the shared wall clock.
+
+    `answered_at` is the simulator's first 429, `seen_at` the moment the client reported it
+    (no request may leave after that), `ends_at` the last Retry-After's end.
+    """
+
+    answered_at: float
+    seen_at: float
+    ends_at: float
+    throttled: int
+    on_the_wire: int
+    """Requests the client sent before it saw the first 429 that reached the simulator after
+    it answered that 429 (its log stamps a request when it handles it)."""
+    inside: int
+    """Requests the client sent after it saw the 429 and before the window ended."""
+    arrived_inside: int
+    """Requests the simulator handled after the client saw the 429, inside the window."""
+
+
+def retry_after_windows(
+    throttles: list[tuple[float, float]],
+    seen: list[float],
+    sent: list[float],
+    arrivals: list[float],
+) -> list[Window]:
+    """The simulator's 429s grouped into windows, with the requests sent inside each."""
+    merged: list[list[float]] = []  # [first 429, window end, 429 count]
+    for at, retry_after in sorted(throttles):
+        if merged and at < merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], at + retry_after)
+            merged[-1][2] += 1
+        else:
+            merged.append([at, at + retry_after, 1])
+    windows = []
+    for first, end, throttled in merged:
+        seen_at = min((t for t in seen if t >= first), default=first)
+        windows.append(
+            Window(
+                answered_at=first,
+                seen_at=seen_at,
+                ends_at=end,
+                throttled=int(throttled),
+                on_the_wire=sum(1 for t in arrivals if t > first)
+                - sum(1 for t in sent if t >= seen_at),
+                inside=sum(1 for t in sent if seen_at <= t < end),
+                arrived_inside=sum(1 for t in arrivals if seen_at <= t < end),
+            )
+        )
+    return windows
+
+
+async def _throttled(
+    cfg: Config, url: str, count: int, secret: str, render_s: float
+) -> tuple[Run, list[Window]]:
+    """The burst again, on a fresh store, while the simulator answers 429 + Retry-After."""
+    seen: list[float] = []
+    sent: list[float] = []
+    first_request = len((await _simulator_get(url, "/_simulator/requests"))["requests"])
+
+    def on_call(_endpoint: str, outcome: str) -> None:
+        if outcome == "retryable":  # a 429 here: no 5xx or refused connection is injected
+            seen.append(time.time())
+
+    async def throttle() -> None:
+        for _ in range(THROTTLE_TIMES):
+            await _simulator_post(
+                url,
+                "/_simulator/knobs",
+                {"throttle_next": THROTTLE_NEXT, "retry_after_s": THROTTLE_RETRY_AFTER_S},
+            )
+            await anyio.sleep(render_s * 0.75)
+
+    run, _ = await _studiohook(
+        cfg,
+        url,
+        count,
+        secret,
+        db_name="throttled.db",
+        on_call=on_call,
+        on_send=lambda _endpoint: sent.append(time.time()),
+        meanwhile=throttle,
+    )
+    log = await _simulator_get(url, "/_simulator/requests")
+    arrivals = [float(at) for at, _, _ in log["requests"][first_request:]]
+    throttles = [(float(at), float(ra)) for at, ra in log["throttles"]]
+    return run, retry_after_windows(throttles, seen, sent, arrivals)
+
+
+def _print_windows(windows: list[Window], run: Run, render_s: float) -> None:
+    rows = [
+        (
+            f"{w.throttled} x 429, {w.ends_at - w.answered_at:.2f} s",
+            w.on_the_wire,
+            w.inside,
+            w.arrived_inside,
+            round(1000 * (w.seen_at - w.answered_at), 1),
+        )
+        for w in windows
+    ]
+    print_table(
+        f"the same burst while the simulator answers {THROTTLE_NEXT} requests with 429 + "
+        f"Retry-After {THROTTLE_RETRY_AFTER_S:g} s, {THROTTLE_TIMES} times "
+        f"{render_s * 0.75:g} s apart: requests in each Retry-After window (simulator's log)",
+        [
+            "window",
+            "on the wire at the 429",
+            "sent inside (target <= 1)",
+            "handled inside",
+            "429 -> client (ms)",
+        ],
+        rows,
+    )
+    worst = max((w.inside for w in windows), default=0)
+    verdict = "OK" if windows and worst <= 1 else "MISSED"
+    print(
+        f"{verdict}: at most {worst} request(s) inside any Retry-After window; that burst's "
+        f"last ready came {run.makespan_s:.2f} s after the start, {run.requests} API requests"
+    )
+
+
 async def run(count: int, concurrency: int, render_s: float) -> dict[str, Any]:
     """Studiohook (cold: nothing learned), then the tutorial loop, on one simulator."""
     secret = secrets.token_hex(16)
@@ -152,6 +349,7 @@ async def run(count: int, concurrency: int, render_s: float) -> dict[str, Any]:
             cold, jobs = await _studiohook(cfg, url, count, secret)
             state = await _simulator_state(url)
             cold_slowest = _slowest_render_s(state, {j.export_name for j in jobs})
+            renders_done = _renders_done_s(cold, jobs, state)
             billed = sum(state["billed_by_name"].get(j.export_name, 0) for j in jobs)
             bodies = [orjson.loads(job.export_body or b"{}") for job in jobs]
             say(f"baseline: the tutorial loop, {len(bodies)} at once ...")
@@ -160,6 +358,8 @@ async def run(count: int, concurrency: int, render_s: float) -> dict[str, Any]:
             tutorial_slowest = _slowest_render_s(
                 state, {f"tutorial-{i}" for i in range(len(bodies))}
             )
+            say("studiohook again, fresh store, while the simulator throttles ...")
+            throttled, windows = await _throttled(cfg, url, count, secret, render_s)
     rows = [
         ("time to the last ready (s)", cold.makespan_s, tutorial.makespan_s,
          ratio(cold.makespan_s, tutorial.makespan_s)),
@@ -177,7 +377,23 @@ async def run(count: int, concurrency: int, render_s: float) -> dict[str, Any]:
         ["figure", "studiohook", "tutorial loop (3 s)", "ratio"],
         rows,
     )
+    print_table(
+        "studiohook's burst, where the time went: each state's first and last commit (s)",
+        ["state", "first", "last"],
+        [
+            *cold.timeline,
+            ("last render finished (its submit + its length)", renders_done, "-"),
+            ("last ready - last render finished", cold.makespan_s - renders_done, "-"),
+        ],
+    )
+    _print_windows(windows, throttled, render_s)
     return {
+        "renders_done_s": round(renders_done, 3),
+        "timeline": [(state, round(a, 3), round(b, 3)) for state, a, b in cold.timeline],
+        "throttle_windows": len(windows),
+        "throttle_worst_inside": max((w.inside for w in windows), default=0),
+        "throttle_on_the_wire": [w.on_the_wire for w in windows],
+        "throttled_makespan_s": round(throttled.makespan_s, 3),
         "events": count,
         "render_s": render_s,
         "studiohook_s": round(cold.makespan_s, 3),

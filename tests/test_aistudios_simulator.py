@@ -170,11 +170,17 @@ async def test_throttle_and_5xx_knobs_record_requests():
         assert (await call(http, "GET", url))[0] == 200
         async with http.get(f"{sim.base_url}/_simulator/state"):
             pass
+        _, _, log = await call(http, "GET", f"{sim.base_url}/_simulator/requests")
     assert sim.requests == [
         (1000.0, "GET", "/api/odin/v3/editor/project"),
         (1001.0, "GET", "/api/odin/v3/editor/project"),
         (1002.0, "GET", "/api/odin/v3/editor/project"),
     ]
+    assert sim.throttles == [(1000.0, 3.0)]
+    assert log == {
+        "requests": [[at, method, path] for at, method, path in sim.requests],
+        "throttles": [[1000.0, 3.0]],
+    }
 
 
 async def test_a_failing_render_stalls_below_100():

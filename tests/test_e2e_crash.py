@@ -26,7 +26,9 @@ import pytest
 from paho.mqtt import client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from service.model import job_id_for
 from tests.support.daemon_fixtures import (
+    DEVICE_ROUTE,
     DEVICE_SOURCE,
     SHOP_SOURCE,
     Daemon,
@@ -241,33 +243,50 @@ def test_crash_soak_kill_9_with_lost_draft_and_export_responses_bills_each_event
     tmp_path: Path,
     daemon_factory: DaemonFactory,
     simulator_process: Callable[[float], SimulatorProcess],
+    private_broker: Callable[[], PrivateBroker],
 ) -> None:
-    """The short form of the crash soak: kill -9 at random moments while events arrive and
-    renders run, lost responses on draft creates and on exports; every acknowledged event ends
-    with exactly one billed export and its `video.ready`, soon after the last restart."""
+    """The short form of the crash soak (bench/crash_soak.py is the long one): kill -9 at
+    random moments while webhooks and MQTT messages arrive and renders run, lost responses on
+    draft creates and on exports; every acknowledged event ends with exactly one billed export
+    and its `video.ready`, soon after the last restart."""
     simulator = simulator_process(0.5)
+    broker = private_broker()
+    prefix = f"soak-{uuid.uuid4().hex[:8]}"
     daemon = daemon_factory(
-        daemon_config(tmp_path, api_url=simulator.url, max_concurrent_exports=8)
+        daemon_config(
+            tmp_path,
+            api_url=simulator.url,
+            max_concurrent_exports=8,
+            mqtt_port=broker.port,
+            mqtt_prefix=prefix,
+        )
     )
     rng = random.Random(20261201)  # noqa: S311 - kill moments, not cryptography
     ids = [f"soak-{i}-{uuid.uuid4().hex[:8]}" for i in range(40)]
+    messages = [f"soak-m{i}-{uuid.uuid4().hex[:8]}" for i in range(12)]
     pending = list(ids)
-    for _ in range(4):
-        simulator.set_knobs(
-            lose_response_next_drafts=2, lose_response_next_exports=2, render_jitter=0.2
-        )
-        url = daemon.start()
-        run = daemon.current
-        killer = threading.Timer(rng.uniform(0.2, 1.2), lambda run=run: run.send(signal.SIGKILL))
-        killer.start()
-        pending = _send_until_refused(url, pending[:10]) + pending[10:]
-        killer.join()
-        assert run.wait_exit() == -signal.SIGKILL, run.tail()
+    with _publisher(broker, f"{prefix}-publisher") as publisher:
+        for round_ in range(4):
+            simulator.set_knobs(
+                lose_response_next_drafts=2, lose_response_next_exports=2, render_jitter=0.2
+            )
+            url = daemon.start()
+            run = daemon.current
+            killer = threading.Timer(
+                rng.uniform(0.2, 1.2), lambda run=run: run.send(signal.SIGKILL)
+            )
+            killer.start()
+            # The broker acknowledges (and keeps for the daemon's session) while it dies.
+            _publish(publisher, f"{prefix}/in/products", messages[3 * round_ : 3 * round_ + 3])
+            pending = _send_until_refused(url, pending[:10]) + pending[10:]
+            killer.join()
+            assert run.wait_exit() == -signal.SIGKILL, run.tail()
 
     url = daemon.start()
     restarted_at = time.monotonic()
     assert _send_until_refused(url, pending) == []
     jobs = [shop_job_id(i) for i in ids]
+    jobs += [job_id_for(DEVICE_SOURCE, f"j:{m}", DEVICE_ROUTE) for m in messages]
     wait_until(
         lambda: job_states(daemon.db_path) == dict.fromkeys(jobs, "notified"),
         what="every job notified",

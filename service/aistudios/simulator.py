@@ -146,6 +146,8 @@ class Simulator:
         self.export_count = 0
         """Every billed export: one-step creates, exports of existing projects, legacy exports."""
         self.requests: list[tuple[float, str, str]] = []
+        self.throttles: list[tuple[float, float]] = []
+        """Each 429 answered: when, and the Retry-After it carried (seconds)."""
         self.callbacks: list[tuple[str, dict[str, Any], int | None]] = []
         self.server_templates: dict[str, dict[str, Any]] = {}
         self.saved_v3_projects: dict[str, SimProject] = {}
@@ -230,6 +232,7 @@ class Simulator:
         app.router.add_get(f"{LEGACY}/editor/project/{{id}}", self._import_legacy)
         app.router.add_get(f"{LEGACY}/editor/progress/{{id}}", self._progress_legacy)
         app.router.add_get("/_simulator/state", self._state)
+        app.router.add_get("/_simulator/requests", self._request_log)
         app.router.add_post("/_simulator/knobs", self._set_knobs)
         app.router.add_get("/_simulator/videos/{id}.mp4", self._video_file)
         return app
@@ -243,6 +246,7 @@ class Simulator:
         knobs = self.knobs
         if knobs.throttle_next > 0:
             knobs.throttle_next -= 1
+            self.throttles.append((self.clock(), knobs.retry_after_s))
             response = _failure(429, "too many requests")
             response.headers["Retry-After"] = f"{knobs.retry_after_s:g}"
             return response
@@ -417,6 +421,11 @@ class Simulator:
             "knobs": knobs,
         }
         return web.Response(body=orjson.dumps(state), content_type="application/json")
+
+    async def _request_log(self, _: web.Request) -> web.Response:
+        """Every API request as it arrived, and every 429, for pacing checks in another process."""
+        log = {"requests": self.requests, "throttles": self.throttles}
+        return web.Response(body=orjson.dumps(log), content_type="application/json")
 
     async def _set_knobs(self, request: web.Request) -> web.Response:
         body = await _json_object(request)

@@ -28,6 +28,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -310,7 +312,9 @@ def apply_patches(document: Any, patches: Sequence[tuple[Selector, Any]]) -> Any
     that matches nothing raises SelectorMatchError: sending the template's own text instead
     would be a paid video with the wrong content.
     """
-    result = copy.deepcopy(document)
+    # A JSON round trip copies a template about six times faster than copy.deepcopy, and a
+    # template is JSON by construction (a file or an API answer).
+    result = orjson.loads(orjson.dumps(document))
     for selector, value in patches:
         paths = find(selector, result)
         if not paths:
