@@ -47,6 +47,7 @@ from service.notify.probe import HttpProbe
 from service.notify.sender import Notifier, OutboxSender
 from service.store.base import StaleTransitionError, Store, StoreUnavailableError
 from service.store.factory import store_from_url
+from service.store.postgres import PostgresStore
 from service.summary import startup_summary
 from service.template_refresh import ReloadRequests, TemplateRefresher, reload_routes
 
@@ -127,7 +128,7 @@ async def run_service(
         )
     cfg.service.state_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics()
-    store = store_from_url(cfg.store.url)
+    store = store_from_url(cfg.store.url, instance=cfg.service.instance or None)
     await store.open()
     try:
         async with AsyncExitStack() as stack:
@@ -288,6 +289,7 @@ class _Parts:
             estimate_key=self.template_of,
             budget=budget_limits(cfg),
             cache=self.render_cache(),
+            owner_id=cfg.service.instance or None,
         )
         sender = OutboxSender(
             store,
@@ -351,6 +353,10 @@ class _Parts:
         async with anyio.create_task_group() as workers:
             await workers.start(pipeline.run, name="jobs")
             await workers.start(sender.run, name="outbox")
+            if isinstance(self.store, PostgresStore):
+                # Other instances' commits wake this one's loops (LISTEN/NOTIFY).
+                self.store.add_work_listener(pipeline.notify_new_jobs)
+                await workers.start(self.store.listen, name="store-notifications")
             workers.start_soon(_purge_dedupe, self.store, name="dedupe-purge")
             workers.start_soon(self.refresher.run, name="template-refresh")
             async with anyio.create_task_group() as intake_group:

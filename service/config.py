@@ -54,6 +54,9 @@ class ServiceConfig:
     log_format: Literal["console", "json"] = "console"
     log_level: str = "info"
     shutdown_grace_s: float = 30.0
+    instance: str = ""
+    """This process's owner id for job claims; empty means the host name. Instances sharing a
+    PostgreSQL store must each have their own (a restart keeps it, to take its jobs back)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,6 +423,7 @@ def _service(t: _Table, base_dir: Path) -> ServiceConfig:
             "log_level", "info", choices=frozenset({"debug", "info", "warning", "error"})
         ),
         shutdown_grace_s=t.number("shutdown_grace_seconds", d["shutdown_grace_s"]),
+        instance=t.text("instance", ""),
     )
     t.finish()
     return cfg

@@ -187,3 +187,15 @@ def test_the_render_cache_is_off_unless_a_route_sets_cache_seconds(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, text.replace("3600", "0")), env={})
     assert "routes[0].cache_seconds" in locations(caught.value)
+
+
+def test_a_postgresql_store_and_the_instance_id_come_from_the_environment(tmp_path):
+    text = (
+        '[service]\ninstance = "${STUDIOHOOK_INSTANCE:-}"\n'
+        '[store]\nurl = "${DATABASE_URL}"\n' + MINIMAL
+    )
+    env = {"DATABASE_URL": "postgresql://u:p@db/studiohook", "STUDIOHOOK_INSTANCE": "web-2"}
+    cfg = load_config(write(tmp_path, text), env=env)
+    assert cfg.store.url == "postgresql://u:p@db/studiohook"
+    assert cfg.service.instance == "web-2"
+    assert load_config(write(tmp_path, MINIMAL), env={}).service.instance == ""

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from service.store.factory import sqlite_path, store_from_url
+from service.store.postgres import PostgresStore
 from service.store.sqlite import SQLiteStore
 
 
@@ -20,10 +21,11 @@ def test_relative_sqlite_url_is_resolved_against_cwd(tmp_path, monkeypatch):
     assert sqlite_path("sqlite:////abs/db.sqlite") == Path("/abs/db.sqlite")
 
 
-@pytest.mark.parametrize("url", ["postgresql://u@h/db", "postgres://h/db"])
-def test_postgresql_is_not_available_yet(url):
-    with pytest.raises(ValueError, match="PostgreSQL engine is not available yet"):
-        store_from_url(url)
+@pytest.mark.parametrize("url", ["postgresql://u:secret@h/db", "postgres://h/db?sslmode=require"])
+def test_postgresql_urls_build_the_postgres_store(url):
+    store = store_from_url(url)
+    assert isinstance(store, PostgresStore)
+    assert store.url == url
 
 
 @pytest.mark.parametrize("url", ["sqlite:///", "mysql://h/db", "sqlite://relative"])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from service.store.base import Store
+from service.store.postgres import PostgresStore
 from service.store.sqlite import SQLiteStore
 
 _SQLITE_PREFIX = "sqlite:///"
@@ -24,10 +26,17 @@ def sqlite_path(url: str) -> Path:
     return path if path.is_absolute() else Path.cwd() / path
 
 
-def store_from_url(url: str, *, clock: Callable[[], float] = time.time) -> Store:
-    """Build (not open) the store a URL names; unknown or unavailable engines are ValueError."""
+def store_from_url(
+    url: str, *, clock: Callable[[], float] = time.time, instance: str | None = None
+) -> Store:
+    """Build (not open) the store a URL names; unknown engines are ValueError.
+
+    `postgresql://user:pass@host/db` (or `postgres://`) is the shared engine several instances
+    can run on; the URL is handed to libpq as it is, so its query parameters (sslmode, ...) work.
+    `instance` (default: the host name) claims the announcements this process sends.
+    """
     if url.startswith(_SQLITE_PREFIX):
         return SQLiteStore(sqlite_path(url), clock=clock)
     if url.startswith(("postgresql://", "postgres://")):
-        raise ValueError("PostgreSQL engine is not available yet")
+        return PostgresStore(url, clock=clock, outbox_claimant=instance or socket.gethostname())
     raise ValueError(f"unsupported store URL {url!r}: use sqlite:///PATH or postgresql://")

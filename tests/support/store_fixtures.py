@@ -15,10 +15,10 @@ import pytest
 
 from service.model import InboundEvent, JobState, NewJob, job_id_for
 from service.store.base import Store
+from service.store.postgres import PostgresStore
 from service.store.sqlite import SQLiteStore
 
-# Add "postgresql" here (and a branch in store_engine) once that engine exists.
-ENGINES = ["sqlite"]
+ENGINES = ["sqlite", "postgresql"]
 
 START_TIME = 1_700_000_000.0
 
@@ -79,6 +79,9 @@ def store_engine(
     if request.param == "sqlite":
         path = tmp_path / "state" / "studiohook.db"
         return StoreEngine("sqlite", lambda: SQLiteStore(path, clock=store_clock))
+    if request.param == "postgresql":
+        url = request.getfixturevalue("postgres_url")
+        return StoreEngine("postgresql", lambda: PostgresStore(url, clock=store_clock))
     raise AssertionError(f"unknown engine {request.param}")
 
 

@@ -1,0 +1,100 @@
+"""Two real `studiohook serve` processes on one PostgreSQL database and one simulator.
+
+Webhooks go to both; every delivery is also retried to the other instance, which must answer it
+as a duplicate. One instance is killed with SIGKILL while it holds jobs in flight: the other
+takes them over once their leases expire, and every event ends with exactly one billed export
+and a `video.ready`.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.support.daemon_fixtures import (
+    Daemon,
+    SimulatorProcess,
+    daemon_config,
+    post_delivery,
+    ready_lines,
+    shop_job_id,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
+
+LEASE_S = 15.0  # service.jobs.ownership.LEASE_S: how long a dead instance's jobs wait
+EVENTS_PER_INSTANCE = 10
+
+
+def instance_config(tmp_path: Path, api_url: str, database_url: str, name: str) -> str:
+    config = daemon_config(tmp_path, api_url=api_url, max_concurrent_exports=4)
+    config = config.replace(
+        f'state_dir = "{tmp_path / "state"}"',
+        f'state_dir = "{tmp_path / f"state-{name}"}"\ninstance = "{name}"',
+    )
+    return config.replace("[http]", f'[store]\nurl = "{database_url}"\n\n[http]', 1)
+
+
+def jobs_by(database_url: str) -> dict[str, tuple[str, str | None]]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute("SELECT job_id, state, owner FROM jobs").fetchall()
+    return {job_id: (state, owner) for job_id, state, owner in rows}
+
+
+def test_two_instances_share_intake_and_the_survivor_takes_over_after_a_kill_9(
+    tmp_path: Path,
+    postgres_url: str,
+    daemon_factory: Callable[[str], Daemon],
+    simulator_process: Callable[[float], SimulatorProcess],
+) -> None:
+    simulator = simulator_process(2.0)
+    first = daemon_factory(instance_config(tmp_path, simulator.url, postgres_url, "a"))
+    second = daemon_factory(instance_config(tmp_path, simulator.url, postgres_url, "b"))
+    urls = {"a": first.start(), "b": second.start()}
+    assert None not in urls.values()
+
+    ids = [f"multi-{n}-{uuid.uuid4().hex[:8]}" for n in range(2 * EVENTS_PER_INSTANCE)]
+    for n, webhook_id in enumerate(ids):
+        to, retried_to = ("a", "b") if n % 2 == 0 else ("b", "a")
+        assert post_delivery(str(urls[to]), webhook_id, f"Mug {n}") == 202
+        assert post_delivery(str(urls[retried_to]), webhook_id, f"Mug {n}") == 200
+    jobs = [shop_job_id(webhook_id) for webhook_id in ids]
+
+    def a_holds_renders() -> bool:
+        held = [s for s, owner in jobs_by(postgres_url).values() if owner == "a"]
+        return "submitted" in held
+
+    wait_until(a_holds_renders, what="instance a tracking a render", timeout_s=30)
+    first.current.kill()
+    killed_at = time.monotonic()
+    orphans = {j for j, (s, owner) in jobs_by(postgres_url).items() if owner == "a"}
+    orphans -= {j for j, (s, _) in jobs_by(postgres_url).items() if s == "notified"}
+    assert orphans
+
+    wait_until(
+        lambda: {s for s, _ in jobs_by(postgres_url).values()} == {"notified"},
+        what="every job notified by the survivor",
+        timeout_s=LEASE_S + 40,
+        explain=lambda: f"{jobs_by(postgres_url)}\n{second.current.tail()}",
+    )
+    taken_over_s = time.monotonic() - killed_at
+    print(
+        f"take-over: all of a's {len(orphans)} jobs notified {taken_over_s:.1f} s after its kill -9"
+    )
+    states = jobs_by(postgres_url)
+    assert set(states) == set(jobs)
+    assert all(states[j][1] == "b" for j in orphans), states
+    assert simulator.exports_per_job(jobs) == dict.fromkeys(jobs, 1)
+    announced = ready_lines(tmp_path / "videos.jsonl")
+    print(f"video.ready lines per job: {sorted(set(announced.values()))}")
+    assert all(announced.get(job, 0) >= 1 for job in jobs), announced
+    assert taken_over_s < LEASE_S + 30, taken_over_s
+    second.current.send(signal.SIGTERM)
+    assert second.current.wait_exit() == 0

@@ -1,0 +1,218 @@
+"""What only the PostgreSQL engine promises: versioned migrations, and several instances on one
+database (each a PostgresStore of its own, with its own pool) that never both win."""
+
+from __future__ import annotations
+
+import anyio
+import psycopg
+import pytest
+
+from service.model import JobState, JobUpdate, NewOutboxMessage
+from service.store.base import FencedError, StoreUnavailableError
+from service.store.postgres import PostgresStore, SchemaTooNewError
+from service.store.postgres_schema import SCHEMA_VERSION
+from tests.support.store_fixtures import FakeClock, sample_event, sample_job
+
+pytestmark = pytest.mark.anyio
+
+M, S = JobState.MAPPED, JobState.SUBMITTING
+IN_FLIGHT = {S, JobState.SUBMITTED, JobState.RECONCILE}
+
+
+@pytest.fixture
+async def two_instances(postgres_url, store_clock):
+    first = PostgresStore(postgres_url, clock=store_clock)
+    second = PostgresStore(postgres_url, clock=store_clock)
+    async with anyio.create_task_group() as tg:  # started together: the migration runs once
+        tg.start_soon(first.open)
+        tg.start_soon(second.open)
+    yield first, second
+    await first.close()
+    await second.close()
+
+
+def recorded_version(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT version FROM studiohook_schema").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_schema_is_created_at_start_and_its_version_recorded(postgres_url):
+    store = PostgresStore(postgres_url)
+    await store.open()
+    await store.close()
+    assert recorded_version(postgres_url) == SCHEMA_VERSION
+    again = PostgresStore(postgres_url)  # an up-to-date schema opens without migrating
+    await again.open()
+    await again.ping()
+    await again.close()
+
+
+async def test_a_newer_schema_is_refused_and_left_alone(postgres_url):
+    store = PostgresStore(postgres_url)
+    await store.open()
+    await store.accept_event(sample_event("kept"), [])
+    await store.close()
+    with psycopg.connect(postgres_url) as conn:
+        conn.execute("UPDATE studiohook_schema SET version = %s", (SCHEMA_VERSION + 1,))
+
+    newer = PostgresStore(postgres_url)
+    with pytest.raises(SchemaTooNewError, match="newer than this studiohook knows"):
+        await newer.open()
+    assert isinstance(SchemaTooNewError("x"), StoreUnavailableError)
+    assert recorded_version(postgres_url) == SCHEMA_VERSION + 1
+    with psycopg.connect(postgres_url) as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (1,)
+
+
+async def test_an_unreachable_server_is_store_unavailable():
+    store = PostgresStore("postgresql://postgres@127.0.0.1:1/nothing", connect_timeout_s=2)
+    with pytest.raises(StoreUnavailableError, match="cannot open"):
+        await store.open()
+
+
+async def test_one_delivery_retried_to_every_instance_is_stored_once(two_instances):
+    first, second = two_instances
+    event = sample_event("k1")
+    job = sample_job(event)
+    answers = []
+
+    async def deliver(store):
+        answers.append(await store.accept_event(event, [job]))
+
+    async with anyio.create_task_group() as tg:
+        for n in range(10):
+            tg.start_soon(deliver, (first, second)[n % 2])
+    assert sum(not a.duplicate for a in answers) == 1
+    assert {a.job_ids for a in answers} == {(job.job_id,)}
+    assert (await second.count_jobs_by_state())[JobState.RECEIVED] == 1
+    assert len(await first.job_history(job.job_id)) == 1
+
+
+async def test_instances_claiming_together_split_the_work_without_overlap(two_instances):
+    first, second = two_instances
+    job_ids = []
+    for n in range(40):
+        event = sample_event(f"k{n}")
+        job = sample_job(event)
+        await first.accept_event(event, [job])
+        await first.transition(job.job_id, {JobState.RECEIVED}, M)
+        job_ids.append(job.job_id)
+    claimed: dict[str, list[str]] = {"w1": [], "w2": []}
+
+    async def drain(store, owner):
+        while batch := await store.claim_jobs(
+            {M}, owner=owner, lease_s=30, limit=3, take_own=False
+        ):
+            claimed[owner] += [j.job_id for j in batch]
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain, first, "w1")
+        tg.start_soon(drain, second, "w2")
+    assert sorted(claimed["w1"] + claimed["w2"]) == sorted(job_ids)
+    assert not set(claimed["w1"]) & set(claimed["w2"])
+    for job_id in job_ids:
+        assert (await first.get_job(job_id)).fence == 1
+
+
+async def test_an_instance_whose_lease_was_taken_over_cannot_move_the_job(
+    two_instances, store_clock: FakeClock
+):
+    first, second = two_instances
+    event = sample_event("k1")
+    job = sample_job(event)
+    await first.accept_event(event, [job])
+    await first.transition(job.job_id, {JobState.RECEIVED}, M)
+    await first.transition(job.job_id, {M}, S)
+    mine = await first.claim_job(job.job_id, IN_FLIGHT, owner="w1", lease_s=5)
+    assert await second.claim_jobs(IN_FLIGHT, owner="w2", lease_s=5, limit=5, take_own=False) == []
+    store_clock.advance(5)
+    [taken] = await second.claim_jobs(IN_FLIGHT, owner="w2", lease_s=5, limit=5, take_own=False)
+    assert taken.fence == mine.fence + 1
+
+    with pytest.raises(FencedError):
+        await first.transition(
+            job.job_id, {S}, JobState.SUBMITTED, JobUpdate(project_id="p1"), fence=mine.fence
+        )
+    with pytest.raises(FencedError):
+        await first.update_job(job.job_id, JobUpdate(progress=50.0), fence=mine.fence)
+    moved = await second.transition(
+        job.job_id, {S}, JobState.SUBMITTED, JobUpdate(project_id="p2"), fence=taken.fence
+    )
+    assert (moved.project_id, moved.owner, moved.progress) == ("p2", "w2", 0.0)
+
+
+async def test_an_idle_instance_is_woken_by_work_another_instance_commits(two_instances):
+    first, second = two_instances
+    new_jobs, announcements = anyio.Event(), anyio.Event()
+    second.add_work_listener(new_jobs.set)
+    second.add_outbox_listener(announcements.set)
+    event = sample_event("k1")
+    job = sample_job(event)
+    async with anyio.create_task_group() as tg:
+        await tg.start(second.listen)
+        assert not new_jobs.is_set()
+        await first.accept_event(event, [job])
+        with anyio.fail_after(5):
+            await new_jobs.wait()
+        assert not announcements.is_set()
+        await first.transition(job.job_id, {JobState.RECEIVED}, M)
+        await first.transition(
+            job.job_id,
+            {M},
+            JobState.FAILED,
+            None,
+            [
+                NewOutboxMessage(
+                    target="mqtt",
+                    event_type="video.failed",
+                    payload=b"{}",
+                    export_name=job.export_name,
+                )
+            ],
+        )
+        with anyio.fail_after(5):
+            await announcements.wait()
+        tg.cancel_scope.cancel()
+
+
+async def failed_with_announcement(store, key):
+    event = sample_event(key)
+    job = sample_job(event)
+    await store.accept_event(event, [job])
+    await store.transition(job.job_id, {JobState.RECEIVED}, M)
+    message = NewOutboxMessage(
+        target="hook", event_type="video.failed", payload=b"{}", export_name=job.export_name
+    )
+    await store.transition(job.job_id, {M}, JobState.FAILED, None, [message])
+    return job
+
+
+async def test_one_announcement_is_sent_by_one_instance_until_its_claim_ends(
+    postgres_url, store_clock
+):
+    first = PostgresStore(postgres_url, clock=store_clock, outbox_claimant="a", outbox_lease_s=30)
+    second = PostgresStore(postgres_url, clock=store_clock, outbox_claimant="b", outbox_lease_s=30)
+    await first.open()
+    await second.open()
+    try:
+        job = await failed_with_announcement(first, "k1")
+        now = store_clock()
+        [mine] = await first.due_outbox(now)
+        assert mine.job_id == job.job_id
+        assert await second.due_outbox(now + 29) == []  # first is sending it
+        assert [m.id for m in await first.due_outbox(now + 29)] == [mine.id]  # renewed
+        assert await second.due_outbox(now + 58) == []
+        [taken] = await second.due_outbox(now + 59)  # first went quiet: its claim ended
+        assert taken.id == mine.id
+
+        await second.outbox_retry(taken.id, now + 70, "503 from target")  # releases the claim
+        [again] = await first.due_outbox(now + 70)
+        assert (again.id, again.attempts) == (mine.id, 1)
+        await first.outbox_delivered(again.id)
+        assert await second.due_outbox(now + 1000) == []
+        assert await first.due_outbox(now + 1000) == []
+    finally:
+        await first.close()
+        await second.close()
