@@ -290,6 +290,7 @@ class _Parts:
             budget=budget_limits(cfg),
             cache=self.render_cache(),
             owner_id=cfg.service.instance or None,
+            lease_s=cfg.service.lease_s,
         )
         sender = OutboxSender(
             store,

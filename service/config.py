@@ -57,6 +57,9 @@ class ServiceConfig:
     instance: str = ""
     """This process's owner id for job claims; empty means the host name. Instances sharing a
     PostgreSQL store must each have their own (a restart keeps it, to take its jobs back)."""
+    lease_s: float = 15.0
+    """How long a claim on a job lasts unless renewed (every third of it): the time after which
+    another instance takes over the jobs of one that died."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,6 +427,7 @@ def _service(t: _Table, base_dir: Path) -> ServiceConfig:
         ),
         shutdown_grace_s=t.number("shutdown_grace_seconds", d["shutdown_grace_s"]),
         instance=t.text("instance", ""),
+        lease_s=t.number("lease_seconds", d["lease_s"], minimum=1),
     )
     t.finish()
     return cfg

@@ -29,7 +29,7 @@ from tests.support.daemon_fixtures import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
-LEASE_S = 15.0  # service.jobs.ownership.LEASE_S: how long a dead instance's jobs wait
+LEASE_S = 3.0  # [service] lease_seconds: how long a dead instance's jobs wait
 EVENTS_PER_INSTANCE = 10
 
 
@@ -37,7 +37,8 @@ def instance_config(tmp_path: Path, api_url: str, database_url: str, name: str) 
     config = daemon_config(tmp_path, api_url=api_url, max_concurrent_exports=4)
     config = config.replace(
         f'state_dir = "{tmp_path / "state"}"',
-        f'state_dir = "{tmp_path / f"state-{name}"}"\ninstance = "{name}"',
+        f'state_dir = "{tmp_path / f"state-{name}"}"\ninstance = "{name}"\n'
+        f"lease_seconds = {LEASE_S}",
     )
     return config.replace("[http]", f'[store]\nurl = "{database_url}"\n\n[http]', 1)
 
