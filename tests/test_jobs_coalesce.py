@@ -3,7 +3,7 @@
 import pytest
 
 from service.model import ALLOWED_TRANSITIONS, JobState, JobUpdate
-from service.store.sqlite import SQLiteStore
+from service.store.base import Store
 from tests.support.jobs_fixtures import outbox_for
 from tests.support.store_fixtures import sample_event, sample_job
 
@@ -32,34 +32,32 @@ def test_only_waiting_jobs_can_be_superseded():
     assert ALLOWED_TRANSITIONS[S.SUPERSEDED] == frozenset()
 
 
-async def test_the_newest_job_supersedes_waiting_ones_but_never_a_submitted_one(tmp_path):
-    store = SQLiteStore(tmp_path / "co.db")
-    await store.open()
-    try:
-        submitted = await received(store, "e0")
-        await store.map_coalesced(submitted, mapped_update(), announce)
-        await store.spend_or_hold(submitted, (), JobUpdate(attempts=1), lambda _j, _c: [])
-        first = await received(store, "e1")
-        second = await received(store, "e2")
-        third = await received(store, "e3")
-        other_key = await received(store, "e4")
-        await store.map_coalesced(first, mapped_update(), announce)
-        await store.map_coalesced(third, mapped_update(), announce)
-        # Mapped after a newer job of its key: superseded by it straight away.
-        late = await store.map_coalesced(second, mapped_update(), announce)
-        assert (late.state, late.superseded_by) == (S.SUPERSEDED, third)
-        await store.map_coalesced(other_key, mapped_update("r:7"), announce)
-        states = {j: (await store.get_job(j)).state for j in (submitted, first, third, other_key)}
-        assert states == {
-            submitted: S.SUBMITTING,
-            first: S.SUPERSEDED,
-            third: S.MAPPED,
-            other_key: S.MAPPED,
-        }
-        assert (await store.get_job(first)).superseded_by == third
-        rows = await store.due_outbox(1e12, 100)
-        assert sorted(r.job_id for r in rows if r.event_type == "video.superseded") == sorted(
-            [first, second]
-        )
-    finally:
-        await store.close()
+async def test_the_newest_job_supersedes_waiting_ones_but_never_a_submitted_one(
+    engine_store: Store,
+):
+    store = engine_store
+    submitted = await received(store, "e0")
+    await store.map_coalesced(submitted, mapped_update(), announce)
+    await store.spend_or_hold(submitted, (), JobUpdate(attempts=1), lambda _j, _c: [])
+    first = await received(store, "e1")
+    second = await received(store, "e2")
+    third = await received(store, "e3")
+    other_key = await received(store, "e4")
+    await store.map_coalesced(first, mapped_update(), announce)
+    await store.map_coalesced(third, mapped_update(), announce)
+    # Mapped after a newer job of its key: superseded by it straight away.
+    late = await store.map_coalesced(second, mapped_update(), announce)
+    assert (late.state, late.superseded_by) == (S.SUPERSEDED, third)
+    await store.map_coalesced(other_key, mapped_update("r:7"), announce)
+    states = {j: (await store.get_job(j)).state for j in (submitted, first, third, other_key)}
+    assert states == {
+        submitted: S.SUBMITTING,
+        first: S.SUPERSEDED,
+        third: S.MAPPED,
+        other_key: S.MAPPED,
+    }
+    assert (await store.get_job(first)).superseded_by == third
+    rows = await store.due_outbox(1e12, 100)
+    assert sorted(r.job_id for r in rows if r.event_type == "video.superseded") == sorted(
+        [first, second]
+    )
