@@ -1,5 +1,6 @@
 """Coalescing in the store: one transaction maps the newest job and supersedes the waiting ones."""
 
+import anyio
 import pytest
 
 from service.model import ALLOWED_TRANSITIONS, JobState, JobUpdate
@@ -61,3 +62,20 @@ async def test_the_newest_job_supersedes_waiting_ones_but_never_a_submitted_one(
     assert sorted(r.job_id for r in rows if r.event_type == "video.superseded") == sorted(
         [first, second]
     )
+
+
+async def test_jobs_of_one_key_mapped_side_by_side_leave_exactly_the_newest(
+    engine_store: Store,
+):
+    store = engine_store
+    ids = [await received(store, f"side-{i}") for i in range(16)]
+
+    async def map_one(job_id: str) -> None:
+        await store.map_coalesced(job_id, mapped_update("r:side"), announce)
+
+    async with anyio.create_task_group() as tg:
+        for job_id in reversed(ids):
+            tg.start_soon(map_one, job_id)
+    jobs = [await store.get_job(job_id) for job_id in ids]
+    assert [j.state for j in jobs] == [S.SUPERSEDED] * 15 + [S.MAPPED]
+    assert all(j.superseded_by is not None for j in jobs[:-1])
