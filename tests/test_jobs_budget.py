@@ -218,6 +218,20 @@ async def test_the_paid_call_is_fenced_and_taken_from_mapped_only(engine_store: 
     assert await store.spend_counts(0.0) == {"new-product": 1}
 
 
+@pytest.mark.anyio
+async def test_spend_outlives_the_dedupe_purge_of_its_job(engine_store: Store, store_clock):
+    store = engine_store
+    [job_id] = await mapped_jobs(store, 1)
+    await store.spend_or_hold(job_id, (), JobUpdate(), no_rows)
+    for before, after in ((S.SUBMITTING, S.SUBMITTED), (S.SUBMITTED, S.READY)):
+        await store.transition(job_id, {before}, after)
+    await store.transition(job_id, {S.READY}, S.NOTIFIED)
+    store_clock.advance(100.0)
+    assert await store.purge_dedupe(store_clock.now - 50.0) == 1
+    assert await store.get_job(job_id) is None
+    assert await store.spend_counts(0.0) == {"new-product": 1}
+
+
 # --- the real pipeline, simulator and store ------------------------------------------------
 
 
