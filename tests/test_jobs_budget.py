@@ -26,7 +26,7 @@ from service.model import (
     JobUpdate,
     SpendCap,
 )
-from service.store.sqlite import SQLiteStore
+from service.store.base import FencedError, StaleTransitionError, Store
 from tests.support.aistudios_fixtures import running_simulator
 from tests.support.jobs_fixtures import jobs_harness, outbox_for
 from tests.support.store_fixtures import sample_event, sample_job
@@ -128,7 +128,7 @@ def test_held_is_entered_only_from_mapped_and_never_posts_directly():
 # --- the store: one transaction decides and records -----------------------------------------
 
 
-async def mapped_jobs(store: SQLiteStore, count: int, route: str = "new-product") -> list[str]:
+async def mapped_jobs(store: Store, count: int, route: str = "new-product") -> list[str]:
     ids = []
     for i in range(count):
         event = sample_event(f"spend-{route}-{i}")
@@ -140,81 +140,96 @@ async def mapped_jobs(store: SQLiteStore, count: int, route: str = "new-product"
 
 
 @pytest.mark.anyio
-async def test_64_concurrent_paid_calls_never_overshoot_the_cap(tmp_path):
-    store = SQLiteStore(tmp_path / "spend.db")
-    await store.open()
-    try:
-        ids = await mapped_jobs(store, 64)
-        cap = SpendCap("day:test", 0.0, 5)
-        outcomes: list[JobState] = []
+async def test_64_concurrent_paid_calls_never_overshoot_the_cap(engine_store: Store):
+    store = engine_store
+    ids = await mapped_jobs(store, 64)
+    cap = SpendCap("day:test", 0.0, 5)
+    outcomes: list[JobState] = []
 
-        async def one(job_id: str) -> None:
-            job = await store.spend_or_hold(
-                job_id,
-                [cap],
-                JobUpdate(attempts=1),
-                lambda j, _c: outbox_for(j, "budget.exhausted"),
-            )
-            outcomes.append(job.state)
+    async def one(job_id: str) -> None:
+        job = await store.spend_or_hold(
+            job_id,
+            [cap],
+            JobUpdate(attempts=1),
+            lambda j, _c: outbox_for(j, "budget.exhausted"),
+        )
+        outcomes.append(job.state)
 
-        async with anyio.create_task_group() as tg:
-            for job_id in ids:
-                tg.start_soon(one, job_id)
-        assert outcomes.count(S.SUBMITTING) == 5
-        assert outcomes.count(S.HELD) == 59
-        assert await store.spend_counts(0.0) == {"new-product": 5}
-        announced = [
-            r for r in await store.due_outbox(1e12, 1000) if r.event_type == "budget.exhausted"
-        ]
-        assert len(announced) == 1
-        payload = orjson.loads(announced[0].payload)
-        assert payload["type"] == "budget.exhausted"
-    finally:
-        await store.close()
+    async with anyio.create_task_group() as tg:
+        for job_id in ids:
+            tg.start_soon(one, job_id)
+    assert outcomes.count(S.SUBMITTING) == 5
+    assert outcomes.count(S.HELD) == 59
+    assert await store.spend_counts(0.0) == {"new-product": 5}
+    announced = [
+        r for r in await store.due_outbox(1e12, 1000) if r.event_type == "budget.exhausted"
+    ]
+    assert len(announced) == 1
+    payload = orjson.loads(announced[0].payload)
+    assert payload["type"] == "budget.exhausted"
 
 
 @pytest.mark.anyio
-async def test_a_call_that_certainly_created_nothing_gives_its_unit_back(tmp_path):
-    store = SQLiteStore(tmp_path / "refund.db")
-    await store.open()
-    try:
-        first, second = await mapped_jobs(store, 2)
-        cap = SpendCap("day:test", 0.0, 1)
-        job = await store.spend_or_hold(first, [cap], JobUpdate(attempts=1), no_rows)
-        assert job.state is S.SUBMITTING
-        assert (await store.spend_or_hold(second, [cap], JobUpdate(), no_rows)).state is S.HELD
-        # A 429: nothing was created, back to mapped, and the unit is free again.
-        await store.transition(first, {S.SUBMITTING}, S.MAPPED, JobUpdate(note="429"))
-        assert await store.spend_counts(0.0) == {}
-        await store.transition(second, {S.HELD}, S.MAPPED)
-        assert (
-            await store.spend_or_hold(second, [cap], JobUpdate(), no_rows)
-        ).state is S.SUBMITTING
-        # An uncertain outcome keeps the unit counted.
-        await store.transition(second, {S.SUBMITTING}, S.RECONCILE)
-        assert await store.spend_counts(0.0) == {"new-product": 1}
-    finally:
-        await store.close()
+async def test_a_call_that_certainly_created_nothing_gives_its_unit_back(engine_store: Store):
+    store = engine_store
+    first, second = await mapped_jobs(store, 2)
+    cap = SpendCap("day:test", 0.0, 1)
+    job = await store.spend_or_hold(first, [cap], JobUpdate(attempts=1), no_rows)
+    assert job.state is S.SUBMITTING
+    assert (await store.spend_or_hold(second, [cap], JobUpdate(), no_rows)).state is S.HELD
+    # A 429: nothing was created, back to mapped, and the unit is free again.
+    await store.transition(first, {S.SUBMITTING}, S.MAPPED, JobUpdate(note="429"))
+    assert await store.spend_counts(0.0) == {}
+    await store.transition(second, {S.HELD}, S.MAPPED)
+    assert (await store.spend_or_hold(second, [cap], JobUpdate(), no_rows)).state is S.SUBMITTING
+    # An uncertain outcome keeps the unit counted.
+    await store.transition(second, {S.SUBMITTING}, S.RECONCILE)
+    assert await store.spend_counts(0.0) == {"new-product": 1}
 
 
 @pytest.mark.anyio
-async def test_a_route_cap_counts_only_that_route(tmp_path):
-    store = SQLiteStore(tmp_path / "route.db")
-    await store.open()
-    try:
-        shop = await mapped_jobs(store, 2, route="shop")
-        cms = await mapped_jobs(store, 1, route="cms")
-        cap = SpendCap("route:shop:day:x", 0.0, 1, route="shop")
-        states = [
-            (await store.spend_or_hold(job_id, [cap], JobUpdate(), no_rows)).state
-            for job_id in shop
-        ]
-        assert states == [S.SUBMITTING, S.HELD]
-        other = await store.spend_or_hold(cms[0], (), JobUpdate(), no_rows)
-        assert other.state is S.SUBMITTING
-        assert await store.spend_counts(0.0) == {"shop": 1, "cms": 1}
-    finally:
-        await store.close()
+async def test_a_route_cap_counts_only_that_route(engine_store: Store):
+    store = engine_store
+    shop = await mapped_jobs(store, 2, route="shop")
+    cms = await mapped_jobs(store, 1, route="cms")
+    cap = SpendCap("route:shop:day:x", 0.0, 1, route="shop")
+    states = [
+        (await store.spend_or_hold(job_id, [cap], JobUpdate(), no_rows)).state for job_id in shop
+    ]
+    assert states == [S.SUBMITTING, S.HELD]
+    other = await store.spend_or_hold(cms[0], (), JobUpdate(), no_rows)
+    assert other.state is S.SUBMITTING
+    assert await store.spend_counts(0.0) == {"shop": 1, "cms": 1}
+
+
+@pytest.mark.anyio
+async def test_the_paid_call_is_fenced_and_taken_from_mapped_only(engine_store: Store):
+    store = engine_store
+    [job_id] = await mapped_jobs(store, 1)
+    claimed = await store.claim_job(job_id, {S.MAPPED}, owner="w1", lease_s=30.0)
+    assert claimed is not None
+    with pytest.raises(FencedError):
+        await store.spend_or_hold(job_id, (), JobUpdate(), no_rows, fence=claimed.fence - 1)
+    assert await store.spend_counts(0.0) == {}
+    job = await store.spend_or_hold(job_id, (), JobUpdate(), no_rows, fence=claimed.fence)
+    assert job.state is S.SUBMITTING
+    with pytest.raises(StaleTransitionError):
+        await store.spend_or_hold(job_id, (), JobUpdate(), no_rows, fence=claimed.fence)
+    assert await store.spend_counts(0.0) == {"new-product": 1}
+
+
+@pytest.mark.anyio
+async def test_spend_outlives_the_dedupe_purge_of_its_job(engine_store: Store, store_clock):
+    store = engine_store
+    [job_id] = await mapped_jobs(store, 1)
+    await store.spend_or_hold(job_id, (), JobUpdate(), no_rows)
+    for before, after in ((S.SUBMITTING, S.SUBMITTED), (S.SUBMITTED, S.READY)):
+        await store.transition(job_id, {before}, after)
+    await store.transition(job_id, {S.READY}, S.NOTIFIED)
+    store_clock.advance(100.0)
+    assert await store.purge_dedupe(store_clock.now - 50.0) == 1
+    assert await store.get_job(job_id) is None
+    assert await store.spend_counts(0.0) == {"new-product": 1}
 
 
 # --- the real pipeline, simulator and store ------------------------------------------------

@@ -8,8 +8,10 @@ from service.jobs.submitter import RenderCache
 from service.model import JobState, JobUpdate
 from service.notify.payload import ready_payload
 from service.notify.probe import HttpProbe
+from service.store.base import Store
 from tests.support.aistudios_fixtures import v3_body
 from tests.support.jobs_fixtures import jobs_harness
+from tests.support.store_fixtures import START_TIME, sample_event, sample_job
 
 S = JobState
 
@@ -82,3 +84,47 @@ async def test_a_cached_video_whose_url_is_gone_is_exported_again(tmp_path, prob
         assert hits == []
         assert await probe.downloads(exported.download_url)
         assert not await probe.downloads(gone)
+
+
+# --- the store's lookup, on every engine ---------------------------------------------------
+
+
+async def ready_job(store: Store, key: str, *, ready_at: float, **fields: str) -> str:
+    event = sample_event(key)
+    new = sample_job(event)
+    await store.accept_event(event, [new])
+    await store.transition(new.job_id, {S.RECEIVED}, S.MAPPED, JobUpdate(export_body=b"{}"))
+    update = JobUpdate(ready_at=ready_at, progress=100.0, **fields)
+    await store.transition(new.job_id, {S.MAPPED}, S.READY, update)
+    return new.job_id
+
+
+@pytest.mark.anyio
+async def test_the_lookup_finds_the_latest_own_export_still_in_the_window(engine_store: Store):
+    url = "https://cdn.example/v.mp4"
+    older = await ready_job(
+        engine_store, "c1", ready_at=START_TIME, render_key="rk", download_url=url
+    )
+    newer = await ready_job(
+        engine_store, "c2", ready_at=START_TIME + 10, render_key="rk", download_url=url
+    )
+    # A reuse of a reuse, a job without a URL, another key: never a cache entry.
+    await ready_job(
+        engine_store,
+        "c3",
+        ready_at=START_TIME + 20,
+        render_key="rk",
+        download_url=url,
+        reused_from=newer,
+    )
+    await ready_job(engine_store, "c4", ready_at=START_TIME + 30, render_key="rk")
+    await ready_job(
+        engine_store, "c5", ready_at=START_TIME + 40, render_key="other", download_url=url
+    )
+
+    hit = await engine_store.cached_render("rk", START_TIME)
+    assert hit is not None
+    assert (hit.job_id, hit.render_key, hit.reused_from) == (newer, "rk", None)
+    assert (await engine_store.cached_render("rk", START_TIME + 11)) is None
+    assert (await engine_store.cached_render("missing", 0.0)) is None
+    assert (await engine_store.get_job(older)).render_key == "rk"

@@ -1,9 +1,10 @@
 """Coalescing in the store: one transaction maps the newest job and supersedes the waiting ones."""
 
+import anyio
 import pytest
 
 from service.model import ALLOWED_TRANSITIONS, JobState, JobUpdate
-from service.store.sqlite import SQLiteStore
+from service.store.base import Store
 from tests.support.jobs_fixtures import outbox_for
 from tests.support.store_fixtures import sample_event, sample_job
 
@@ -32,34 +33,49 @@ def test_only_waiting_jobs_can_be_superseded():
     assert ALLOWED_TRANSITIONS[S.SUPERSEDED] == frozenset()
 
 
-async def test_the_newest_job_supersedes_waiting_ones_but_never_a_submitted_one(tmp_path):
-    store = SQLiteStore(tmp_path / "co.db")
-    await store.open()
-    try:
-        submitted = await received(store, "e0")
-        await store.map_coalesced(submitted, mapped_update(), announce)
-        await store.spend_or_hold(submitted, (), JobUpdate(attempts=1), lambda _j, _c: [])
-        first = await received(store, "e1")
-        second = await received(store, "e2")
-        third = await received(store, "e3")
-        other_key = await received(store, "e4")
-        await store.map_coalesced(first, mapped_update(), announce)
-        await store.map_coalesced(third, mapped_update(), announce)
-        # Mapped after a newer job of its key: superseded by it straight away.
-        late = await store.map_coalesced(second, mapped_update(), announce)
-        assert (late.state, late.superseded_by) == (S.SUPERSEDED, third)
-        await store.map_coalesced(other_key, mapped_update("r:7"), announce)
-        states = {j: (await store.get_job(j)).state for j in (submitted, first, third, other_key)}
-        assert states == {
-            submitted: S.SUBMITTING,
-            first: S.SUPERSEDED,
-            third: S.MAPPED,
-            other_key: S.MAPPED,
-        }
-        assert (await store.get_job(first)).superseded_by == third
-        rows = await store.due_outbox(1e12, 100)
-        assert sorted(r.job_id for r in rows if r.event_type == "video.superseded") == sorted(
-            [first, second]
-        )
-    finally:
-        await store.close()
+async def test_the_newest_job_supersedes_waiting_ones_but_never_a_submitted_one(
+    engine_store: Store,
+):
+    store = engine_store
+    submitted = await received(store, "e0")
+    await store.map_coalesced(submitted, mapped_update(), announce)
+    await store.spend_or_hold(submitted, (), JobUpdate(attempts=1), lambda _j, _c: [])
+    first = await received(store, "e1")
+    second = await received(store, "e2")
+    third = await received(store, "e3")
+    other_key = await received(store, "e4")
+    await store.map_coalesced(first, mapped_update(), announce)
+    await store.map_coalesced(third, mapped_update(), announce)
+    # Mapped after a newer job of its key: superseded by it straight away.
+    late = await store.map_coalesced(second, mapped_update(), announce)
+    assert (late.state, late.superseded_by) == (S.SUPERSEDED, third)
+    await store.map_coalesced(other_key, mapped_update("r:7"), announce)
+    states = {j: (await store.get_job(j)).state for j in (submitted, first, third, other_key)}
+    assert states == {
+        submitted: S.SUBMITTING,
+        first: S.SUPERSEDED,
+        third: S.MAPPED,
+        other_key: S.MAPPED,
+    }
+    assert (await store.get_job(first)).superseded_by == third
+    rows = await store.due_outbox(1e12, 100)
+    assert sorted(r.job_id for r in rows if r.event_type == "video.superseded") == sorted(
+        [first, second]
+    )
+
+
+async def test_jobs_of_one_key_mapped_side_by_side_leave_exactly_the_newest(
+    engine_store: Store,
+):
+    store = engine_store
+    ids = [await received(store, f"side-{i}") for i in range(16)]
+
+    async def map_one(job_id: str) -> None:
+        await store.map_coalesced(job_id, mapped_update("r:side"), announce)
+
+    async with anyio.create_task_group() as tg:
+        for job_id in reversed(ids):
+            tg.start_soon(map_one, job_id)
+    jobs = [await store.get_job(job_id) for job_id in ids]
+    assert [j.state for j in jobs] == [S.SUPERSEDED] * 15 + [S.MAPPED]
+    assert all(j.superseded_by is not None for j in jobs[:-1])

@@ -7,10 +7,10 @@ import anyio
 import psycopg
 import pytest
 
-from service.model import JobState, JobUpdate, NewOutboxMessage
+from service.model import JobState, JobUpdate, NewOutboxMessage, SpendCap
 from service.store.base import FencedError, StoreUnavailableError
 from service.store.postgres import PostgresStore, SchemaTooNewError
-from service.store.postgres_schema import SCHEMA_VERSION
+from service.store.postgres_schema import MIGRATIONS, SCHEMA_VERSION, VERSION_TABLE
 from tests.support.store_fixtures import FakeClock, sample_event, sample_job
 
 pytestmark = pytest.mark.anyio
@@ -216,3 +216,61 @@ async def test_one_announcement_is_sent_by_one_instance_until_its_claim_ends(
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_version_1_database_gains_the_guard_rails_and_keeps_its_jobs(postgres_url):
+    with psycopg.connect(postgres_url) as conn:
+        for statement in MIGRATIONS[0]:
+            conn.execute(statement)
+        conn.execute(VERSION_TABLE)
+        conn.execute("INSERT INTO studiohook_schema (id, version) VALUES (1, 1)")
+        event_row = conn.execute(
+            "INSERT INTO events (source, dedupe_key, event_id, event_type, body, headers,"
+            " received_at, status) VALUES ('shop', 'old', 'evt-old', 't', '', '', 0, 'routed')"
+            " RETURNING id"
+        ).fetchone()[0]
+        conn.execute(
+            "INSERT INTO jobs (job_id, event_row, source, route, state, export_name,"
+            " created_at, updated_at) VALUES ('old-job', %s, 'shop', 'r', 'mapped', 'sh-old',"
+            " 0, 0)",
+            (event_row,),
+        )
+    store = PostgresStore(postgres_url)
+    await store.open()
+    try:
+        assert recorded_version(postgres_url) == SCHEMA_VERSION
+        job = await store.get_job("old-job")
+        assert job is not None
+        assert (job.state, job.render_key, job.coalesce_key) == (M, None, None)
+        spent = await store.spend_or_hold("old-job", (), JobUpdate(render_key="rk"), _no_rows)
+        assert (spent.state, spent.render_key) == (S, "rk")
+        assert await store.spend_counts(0.0) == {"r": 1}
+    finally:
+        await store.close()
+
+
+def _no_rows(_job, _cap):
+    return []
+
+
+async def test_two_instances_paying_together_never_overshoot_a_cap(two_instances):
+    first, second = two_instances
+    ids = []
+    for i in range(24):
+        event = sample_event(f"pay-{i}")
+        new = sample_job(event)
+        await first.accept_event(event, [new])
+        await first.transition(new.job_id, {JobState.RECEIVED}, M, JobUpdate(export_body=b"{}"))
+        ids.append(new.job_id)
+    cap = SpendCap("day:two", 0.0, 3)
+    states: list[JobState] = []
+
+    async def pay(store: PostgresStore, job_id: str) -> None:
+        states.append((await store.spend_or_hold(job_id, [cap], JobUpdate(), _no_rows)).state)
+
+    async with anyio.create_task_group() as tg:
+        for i, job_id in enumerate(ids):
+            tg.start_soon(pay, (first, second)[i % 2], job_id)
+    assert states.count(S) == 3
+    assert states.count(JobState.HELD) == 21
+    assert await second.spend_counts(0.0) == {"new-product": 3}

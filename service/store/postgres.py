@@ -40,6 +40,7 @@ from service.model import (
     NewOutboxMessage,
     OutboxMessage,
     Replay,
+    SpendCap,
     StoredEvent,
     Transition,
 )
@@ -337,6 +338,60 @@ class PostgresStore:
                 take_own=take_own,
             )
         )
+
+    async def spend_or_hold(
+        self,
+        job_id: str,
+        caps: Sequence[SpendCap],
+        update: JobUpdate,
+        announce: Callable[[Job, SpendCap], Sequence[NewOutboxMessage]],
+        *,
+        fence: int | None = None,
+    ) -> Job:
+        """Commit the paid call with its spend record, or hold the job (see the Store protocol)."""
+        job = await self._run(
+            functools.partial(
+                sql.spend_or_hold,
+                job_id=job_id,
+                caps=tuple(caps),
+                update=update,
+                announce=announce,
+                now=self._clock(),
+                fence=fence,
+            )
+        )
+        if job.state is JobState.HELD:
+            self._outbox_committed()
+        return job
+
+    async def cached_render(self, render_key: str, since: float) -> Job | None:
+        """The latest exported job with this render key ready since `since` (render cache)."""
+        return await self._run(
+            functools.partial(sql.cached_render, render_key=render_key, since=since)
+        )
+
+    async def map_coalesced(
+        self,
+        job_id: str,
+        update: JobUpdate,
+        announce: Callable[[Job], Sequence[NewOutboxMessage]],
+    ) -> Job:
+        """Map a coalescing job and supersede the older waiting jobs of its key, atomically."""
+        job = await self._run(
+            functools.partial(
+                sql.map_coalesced,
+                job_id=job_id,
+                update=update,
+                announce=announce,
+                now=self._clock(),
+            )
+        )
+        self._outbox_committed()
+        return job
+
+    async def spend_counts(self, since: float) -> dict[str, int]:
+        """Paid calls recorded since `since`, per route."""
+        return await self._run(functools.partial(sql.spend_counts, since=since))
 
     async def save_render_estimate(self, key: str, seconds: float) -> None:
         """Keep the learned render time of `key` across restarts."""

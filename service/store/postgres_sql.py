@@ -9,7 +9,7 @@ holds (`FOR UPDATE SKIP LOCKED`) instead of queueing behind it, the way PostgreS
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import orjson
 from psycopg import AsyncConnection
@@ -17,6 +17,7 @@ from psycopg.rows import DictRow
 
 from service.model import (
     ALLOWED_TRANSITIONS,
+    REFUNDING_MOVES,
     TERMINAL_STATES,
     Acceptance,
     Announcement,
@@ -31,10 +32,12 @@ from service.model import (
     OutboxMessage,
     Replay,
     ReplayedJob,
+    SpendCap,
     StoredEvent,
     Transition,
 )
 from service.store.base import FencedError, StaleTransitionError, UnknownJobError
+from service.store.postgres_schema import COALESCE_LOCK_CLASS, SPEND_LOCK
 from service.store.sqlite_sql import CLEARABLE_COLUMNS, JOB_COLUMNS, UPDATE_COLUMNS
 
 Conn = AsyncConnection[DictRow]
@@ -405,10 +408,21 @@ async def transition(
         at=now,
         note=update.note if update else None,
     )
+    if (current, to_state) in REFUNDING_MOVES:
+        await conn.execute(
+            "DELETE FROM spend WHERE id = (SELECT MAX(id) FROM spend WHERE job_id = %s)",
+            (job_id,),
+        )
+    await _enqueue(conn, job, outbox, now)
+    return job
+
+
+async def _enqueue(conn: Conn, job: Job, outbox: Sequence[NewOutboxMessage], now: float) -> None:
+    """Insert announcements of the job's current round (once each) and wake the senders."""
     for message in outbox:
         if message.export_name != job.export_name:
             raise ValueError(
-                f"job {job_id}: outbox row of round {message.export_name!r},"
+                f"job {job.job_id}: outbox row of round {message.export_name!r},"
                 f" but the job is in round {job.export_name!r}"
             )
         await conn.execute(
@@ -416,7 +430,7 @@ async def transition(
             " next_attempt_at, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s)"
             " ON CONFLICT (job_id, target, event_type, export_name) DO NOTHING",
             (
-                job_id,
+                job.job_id,
                 job.export_name,
                 message.target,
                 message.event_type,
@@ -427,7 +441,184 @@ async def transition(
         )
     if outbox:
         await _notify(conn, OUTBOX_CHANNEL)
+
+
+# --- money guard rails ------------------------------------------------------------------
+
+
+async def _spent_under(conn: Conn, cap: SpendCap) -> int:
+    if cap.route is None:
+        cur = await conn.execute("SELECT COUNT(*) AS n FROM spend WHERE at >= %s", (cap.since,))
+    else:
+        cur = await conn.execute(
+            "SELECT COUNT(*) AS n FROM spend WHERE at >= %s AND route = %s",
+            (cap.since, cap.route),
+        )
+    row = await cur.fetchone()
+    return int(row["n"]) if row is not None else 0
+
+
+async def spend_or_hold(
+    conn: Conn,
+    *,
+    job_id: str,
+    caps: Sequence[SpendCap],
+    update: JobUpdate,
+    announce: Callable[[Job, SpendCap], Sequence[NewOutboxMessage]],
+    now: float,
+    fence: int | None,
+) -> Job:
+    """`mapped -> submitting` with a spend record, or `mapped -> held` when a cap is full.
+
+    The job's row is locked and fenced first; then one advisory transaction lock is taken
+    before counting, so every instance's count, decision and spend record run one at a time
+    (READ COMMITTED: the count, a new statement, sees every spend its predecessor committed).
+    No two paid calls can both take the last unit of room.
+    """
+    current = await _lock_job(conn, job_id, fence)
+    if current is not JobState.MAPPED:
+        raise StaleTransitionError(f"job {job_id} is {current}, expected mapped")
+    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (SPEND_LOCK,))
+    for cap in caps:
+        if await _spent_under(conn, cap) < cap.limit:
+            continue
+        reason = f"spending cap reached: {cap.limit} exports in {cap.period}"
+        held = await transition(
+            conn,
+            job_id=job_id,
+            from_states={JobState.MAPPED},
+            to_state=JobState.HELD,
+            update=JobUpdate(error_code="budget_exhausted", error_message=reason, note=reason),
+            outbox=(),
+            now=now,
+            fence=fence,
+        )
+        cur = await conn.execute(
+            "INSERT INTO budget_alerts (period, job_id, at) VALUES (%s, %s, %s)"
+            " ON CONFLICT (period) DO NOTHING",
+            (cap.period, job_id, now),
+        )
+        if cur.rowcount:
+            await _enqueue(conn, held, announce(held, cap), now)
+        return held
+    job = await transition(
+        conn,
+        job_id=job_id,
+        from_states={JobState.MAPPED},
+        to_state=JobState.SUBMITTING,
+        update=update,
+        outbox=(),
+        now=now,
+        fence=fence,
+    )
+    await conn.execute(
+        "INSERT INTO spend (job_id, route, export_name, at) VALUES (%s, %s, %s, %s)",
+        (job_id, job.route, job.export_name, now),
+    )
     return job
+
+
+async def cached_render(conn: Conn, *, render_key: str, since: float) -> Job | None:
+    """The latest job with this render key whose own export became ready at or after `since`."""
+    cur = await conn.execute(
+        f"{_JOB_SELECT} WHERE render_key = %s AND ready_at >= %s AND state = ANY(%s)"
+        " AND download_url IS NOT NULL AND reused_from IS NULL"
+        " ORDER BY ready_at DESC, seq DESC LIMIT 1",
+        (render_key, since, [JobState.READY.value, JobState.NOTIFIED.value]),
+    )
+    row = await cur.fetchone()
+    return job_from_row(row) if row is not None else None
+
+
+_WAITING = [JobState.MAPPED.value, JobState.HELD.value]
+
+
+async def map_coalesced(
+    conn: Conn,
+    *,
+    job_id: str,
+    update: JobUpdate,
+    announce: Callable[[Job], Sequence[NewOutboxMessage]],
+    now: float,
+) -> Job:
+    """`received -> mapped` for a coalescing job, superseding the older waiting jobs of its key.
+
+    Waiting means `mapped` or `held`: a job once submitted is never superseded. A job mapped
+    after a newer one of its key is itself superseded by it. An advisory transaction lock on
+    the key serialises instances mapping jobs of one key, so two of them never both stay
+    mapped; the waiting rows are selected `FOR UPDATE`, so a job another instance moved to
+    `submitting` meanwhile drops out of the selection instead of being superseded.
+    """
+    key = update.coalesce_key
+    if key is None:
+        raise ValueError("map_coalesced needs update.coalesce_key")
+    await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (COALESCE_LOCK_CLASS, key))
+    cur = await conn.execute("SELECT seq FROM jobs WHERE job_id = %s", (job_id,))
+    row = await cur.fetchone()
+    if row is None:
+        raise UnknownJobError(f"job {job_id} does not exist")
+    seq = row["seq"]
+    cur = await conn.execute(
+        "SELECT job_id FROM jobs WHERE coalesce_key = %s AND seq > %s AND state = ANY(%s)"
+        " ORDER BY seq DESC LIMIT 1 FOR UPDATE",
+        (key, seq, _WAITING),
+    )
+    newer = await cur.fetchone()
+    if newer is not None:
+        return await _supersede(
+            conn, job_id, {JobState.RECEIVED}, newer["job_id"], key, announce, now
+        )
+    job = await transition(
+        conn,
+        job_id=job_id,
+        from_states={JobState.RECEIVED},
+        to_state=JobState.MAPPED,
+        update=update,
+        outbox=(),
+        now=now,
+        fence=None,
+    )
+    cur = await conn.execute(
+        "SELECT job_id FROM jobs WHERE coalesce_key = %s AND seq < %s AND state = ANY(%s)"
+        " ORDER BY seq FOR UPDATE",
+        (key, seq, _WAITING),
+    )
+    for old in await cur.fetchall():
+        await _supersede(
+            conn, old["job_id"], {JobState.MAPPED, JobState.HELD}, job_id, key, announce, now
+        )
+    return job
+
+
+async def _supersede(  # noqa: PLR0917 - one private helper of map_coalesced
+    conn: Conn,
+    job_id: str,
+    from_states: Collection[JobState],
+    by: str,
+    key: str,
+    announce: Callable[[Job], Sequence[NewOutboxMessage]],
+    now: float,
+) -> Job:
+    superseded = await transition(
+        conn,
+        job_id=job_id,
+        from_states=from_states,
+        to_state=JobState.SUPERSEDED,
+        update=JobUpdate(coalesce_key=key, superseded_by=by, note=f"superseded by {by}"),
+        outbox=(),
+        now=now,
+        fence=None,
+    )
+    await _enqueue(conn, superseded, announce(superseded), now)
+    return superseded
+
+
+async def spend_counts(conn: Conn, *, since: float) -> dict[str, int]:
+    """Paid calls recorded since `since`, per route."""
+    cur = await conn.execute(
+        "SELECT route, COUNT(*) AS n FROM spend WHERE at >= %s GROUP BY route", (since,)
+    )
+    return {row["route"]: int(row["n"]) for row in await cur.fetchall()}
 
 
 async def update_job(
