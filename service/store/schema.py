@@ -126,11 +126,12 @@ _V3 = (
 
 _V4 = (
     # One row per paid call committed (the spending caps count these); a move that proves
-    # the call created nothing deletes its row in the same transaction.
+    # the call created nothing deletes its row in the same transaction. No foreign key to
+    # jobs: the dedupe purge deletes old finished jobs, and a month's cap still counts them.
     """
     CREATE TABLE spend (
         id          INTEGER PRIMARY KEY,
-        job_id      TEXT NOT NULL REFERENCES jobs (job_id),
+        job_id      TEXT NOT NULL,
         route       TEXT NOT NULL,
         export_name TEXT NOT NULL,
         at          REAL NOT NULL
@@ -156,26 +157,7 @@ _V4 = (
     """,
 )
 
-_V5 = (
-    # spend loses its foreign key to jobs: the dedupe purge deletes old finished jobs, and a
-    # month's cap must still count their paid calls (with the key, the purge failed outright).
-    """
-    CREATE TABLE spend_v5 (
-        id          INTEGER PRIMARY KEY,
-        job_id      TEXT NOT NULL,
-        route       TEXT NOT NULL,
-        export_name TEXT NOT NULL,
-        at          REAL NOT NULL
-    )
-    """,
-    "INSERT INTO spend_v5 SELECT id, job_id, route, export_name, at FROM spend",
-    "DROP TABLE spend",
-    "ALTER TABLE spend_v5 RENAME TO spend",
-    "CREATE INDEX spend_at ON spend (at, route)",
-    "CREATE INDEX spend_job ON spend (job_id, id)",
-)
-
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4)
 """Statements of each migration; `MIGRATIONS[n]` moves user_version from n to n + 1."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
