@@ -36,9 +36,11 @@ from service.catalog import Catalog, load_catalog
 from service.config import Config, ConfigError, SourceConfig, read_config
 from service.ingress.signatures import SHOPIFY_HEADER
 from service.intake import StoreIntake
+from service.jobs.budget import BudgetLimits
 from service.jobs.pipeline import JobPipeline
 from service.jobs.prepare import Preparer
 from service.jobs.ratelimit import RequestGate
+from service.jobs.submitter import RenderCache
 from service.log import configure_logging
 from service.model import Job, JobState, JobUpdate, NewOutboxMessage, RawEvent
 from service.notify.build import outbox_rows_for
@@ -114,11 +116,17 @@ def _sample_bytes(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def shopify_delivery(index: int, secret: str) -> Delivery:
-    """A distinct `products/create` delivery (own product id, title and webhook id), signed."""
+def shopify_delivery(index: int, secret: str, *, edit: int | None = None) -> Delivery:
+    """A distinct `products/create` delivery (own product id, title and webhook id), signed.
+
+    The same `index` is the same product with the same body (a re-publish); `edit` changes
+    its title, as a merchant's save does.
+    """
     product = orjson.loads(_sample_bytes(_SAMPLE_PRODUCT))
     product["id"] = 9_000_000_000_000 + index
     product["title"] = f"{product['title']} #{index}"
+    if edit is not None:
+        product["title"] += f" (edit {edit})"
     body = orjson.dumps(product)
     headers: dict[str, str] = orjson.loads(_sample_bytes(_SAMPLE_HEADERS))
     headers["X-Shopify-Webhook-Id"] = str(uuid.uuid4())
@@ -322,10 +330,13 @@ async def real_pipeline(
     *,
     on_call: Callable[[str, str], None] | None = None,
     on_send: Callable[[str], None] | None = None,
+    budget: BudgetLimits | None = None,
+    cache: RenderCache | None = None,
 ) -> AsyncIterator[tuple[JobPipeline, list[int]]]:
     """The daemon's pipeline as app.py wires it, on `store`; with a count of API calls
     (`on_call` is told each call's endpoint and outcome as the client reports it, `on_send`
-    each request's endpoint the moment the gate lets it leave)."""
+    each request's endpoint the moment the gate lets it leave). `budget` and `cache` are the
+    spending caps and the render cache, as app.py builds them from the config."""
     calls = [0]
 
     def count_call(endpoint: str, outcome: str) -> None:
@@ -363,6 +374,8 @@ async def real_pipeline(
                 settings=cfg.aistudios,
                 prepare=Preparer(cfg, catalog, store, outbox_for),
                 outbox_for=outbox_for,
+                budget=budget,
+                cache=cache,
             ),
             calls,
         )
