@@ -86,7 +86,20 @@ async def _check(args: argparse.Namespace) -> int:
         f"{len(catalog.routes)} routes, {len(cfg.notify)} notify targets"
     )
     out.print(f"spending caps: {_caps_summary(cfg)}")
+    out.print(f"render cache and coalescing: {_reuse_summary(cfg)}")
     return EXIT_OK
+
+
+def _reuse_summary(cfg: Config) -> str:
+    """Each route's render cache window and coalescing key, as `check` reports them."""
+    parts = []
+    for route in cfg.routes:
+        if route.cache_seconds is not None:
+            parts.append(f"{route.name} reuses a video for {route.cache_seconds:g} s")
+        if route.coalesce_key is not None and route.coalesce_seconds > 0:
+            window = f"{route.coalesce_seconds:g} s"
+            parts.append(f"{route.name} coalesces by {route.coalesce_key} within {window}")
+    return "; ".join(parts) or "none (every event is exported)"
 
 
 def _caps_summary(cfg: Config) -> str:

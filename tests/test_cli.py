@@ -59,6 +59,7 @@ def test_check_accepts_the_shipped_config():
     assert "ok:" in result.stdout
     assert "2 routes" in result.stdout
     assert "spending caps: none" in result.stdout
+    assert "render cache and coalescing: none" in result.stdout
 
 
 def test_check_lists_every_problem_with_its_location(tmp_path):
@@ -79,6 +80,8 @@ name = "r"
 source = "s"
 template = "t"
 colour = "red"
+coalesce_key = "{{ product.id "
+coalesce_seconds = 60
 [routes.patches]
 "scenes[0].clips[id=zzz].source_url" = "{{ product.title }}"
 "scenes[0].clips[id=a].source_url" = "{{ product.title "
@@ -88,6 +91,7 @@ colour = "red"
     assert result.returncode == 1
     err = result.stderr
     assert "routes[0].colour: unknown key" in err
+    assert "routes[0].coalesce_key" in err
     assert "sources[0].dedupe_key" in err
     assert "scenes[0].clips[id=zzz].source_url" in err
     assert "zzz" in err

@@ -5,7 +5,7 @@ import pytest
 
 from handlers import REGISTRY
 from service.config import RouteConfig
-from service.mapping.render import MappingError
+from service.mapping.render import MappingError, evaluate
 from service.mapping.routes import (
     HandlerLoadError,
     build_export,
@@ -220,3 +220,13 @@ def test_load_handler_forms(tmp_path, monkeypatch):
         load_handler("justaname")
     with pytest.raises(HandlerLoadError, match="importing 'broken_handler_mod' failed"):
         load_handler("broken_handler_mod:handle")
+
+
+def test_a_coalesce_key_is_compiled_with_the_route_and_a_broken_one_is_a_problem():
+    compiled, problems = compile_one(route(coalesce_key="{{ product.title }}", coalesce_seconds=60))
+    assert problems == []
+    assert compiled.coalesce_key is not None
+    assert evaluate(compiled.coalesce_key, CONTEXT) == "Oak Lamp"
+    compiled, problems = compile_one(route(coalesce_key="{{ product.title ", coalesce_seconds=60))
+    assert compiled is None
+    assert [p.location for p in problems] == ["routes[0].coalesce_key"]

@@ -17,7 +17,7 @@ from service.config import Config
 from service.intake import route_context
 from service.jobs.context import OutboxFor, end_with_error
 from service.log import get_logger
-from service.mapping.render import Expression, MappingError, compile_expression, evaluate
+from service.mapping.render import MappingError, evaluate
 from service.mapping.routes import CompiledRoute, build_export, build_updates
 from service.model import (
     API_LEGACY,
@@ -73,17 +73,12 @@ class Preparer:
         self._catalog = catalog
         self._store = store
         self._outbox_for = outbox_for
-        self._coalesce_expressions: dict[str, Expression] = {}
 
     def _coalesce_key(self, route: CompiledRoute, context: dict[str, Any]) -> str | None:
         """`route:key` of a coalescing route for this event (the key is Jinja2), else None."""
-        text = route.config.coalesce_key
-        if text is None or route.config.coalesce_seconds <= 0:
+        if route.coalesce_key is None or route.config.coalesce_seconds <= 0:
             return None
-        expression = self._coalesce_expressions.get(text)
-        if expression is None:
-            expression = self._coalesce_expressions[text] = compile_expression(text)
-        return f"{route.config.name}:{evaluate(expression, context)}"
+        return f"{route.config.name}:{evaluate(route.coalesce_key, context)}"
 
     def _body_for(self, job: Job, event: StoredEvent) -> tuple[str, dict[str, Any], str | None]:
         route = self._catalog.routes.get(job.route)

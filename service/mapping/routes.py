@@ -56,6 +56,8 @@ class CompiledRoute:
     when: Expression | None
     patches: tuple[tuple[Selector, Expression], ...]
     export_name: Expression
+    coalesce_key: Expression | None = None
+    """Compiled with the rest, so `check` reports a bad key before the first event meets it."""
 
     @property
     def name(self) -> str:
@@ -101,6 +103,9 @@ def _compile_route(
         compile_expression,
         route.export_name or DEFAULT_EXPORT_NAME,
     )
+    coalesce_key = _checked(
+        problems, f"{where}.coalesce_key", compile_expression, route.coalesce_key
+    )
     patches = []
     for selector_text, expression_text in route.patches:
         at = f'{where}.patches."{selector_text}"'
@@ -122,7 +127,7 @@ def _compile_route(
             problems.append(Problem(f"{where}.events[{i}]", reason))
     if export_name is None:
         return None
-    return CompiledRoute(route, when, tuple(patches), export_name)
+    return CompiledRoute(route, when, tuple(patches), export_name, coalesce_key)
 
 
 def _checked(
