@@ -37,6 +37,7 @@ from service.model import (
     Transition,
 )
 from service.store.base import FencedError, StaleTransitionError, UnknownJobError
+from service.store.filters import events_where, jobs_where
 from service.store.postgres_schema import COALESCE_LOCK_CLASS, SPEND_LOCK
 from service.store.sqlite_sql import CLEARABLE_COLUMNS, JOB_COLUMNS, UPDATE_COLUMNS
 
@@ -299,19 +300,9 @@ async def list_events(
     cursor: int | None,
 ) -> list[StoredEvent]:
     """A page of inbox rows, newest first, continuing below row id `cursor`."""
-    clauses: list[str] = []
-    params: list[object] = []
-    for column, value in (("status", status), ("source", source), ("event_id", event_id)):
-        if value is not None:
-            clauses.append(f"{column} = %s")
-            params.append(str(value))
-    if since is not None:
-        clauses.append("received_at >= %s")
-        params.append(since)
-    if cursor is not None:
-        clauses.append("id < %s")
-        params.append(cursor)
-    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    where, params = events_where(
+        "%s", status=status, source=source, event_id=event_id, since=since, cursor=cursor
+    )
     cur = await conn.execute(f"{_EVENT_SELECT}{where} ORDER BY id DESC LIMIT %s", (*params, limit))
     return [_event_from_row(r) for r in await cur.fetchall()]
 
@@ -757,19 +748,9 @@ async def list_jobs(
     created_since: float | None,
 ) -> list[Job]:
     """A page of jobs, newest first; an unknown `after` id yields an empty page."""
-    clauses: list[str] = []
-    params: list[object] = []
-    for column, value in (("state", state), ("route", route), ("source", source)):
-        if value is not None:
-            clauses.append(f"{column} = %s")
-            params.append(str(value))
-    if created_since is not None:
-        clauses.append("created_at >= %s")
-        params.append(created_since)
-    if after is not None:
-        clauses.append("(created_at, seq) < (SELECT created_at, seq FROM jobs WHERE job_id = %s)")
-        params.append(after)
-    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    where, params = jobs_where(
+        "%s", state=state, route=route, source=source, created_since=created_since, after=after
+    )
     cur = await conn.execute(
         f"{_JOB_SELECT}{where} ORDER BY created_at DESC, seq DESC LIMIT %s", (*params, limit)
     )

@@ -33,6 +33,7 @@ from service.model import (
     Transition,
 )
 from service.store.base import FencedError, StaleTransitionError, UnknownJobError
+from service.store.filters import events_where, jobs_where
 
 JOB_COLUMNS = tuple(f.name for f in dataclasses.fields(Job))
 UPDATE_COLUMNS = tuple(
@@ -797,24 +798,9 @@ def list_jobs(
     created_since: float | None = None,
 ) -> list[Job]:
     """A page of jobs, newest first; an unknown `after` id yields an empty page."""
-    clauses: list[str] = []
-    params: list[object] = []
-    if state is not None:
-        clauses.append("state = ?")
-        params.append(JobState(state).value)
-    if route is not None:
-        clauses.append("route = ?")
-        params.append(route)
-    if source is not None:
-        clauses.append("source = ?")
-        params.append(source)
-    if created_since is not None:
-        clauses.append("created_at >= ?")
-        params.append(created_since)
-    if after is not None:
-        clauses.append("(created_at, seq) < (SELECT created_at, seq FROM jobs WHERE job_id = ?)")
-        params.append(after)
-    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    where, params = jobs_where(
+        "?", state=state, route=route, source=source, created_since=created_since, after=after
+    )
     rows = conn.execute(
         f"{_JOB_SELECT}{where} ORDER BY created_at DESC, seq DESC LIMIT ?",
         (*params, limit),
@@ -885,19 +871,9 @@ def list_events(
     cursor: int | None,
 ) -> list[StoredEvent]:
     """A page of inbox rows, newest first, continuing below row id `cursor`."""
-    clauses: list[str] = []
-    params: list[object] = []
-    for column, value in (("status", status), ("source", source), ("event_id", event_id)):
-        if value is not None:
-            clauses.append(f"{column} = ?")
-            params.append(str(value))
-    if since is not None:
-        clauses.append("received_at >= ?")
-        params.append(since)
-    if cursor is not None:
-        clauses.append("id < ?")
-        params.append(cursor)
-    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    where, params = events_where(
+        "?", status=status, source=source, event_id=event_id, since=since, cursor=cursor
+    )
     rows = conn.execute(
         f"{_EVENT_SELECT}{where} ORDER BY id DESC LIMIT ?",
         (*params, limit),
