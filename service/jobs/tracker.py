@@ -320,6 +320,8 @@ class Tracker:
             note=f"ready after {ready.polls} polls",
         )
         announcements = self._ctx.outbox_for(ready, "video.ready")
+        # Learned before the ready commit, so whoever sees the job ready sees the estimate too.
+        await self._learn(render, now)
         try:
             committed = await self._ctx.store.transition(
                 job.job_id, {JobState.SUBMITTED}, JobState.READY, update, announcements
@@ -331,7 +333,6 @@ class Tracker:
         log.info("job.ready", polls=ready.polls)
         self._forget(job.job_id, None)
         self._tell_ready(committed, render.first_callback_at)
-        await self._learn(render, now)
         if not announcements:
             # Nobody subscribed to video.ready: there is nothing to deliver, so it is done.
             with contextlib.suppress(StaleTransitionError):
