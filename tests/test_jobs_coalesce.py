@@ -1,9 +1,12 @@
 """Coalescing in the store: one transaction maps the newest job and supersedes the waiting ones."""
 
 import anyio
+import orjson
 import pytest
 
+from service.config import NotifyConfig
 from service.model import ALLOWED_TRANSITIONS, JobState, JobUpdate
+from service.notify.payload import outbox_rows
 from service.store.base import Store
 from tests.support.jobs_fixtures import outbox_for
 from tests.support.store_fixtures import sample_event, sample_job
@@ -78,4 +81,30 @@ async def test_jobs_of_one_key_mapped_side_by_side_leave_exactly_the_newest(
             tg.start_soon(map_one, job_id)
     jobs = [await store.get_job(job_id) for job_id in ids]
     assert [j.state for j in jobs] == [S.SUPERSEDED] * 15 + [S.MAPPED]
-    assert all(j.superseded_by is not None for j in jobs[:-1])
+    assert {j.superseded_by for j in jobs[:-1]} == {ids[-1]}
+
+
+async def test_superseded_by_names_the_job_that_renders_never_a_superseded_one(
+    engine_store: Store,
+):
+    store = engine_store
+    first, second, third = [await received(store, f"chain-{i}") for i in range(3)]
+    target = NotifyConfig(name="file", kind="file")
+
+    def announce_for_real(job):
+        return outbox_rows(job, "video.superseded", [target])
+
+    for job_id in (first, second, third):
+        await store.map_coalesced(job_id, mapped_update("r:chain"), announce_for_real)
+    jobs = {j: await store.get_job(j) for j in (first, second, third)}
+    assert [jobs[j].state for j in (first, second, third)] == [S.SUPERSEDED, S.SUPERSEDED, S.MAPPED]
+    assert jobs[first].superseded_by == third
+    assert jobs[second].superseded_by == third
+    # Each announcement named the newest job of its moment; following them ends at the third.
+    rows = await store.due_outbox(1e12, 100)
+    named = {
+        r.job_id: orjson.loads(r.payload)["superseded_by"]
+        for r in rows
+        if r.event_type == "video.superseded"
+    }
+    assert named == {first: second, second: third}

@@ -213,7 +213,9 @@ class Store(Protocol):
         `received -> mapped` with `update` (whose `coalesce_key` is set), and every older
         `mapped`/`held` job of that key -> `superseded` (`superseded_by` = this job, with the
         rows `announce(superseded_job)` returns). When a newer waiting job of the key exists,
-        this job is superseded by it instead. Returns this job.
+        this job is superseded by it instead. Jobs superseded earlier by a job that is now
+        superseded point at its replacement too: `superseded_by` always names the job that
+        renders, never another superseded one. Returns this job.
         """
 
     async def spend_counts(self, since: float) -> dict[str, int]:

@@ -601,7 +601,21 @@ async def _supersede(  # noqa: PLR0917 - one private helper of map_coalesced
         fence=None,
     )
     await _enqueue(conn, superseded, announce(superseded), now)
+    await _repoint_superseded(conn, key, job_id, by, now)
     return superseded
+
+
+async def _repoint_superseded(conn: Conn, key: str, was: str, now_by: str, now: float) -> None:
+    """Jobs superseded earlier by `was` now point at `now_by`, the job that will render.
+
+    So `superseded_by` never chains: A superseded by B, then B by C, leaves A pointing at C.
+    A's announcement already named B; B's own names C, so a consumer can follow it too.
+    """
+    await conn.execute(
+        "UPDATE jobs SET superseded_by = %s, updated_at = %s"
+        " WHERE coalesce_key = %s AND superseded_by = %s AND state = %s",
+        (now_by, now, key, was, JobState.SUPERSEDED.value),
+    )
 
 
 async def spend_counts(conn: Conn, *, since: float) -> dict[str, int]:

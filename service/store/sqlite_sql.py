@@ -635,7 +635,23 @@ def _supersede(  # noqa: PLR0917 - one private helper of map_coalesced
     )
     for message in announce(superseded):
         _enqueue(conn, superseded, message, now)
+    _repoint_superseded(conn, key, job_id, by, now)
     return superseded
+
+
+def _repoint_superseded(
+    conn: sqlite3.Connection, key: str, was: str, now_by: str, now: float
+) -> None:
+    """Jobs superseded earlier by `was` now point at `now_by`, the job that will render.
+
+    So `superseded_by` never chains: A superseded by B, then B by C, leaves A pointing at C.
+    A's announcement already named B; B's own names C, so a consumer can follow it too.
+    """
+    conn.execute(
+        "UPDATE jobs SET superseded_by = ?, updated_at = ?"
+        " WHERE coalesce_key = ? AND superseded_by = ? AND state = ?",
+        (now_by, now, key, was, JobState.SUPERSEDED.value),
+    )
 
 
 def spend_counts(conn: sqlite3.Connection, since: float) -> dict[str, int]:
