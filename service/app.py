@@ -26,15 +26,14 @@ from service.aistudios.client import AIStudiosClient
 from service.aistudios.connect import connect
 from service.aistudios.errors import AIStudiosError
 from service.aistudios.simulator import Simulator, SimulatorKnobs
+from service.budget_config import PipelineBudget, budget_limits
 from service.catalog import Catalog, load_catalog
-from service.config import Config, ConfigError, Problem, read_config
+from service.config import Config, ConfigError
 from service.console.server import PREFIX as CONSOLE_PREFIX
 from service.console.server import Console
 from service.ingress.mqtt import MqttIngress
 from service.ingress.webhooks import webhook_routes
 from service.intake import StoreIntake
-from service.jobs.budget import BudgetLimits, PeriodReport
-from service.jobs.budget import report as budget_report
 from service.jobs.pipeline import JobPipeline
 from service.jobs.prepare import Preparer
 from service.jobs.ratelimit import RequestGate
@@ -119,7 +118,7 @@ async def run_service(
 ) -> None:
     """Run until `shutdown` is set (signals in production, an event in tests).
 
-    `reload_requests` is how SIGHUP reaches the saved-template refresher.
+    `reload_requests` is how SIGHUP reaches the saved-template refresher and the caps.
     """
     if cfg.aistudios.uses_simulator:
         log.warning(
@@ -199,47 +198,6 @@ def _readiness_checks(
         return None if ingress is None or ingress.connected else "MQTT broker not connected"
 
     return {"store": store_check, "aistudios": api_check, "mqtt": mqtt_check}
-
-
-def budget_limits(cfg: Config) -> BudgetLimits:
-    """The spending caps of a config: `[budget]` and each route's `max_exports_per_day`."""
-    return BudgetLimits(
-        exports_per_day=cfg.budget.exports_per_day,
-        exports_per_month=cfg.budget.exports_per_month,
-        route_per_day={
-            route.name: route.max_exports_per_day
-            for route in cfg.routes
-            if route.max_exports_per_day is not None
-        },
-    )
-
-
-class PipelineBudget:
-    """The admin API's view of the caps: the pipeline's figures, the config file's caps."""
-
-    def __init__(self, pipeline: JobPipeline, cfg: Config) -> None:
-        self._pipeline = pipeline
-        self._cfg = cfg
-
-    async def report(self) -> list[PeriodReport]:
-        """Spent and remaining in each current period, globally and per route."""
-        routes = [route.name for route in self._cfg.routes]
-        spent = await self._pipeline.spent()
-        return budget_report(self._pipeline.budget, spent, routes, time.time())
-
-    async def release(self) -> list[Problem]:
-        """Re-read `[budget]` and the routes' caps; apply them unless the file has problems.
-
-        Only the caps change: every other setting still needs a restart.
-        """
-        try:
-            fresh, problems = await anyio.to_thread.run_sync(read_config, self._cfg.path)
-        except ConfigError as exc:
-            return exc.problems
-        if problems:
-            return problems
-        self._pipeline.set_budget(budget_limits(fresh))
-        return []
 
 
 @dataclass
@@ -323,6 +281,9 @@ class _Parts:
         cfg = self.cfg
         pipeline, sender, intake, ingress = self.build()
         checks = _readiness_checks(self.store, self.client, ingress)
+        budget = PipelineBudget(pipeline, cfg)
+        # SIGHUP re-reads the spending caps as well as the saved templates.
+        self.refresher.requests.add_listener(budget.request_reload)
         admin = AdminApi(
             store=self.store,
             metrics=self.metrics,
@@ -331,7 +292,7 @@ class _Parts:
             on_retry=pipeline.notify_new_jobs,
             admin_token=cfg.http.admin_token,
             replay=intake.replay,
-            budget=PipelineBudget(pipeline, cfg),
+            budget=budget,
         )
         console = Console(
             store=self.store,
@@ -360,6 +321,7 @@ class _Parts:
                 await workers.start(self.store.listen, name="store-notifications")
             workers.start_soon(_purge_dedupe, self.store, name="dedupe-purge")
             workers.start_soon(self.refresher.run, name="template-refresh")
+            workers.start_soon(budget.follow_reload_requests, name="budget-reload")
             async with anyio.create_task_group() as intake_group:
                 # The trigger may come while intake is still starting (a broker that is down):
                 # it must stop the start-up as well as a running service.
@@ -390,7 +352,10 @@ async def _stop_intake_on(shutdown: anyio.Event, intake: anyio.abc.TaskGroup) ->
 
 
 async def run_until_signalled(cfg: Config) -> None:
-    """`studiohook serve`: SIGTERM or SIGINT is the shutdown trigger, SIGHUP a template reload."""
+    """`studiohook serve`: SIGTERM or SIGINT is the shutdown trigger, SIGHUP a reload.
+
+    The reload fetches saved templates again and re-reads the spending caps.
+    """
     shutdown = anyio.Event()
     reload_requests = ReloadRequests()
 

@@ -59,14 +59,25 @@ def next_refresh_at(freshness: Mapping[str, Freshness]) -> float:
 
 
 class ReloadRequests:
-    """SIGHUP (and anything else) asks for a reload; the refresher is the one listener."""
+    """SIGHUP (and anything else) asks for a reload: the refresher waits on it, others listen.
+
+    The refresher consumes requests (`take`, `wait`); `add_listener` callbacks (the spending
+    caps' reload) are called on every request and must return at once.
+    """
 
     def __init__(self) -> None:
         self._event = anyio.Event()
+        self._listeners: list[Callable[[], None]] = []
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener` on every later request."""
+        self._listeners.append(listener)
 
     def request(self) -> None:
-        """Ask for every saved template to be fetched again, soon."""
+        """Ask for every saved template to be fetched again, and each listener to reload, soon."""
         self._event.set()
+        for listener in self._listeners:
+            listener()
 
     def take(self) -> bool:
         """Consume a pending request; True when there was one."""
