@@ -6,8 +6,10 @@ import argparse
 import difflib
 import importlib.metadata
 import sys
+import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +25,19 @@ from service.aistudios.client import AIStudiosClient
 from service.aistudios.connect import connect
 from service.aistudios.paid_requests import TEMPLATE_MODIFY_API, paid_request
 from service.aistudios.simulator import SimulatorKnobs, run_simulator
+from service.budget_config import budget_limits
 from service.catalog import load_catalog
 from service.cli_tables import job_table, jobs_table
 from service.config import Config, ConfigError, config_path, load_config, read_config
 from service.eventloop import loop_options
 from service.intake import decide, route_context
-from service.jobs.prepare import export_request
+from service.jobs.cache import render_key
+from service.jobs.prepare import coalesce_key_for, export_request
 from service.log import configure_logging, register_secrets
 from service.mapping.render import MappingError
-from service.mapping.routes import export_name
+from service.mapping.routes import CompiledRoute, export_name
 from service.model import RawEvent, job_id_for
+from service.outlook import EventFacts, printable_url, store_outlook
 
 out = Console(highlight=False, soft_wrap=True, markup=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
@@ -131,9 +136,22 @@ def _read_event(path: Path, source: str) -> tuple[RawEvent, bytes]:
     return RawEvent(source=source, payload=payload, headers=headers, topic=topic), body
 
 
+@dataclass(frozen=True)
+class _Rendered:
+    """The export an event file becomes, and what the guard rails need to judge it."""
+
+    api: str
+    body: dict[str, Any]
+    name: str
+    template: Any
+    route: CompiledRoute
+    job_id: str
+    context: dict[str, Any]
+
+
 async def _render(
     args: argparse.Namespace, cfg: Config, client: AIStudiosClient | None, job_id: str | None
-) -> tuple[str, dict[str, Any], str, Any]:
+) -> _Rendered:
     """The export an event file becomes; `job_id` None means the id the service would give it."""
     catalog, problems = await load_catalog(cfg, client)
     if problems:
@@ -166,12 +184,11 @@ async def _render(
     job_id = job_id or job_id_for(source.name, identity.dedupe_key, route.config.name)
     name = export_name(route, context, job_id)
     api, request = export_request(catalog, route, context, name)
-    return api, request, name, catalog.templates.get(template_name)
+    template = catalog.templates.get(template_name)
+    return _Rendered(api, request, name, template, route, job_id, context)
 
 
-async def _preview_render(
-    args: argparse.Namespace, cfg: Config
-) -> tuple[str, dict[str, Any], str, Any]:
+async def _preview_render(args: argparse.Namespace, cfg: Config) -> _Rendered:
     """Render offline; a saved project is read (free) when credentials allow it."""
     saved = any(t.project_id for t in cfg.templates)
     if not saved or cfg.aistudios.uses_simulator:
@@ -183,10 +200,11 @@ async def _preview_render(
 async def _preview(args: argparse.Namespace) -> int:
     cfg = _load(args)
     try:
-        api, body, name, template = await _preview_render(args, cfg)
+        rendered = await _preview_render(args, cfg)
     except MappingError as exc:
         err.print(f"mapping error: {exc}")
         return EXIT_PROBLEMS
+    api, body, name, template = rendered.api, rendered.body, rendered.name, rendered.template
     a = cfg.aistudios
     webhook = f"{cfg.http.public_url}/callbacks/<job_id>/<token>" if cfg.http.public_url else None
     request = paid_request(
@@ -198,19 +216,41 @@ async def _preview(args: argparse.Namespace) -> int:
         webhook_url=webhook,
     )
     out.print(f"# {request.method} {request.url}  ({FLOWS.get(api, api)}), name {name!r}")
-    rendered = orjson.dumps(request.body, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
-    out.print(rendered.decode(), markup=False)
+    text = orjson.dumps(request.body, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+    out.print(text.decode(), markup=False)
     if template is None:
         out.print("# the template is kept by AI Studios: it applies `updates` to it")
-        return EXIT_OK
-    before = orjson.dumps(template, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
-    diff = difflib.unified_diff(
-        before.splitlines(), rendered.decode().splitlines(), "template", "export", lineterm="", n=1
-    )
-    out.print("# diff against the template")
-    for line in diff:
-        out.print(line, markup=False)
+    else:
+        before = orjson.dumps(template, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+        diff = difflib.unified_diff(
+            before.decode().splitlines(),
+            text.decode().splitlines(),
+            "template",
+            "export",
+            lineterm="",
+            n=1,
+        )
+        out.print("# diff against the template")
+        for line in diff:
+            out.print(line, markup=False)
+    out.print(f"# guard rails right now ({printable_url(cfg.store.url)}, read-only)")
+    for line in await _guard_rails(cfg, rendered):
+        out.print(f"#   {line}", markup=False)
     return EXIT_OK
+
+
+async def _guard_rails(cfg: Config, rendered: _Rendered) -> list[str]:
+    """The render cache, coalescing and caps' answers for this event, from the store as it is."""
+    route = rendered.route
+    facts = EventFacts(
+        route=route.config.name,
+        job_id=rendered.job_id,
+        render_key=render_key(rendered.api, rendered.body),
+        coalesce_key=coalesce_key_for(route, rendered.context),
+        cache_seconds=route.config.cache_seconds,
+        coalesce_seconds=route.config.coalesce_seconds,
+    )
+    return await store_outlook(cfg.store.url, facts, budget_limits(cfg), time.time())
 
 
 # --- submit ------------------------------------------------------------------------------
@@ -250,7 +290,8 @@ async def _submit(args: argparse.Namespace) -> int:
         try:
             # A manual export of its own: the service must never adopt it as one of its jobs.
             manual_id = f"cli_{uuid.uuid4().hex[:12]}"
-            kind, body, name, _ = await _render(args, cfg, client, manual_id)
+            rendered = await _render(args, cfg, client, manual_id)
+            kind, body, name = rendered.api, rendered.body, rendered.name
         except MappingError as exc:
             err.print(f"mapping error: {exc}")
             return EXIT_PROBLEMS

@@ -109,6 +109,12 @@ def test_preview_prints_the_export_body_and_a_diff_offline():
     assert "# diff against the template" in out
     assert '-            "org": "Hello, This is test video.",' in out
     assert '+            "org": "Meet Ceramic Pour-Over Coffee Set.' in out
+    # No service has run here: preview says so, and creates no store file.
+    store = ROOT / "state-cli-test" / "studiohook.db"
+    assert f"#   the store {store} does not exist yet" in out
+    assert "#   render cache: off (route new-product sets no cache_seconds)" in out
+    assert "#   spending caps: none" in out
+    assert not store.exists()
 
 
 def test_preview_names_the_export_once_with_the_job_id_the_service_would_give():

@@ -65,6 +65,16 @@ def export_request(
     return (API_V3_ONE_STEP if template_name in catalog.one_step else API_V3), body
 
 
+def coalesce_key_for(route: CompiledRoute, context: dict[str, Any]) -> str | None:
+    """`route:key` of a coalescing route for this event (the key is Jinja2), else None.
+
+    Public so `studiohook preview` asks the store about exactly the key a job would carry.
+    """
+    if route.coalesce_key is None or route.config.coalesce_seconds <= 0:
+        return None
+    return f"{route.config.name}:{evaluate(route.coalesce_key, context)}"
+
+
 class Preparer:
     """Maps received jobs; a mapping error rejects the job with its reason (replayable)."""
 
@@ -75,10 +85,7 @@ class Preparer:
         self._outbox_for = outbox_for
 
     def _coalesce_key(self, route: CompiledRoute, context: dict[str, Any]) -> str | None:
-        """`route:key` of a coalescing route for this event (the key is Jinja2), else None."""
-        if route.coalesce_key is None or route.config.coalesce_seconds <= 0:
-            return None
-        return f"{route.config.name}:{evaluate(route.coalesce_key, context)}"
+        return coalesce_key_for(route, context)
 
     def _body_for(self, job: Job, event: StoredEvent) -> tuple[str, dict[str, Any], str | None]:
         route = self._catalog.routes.get(job.route)

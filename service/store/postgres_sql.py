@@ -618,6 +618,15 @@ async def _repoint_superseded(conn: Conn, key: str, was: str, now_by: str, now: 
     )
 
 
+async def waiting_of_key(conn: Conn, *, coalesce_key: str) -> list[Job]:
+    """The `mapped`/`held` jobs of one coalesce key, oldest first: what a new one supersedes."""
+    cur = await conn.execute(
+        f"{_JOB_SELECT} WHERE coalesce_key = %s AND state = ANY(%s) ORDER BY seq",
+        (coalesce_key, _WAITING),
+    )
+    return [job_from_row(row) for row in await cur.fetchall()]
+
+
 async def spend_counts(conn: Conn, *, since: float) -> dict[str, int]:
     """Paid calls recorded since `since`, per route."""
     cur = await conn.execute(

@@ -23,6 +23,15 @@ _JOB_SELECT = f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs"  # noqa: S608 - names
 _MINUTE_S = 60
 
 
+def waiting_of_key(conn: sqlite3.Connection, coalesce_key: str) -> list[Job]:
+    """The `mapped`/`held` jobs of one coalesce key, oldest first: what a new one supersedes."""
+    rows = conn.execute(
+        f"{_JOB_SELECT} WHERE coalesce_key = ? AND state IN (?, ?) ORDER BY seq",
+        (coalesce_key, JobState.MAPPED.value, JobState.HELD.value),
+    )
+    return [job_from_row(r) for r in rows.fetchall()]
+
+
 def count_events_by_status(conn: sqlite3.Connection) -> dict[EventStatus, int]:
     """Every status with its count, zero included."""
     counts = dict.fromkeys(EventStatus, 0)

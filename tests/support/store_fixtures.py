@@ -42,6 +42,8 @@ class StoreEngine:
 
     name: str
     make: Callable[[], Store]
+    url: str = ""
+    """The `[store] url` naming that database."""
 
 
 def sample_event(
@@ -78,10 +80,12 @@ def store_engine(
 ) -> StoreEngine:
     if request.param == "sqlite":
         path = tmp_path / "state" / "studiohook.db"
-        return StoreEngine("sqlite", lambda: SQLiteStore(path, clock=store_clock))
+        return StoreEngine(
+            "sqlite", lambda: SQLiteStore(path, clock=store_clock), f"sqlite:///{path}"
+        )
     if request.param == "postgresql":
         url = request.getfixturevalue("postgres_url")
-        return StoreEngine("postgresql", lambda: PostgresStore(url, clock=store_clock))
+        return StoreEngine("postgresql", lambda: PostgresStore(url, clock=store_clock), url)
     raise AssertionError(f"unknown engine {request.param}")
 
 

@@ -1,0 +1,77 @@
+"""`studiohook preview` asks the real store what the guard rails would do with an event now."""
+
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import anyio
+import orjson
+import pytest
+
+from service.jobs.budget import day_name
+from tests.support.service_fixtures import make_config, running_service, unique_prefix
+from tests.test_e2e_service import SHOPIFY_BODY, job_of, wait_until_state
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+ROUTE = 'cache_seconds = 600\ncoalesce_key = "{{ event.id }}"\ncoalesce_seconds = 0.2\n'
+
+
+def product(title: str) -> bytes:
+    return orjson.dumps(orjson.loads(SHOPIFY_BODY) | {"title": title})
+
+
+def event_file(tmp_path: Path, webhook_id: str, body: bytes) -> Path:
+    path = tmp_path / f"{webhook_id}.json"
+    path.write_bytes(body)
+    headers = {"X-Shopify-Topic": "products/create", "X-Shopify-Webhook-Id": webhook_id}
+    path.with_name(f"{webhook_id}.headers.json").write_bytes(orjson.dumps(headers))
+    return path
+
+
+async def preview(config: Path, event: Path) -> list[str]:
+    command = [sys.executable, "-m", "service", "preview", "--config", str(config)]
+    command += ["--route", "new-product", "--event", str(event)]
+    result = await anyio.run_process(command, check=False)
+    assert result.returncode == 0, result.stderr.decode()
+    lines = result.stdout.decode().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# guard rails right now"))
+    return [line.removeprefix("#   ") for line in lines[start + 1 :]]
+
+
+async def test_preview_names_the_cached_video_the_job_it_supersedes_and_the_full_cap(
+    tmp_path, mqtt_broker
+):
+    options = {"broker_port": mqtt_broker.port, "prefix": unique_prefix(), "route_extra": ROUTE}
+    cfg = make_config(tmp_path, extra="[budget]\nexports_per_day = 1\n", **options)
+    async with running_service(cfg) as svc, aiohttp.ClientSession() as http:
+        exported = await job_of(http, svc, "pv-a", SHOPIFY_BODY)
+        await wait_until_state(svc, exported, "notified")
+        held = await job_of(http, svc, "pv-b", product("Mug, new photo"))
+        await wait_until_state(svc, held, "held")
+        key = (await svc.store.get_job(held)).coalesce_key
+        day = f"day:{day_name(time.time())}"
+
+        same_body = await preview(cfg.path, event_file(tmp_path, "pv-c", SHOPIFY_BODY))
+        assert same_body[0].startswith(
+            f"render cache: hit: would reuse the video of job {exported}"
+        )
+        assert same_body[1] == (
+            f"coalescing: key {key!r}: would supersede job {held} (held by a spending cap)"
+        )
+        assert same_body[2] == f"spending caps: {day} 1/1 spent (a reused video is not billed)"
+
+        changed = await preview(cfg.path, event_file(tmp_path, "pv-d", product("Mug, again")))
+        assert changed[0] == (
+            "render cache: no cached video (no identical export became ready in the last 600 s)"
+        )
+        assert changed[2].startswith(f"spending caps: would hold it now: {day} 1/1 spent")
+
+        again = await preview(cfg.path, event_file(tmp_path, "pv-a", SHOPIFY_BODY))
+        known = f"duplicate: the store already has this event as job {exported} (notified):"
+        assert again == [f"{known} it would not be exported again"]
+        # Preview only read: the held job still waits, nothing new was exported or stored.
+        assert (await svc.store.get_job(held)).state.value == "held"
+        assert svc.simulator.export_count == 1
+        assert sum((await svc.store.count_jobs_by_state()).values()) == 2
