@@ -62,16 +62,31 @@ async def test_preview_names_the_cached_video_the_job_it_supersedes_and_the_full
         )
         assert same_body[2] == f"spending caps: {day} 1/1 spent (a reused video is not billed)"
 
-        changed = await preview(cfg.path, event_file(tmp_path, "pv-d", product("Mug, again")))
-        assert changed[0] == (
-            "render cache: no cached video (no identical export became ready in the last 600 s)"
-        )
-        assert changed[2].startswith(f"spending caps: would hold it now: {day} 1/1 spent")
-
-        again = await preview(cfg.path, event_file(tmp_path, "pv-a", SHOPIFY_BODY))
-        known = f"duplicate: the store already has this event as job {exported} (notified):"
-        assert again == [f"{known} it would not be exported again"]
         # Preview only read: the held job still waits, nothing new was exported or stored.
         assert (await svc.store.get_job(held)).state.value == "held"
         assert svc.simulator.export_count == 1
         assert sum((await svc.store.count_jobs_by_state()).values()) == 2
+
+        # What preview said happens, and the job history shows it.
+        sent = await job_of(http, svc, "pv-c", SHOPIFY_BODY)
+        await wait_until_state(svc, sent, "notified")
+        assert svc.simulator.export_count == 1
+        superseded = await jobs_show(cfg.path, svc.http_url, held)
+        assert f"superseded_by {sent}" in superseded
+        assert "spending cap reached: 1 exports in day:" in superseded
+        assert "held superseded" in superseded
+        async with http.get(f"{svc.http_url}/jobs/{sent}") as response:
+            reused = await response.json()  # what `jobs show` prints
+        assert reused["reused_from"] == exported
+        assert [step["note"] for step in reused["history"]][-2:] == [
+            f"reused the video of {exported}",
+            None,
+        ]
+
+
+async def jobs_show(config: Path, url: str, job_id: str) -> str:
+    command = [sys.executable, "-m", "service", "jobs", "show", job_id, "--config", str(config)]
+    result = await anyio.run_process([*command, "--url", url], check=False)
+    assert result.returncode == 0, result.stderr.decode()
+    # The table's cells, borders dropped, spaces collapsed: "field value" and "from to ...".
+    return " ".join(result.stdout.decode().replace("│", " ").split())
