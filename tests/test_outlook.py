@@ -21,6 +21,7 @@ from service.outlook import (
     store_outlook,
 )
 from service.store.base import Store
+from service.store.sqlite import SQLiteStore
 from tests.support.jobs_fixtures import outbox_for
 from tests.support.postgres_fixtures import database_url
 from tests.support.store_fixtures import START_TIME, StoreEngine, sample_event, sample_job
@@ -213,3 +214,15 @@ async def test_a_missing_or_empty_postgres_store_is_said_plainly(postgres_url: s
     assert empty[0] == (
         "the PostgreSQL store has no studiohook tables yet (the service has not run with this config)"
     )
+
+
+@pytest.mark.anyio
+async def test_a_store_no_service_has_open_is_read_without_side_files(tmp_path: Path):
+    path = tmp_path / "state" / "studiohook.db"
+    store = SQLiteStore(path)
+    await store.open()
+    await store.close()
+    before = sorted(p.name for p in path.parent.iterdir())
+    lines = await store_outlook(f"sqlite:///{path}", facts(), BudgetLimits(), NOW)
+    assert lines[0].startswith("render cache: no cached video")
+    assert sorted(p.name for p in path.parent.iterdir()) == before == ["studiohook.db"]

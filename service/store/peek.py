@@ -1,7 +1,8 @@
 """A read-only look into the configured store, for `studiohook preview`.
 
 Preview must never change what the service will do: it never creates the SQLite file, never
-migrates a schema and never writes a row. SQLite is opened with `mode=ro` (and `query_only`);
+migrates a schema and never writes a row. SQLite is opened with `mode=ro` (and `query_only`),
+and `immutable` when no service has it open, so not even SQLite's side files are created;
 PostgreSQL with every transaction read-only. The questions are the pipeline's own queries
 (`cached_render`, `spend_counts`), so the answer is the one a job would get right now.
 """
@@ -96,6 +97,10 @@ def _open_sqlite(path: Path) -> sqlite3.Connection:
             f"the store {path} does not exist yet (the service has not run with this config)"
         )
     uri = f"file:{urllib.request.pathname2url(str(path))}?mode=ro"
+    if not path.with_name(f"{path.name}-wal").exists():
+        # No process has the file open in WAL mode: read it as it is, creating no -wal/-shm
+        # side files (made by this user, they could lock out a service run by another).
+        uri += "&immutable=1"
     try:
         connection = sqlite3.connect(uri, uri=True, timeout=5.0, check_same_thread=False)
         connection.row_factory = sqlite3.Row
