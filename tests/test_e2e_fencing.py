@@ -5,7 +5,9 @@ renders are slow. Instance `a` is frozen with SIGSTOP while it tracks renders, s
 renewing its leases; once they expire `b` claims the jobs (each claim bumps the job's fence).
 Then `a` is thawed with SIGCONT: its timers are overdue, so it polls at once and tries to commit
 what it read. Every such write names the fence it held before the freeze and is refused; only
-`b` moves those jobs from then on, each is billed once and announced once.
+`b` moves those jobs from then on, each is billed once and announced once. Their /metrics
+then show each instance's own id on every series, the same database-wide job counts, and
+each instance's own export counter.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from service.metrics import INSTANCE_LABEL
 from tests.support.daemon_fixtures import (
     Daemon,
     SimulatorProcess,
@@ -33,6 +36,7 @@ from tests.support.instance_fixtures import (
     jobs_by,
     transitions_of,
 )
+from tests.support.metrics_text import scrape, value
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -89,7 +93,8 @@ def test_an_instance_thawed_after_its_leases_expired_cannot_move_the_jobs_taken_
             max_concurrent_exports=EVENTS,
         )
     )
-    assert second.start() is not None
+    url_b = second.start()
+    assert url_b is not None
 
     print(f"a submitted; b started {time.time() - started_at:.1f} s after the first webhook")
     fences_before = fences_of(postgres_url)
@@ -138,6 +143,22 @@ def test_an_instance_thawed_after_its_leases_expired_cannot_move_the_jobs_taken_
     assert simulator.exports_per_job(jobs) == dict.fromkeys(jobs, 1)
     assert announcements_of(postgres_url, "video.ready") == dict.fromkeys(jobs, 1)
     assert ready_lines(tmp_path / "videos.jsonl") == dict.fromkeys(jobs, 1)
+    assert_metrics_per_instance({"a": url_a, "b": url_b})
     for daemon in (first, second):
         daemon.current.send(signal.SIGTERM)
         assert daemon.current.wait_exit() == 0
+
+
+def assert_metrics_per_instance(urls: dict[str, str]) -> None:
+    """Each instance labels its series with its own id; store-read gauges agree, counters not.
+
+    `a` sent every export before it froze, so the export counters differ, while both read the
+    same database for the jobs by state.
+    """
+    scraped = {name: scrape(url)[0] for name, url in urls.items()}
+    for name, series in scraped.items():
+        assert {dict(labels).get(INSTANCE_LABEL) for _, labels in series} == {name}
+    notified = {n: value(s, "studiohook_jobs", state="notified") for n, s in scraped.items()}
+    assert notified == {"a": EVENTS, "b": EVENTS}
+    exports = {n: value(s, "studiohook_exports_submitted_total") for n, s in scraped.items()}
+    assert exports == {"a": EVENTS, "b": 0}
