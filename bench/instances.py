@@ -20,6 +20,7 @@ simulator (`python -m service simulator`, renders of R s): webhooks go to both, 
 is killed with SIGKILL while it tracks renders. Printed beside `lease_seconds`: the time from
 the kill to the survivor's first claim of a dead instance's job, to its first committed
 transition on one, and to all of them `ready`; then the billed exports per job (must be 1).
+Exit status 1 when a job was billed other than once or a 2xx answer has no job in the store.
 
 PostgreSQL is the server on 127.0.0.1:5432 (STUDIOHOOK_TEST_POSTGRES names another admin URL);
 each set-up gets a database of its own, dropped at the end.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import secrets
 import shutil
 import signal
@@ -451,7 +453,7 @@ def takeover_part(tmp: Path, *, lease_s: float, render_s: float) -> TakeOver:
         in_flight=len(in_flight),
         waiting=len(waiting),
         first_claim_s=min(claimed.values()) - killed_at,
-        in_flight_claimed_s=max(claimed[j] for j in in_flight) - killed_at,
+        in_flight_claimed_s=max((claimed[j] for j in in_flight), default=math.nan) - killed_at,
         waiting_claimed_s=max(claimed[j] for j in waiting) - killed_at if waiting else None,
         first_transition_s=first_transition - killed_at,
         all_ready_s=all_ready - killed_at,
@@ -593,10 +595,10 @@ def main() -> None:
         tmp = Path(name)
         intakes = intake_part(tmp, seconds=seconds, connections=args.connections)
         takeover = takeover_part(tmp, lease_s=lease_s, render_s=args.render)
-    emit_result(
-        "instances",
-        report(intakes, takeover, seconds=seconds, connections=args.connections, loop=loop),
-    )
+    figures = report(intakes, takeover, seconds=seconds, connections=args.connections, loop=loop)
+    emit_result("instances", figures)
+    committed = all(i.jobs_stored >= i.answered_2xx for i in intakes)
+    sys.exit(0 if committed and not figures["billed_other_than_once"] else 1)
 
 
 if __name__ == "__main__":
