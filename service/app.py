@@ -126,7 +126,7 @@ async def run_service(
             message="no AI Studios credentials configured: exports go to the built-in simulator",
         )
     cfg.service.state_dir.mkdir(parents=True, exist_ok=True)
-    metrics = Metrics()
+    metrics = Metrics(cfg.service.instance or None)
     store = store_from_url(cfg.store.url, instance=cfg.service.instance or None)
     await store.open()
     try:

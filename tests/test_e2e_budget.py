@@ -7,6 +7,7 @@ import anyio
 import orjson
 import pytest
 
+from tests.support.metrics_text import without_instance_id
 from tests.support.service_fixtures import (
     eventually,
     make_config,
@@ -56,7 +57,7 @@ async def test_a_daily_cap_holds_the_third_export_until_the_cap_is_raised(tmp_pa
 
         headers = {"Authorization": "Bearer t0k"}
         async with http.get(f"{svc.http_url}/metrics", headers=headers) as response:
-            metrics = await response.text()
+            metrics = without_instance_id(await response.text())
         assert 'studiohook_budget_spent{scope="day"} 2.0' in metrics
         assert 'studiohook_budget_remaining{scope="day"} 0.0' in metrics
         assert 'studiohook_jobs{state="held"} 1.0' in metrics

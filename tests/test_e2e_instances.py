@@ -14,39 +14,22 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from tests.support.daemon_fixtures import (
     Daemon,
     SimulatorProcess,
-    daemon_config,
     post_delivery,
     ready_lines,
     shop_job_id,
     wait_until,
 )
+from tests.support.instance_fixtures import instance_config, jobs_by
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
 LEASE_S = 3.0  # [service] lease_seconds: how long a dead instance's jobs wait
 EVENTS_PER_INSTANCE = 10
-
-
-def instance_config(tmp_path: Path, api_url: str, database_url: str, name: str) -> str:
-    config = daemon_config(tmp_path, api_url=api_url, max_concurrent_exports=4)
-    config = config.replace(
-        f'state_dir = "{tmp_path / "state"}"',
-        f'state_dir = "{tmp_path / f"state-{name}"}"\ninstance = "{name}"\n'
-        f"lease_seconds = {LEASE_S}",
-    )
-    return config.replace("[http]", f'[store]\nurl = "{database_url}"\n\n[http]', 1)
-
-
-def jobs_by(database_url: str) -> dict[str, tuple[str, str | None]]:
-    with psycopg.connect(database_url) as conn:
-        rows = conn.execute("SELECT job_id, state, owner FROM jobs").fetchall()
-    return {job_id: (state, owner) for job_id, state, owner in rows}
 
 
 def test_two_instances_share_intake_and_the_survivor_takes_over_after_a_kill_9(
@@ -56,8 +39,12 @@ def test_two_instances_share_intake_and_the_survivor_takes_over_after_a_kill_9(
     simulator_process: Callable[[float], SimulatorProcess],
 ) -> None:
     simulator = simulator_process(2.0)
-    first = daemon_factory(instance_config(tmp_path, simulator.url, postgres_url, "a"))
-    second = daemon_factory(instance_config(tmp_path, simulator.url, postgres_url, "b"))
+    first = daemon_factory(
+        instance_config(tmp_path, simulator.url, postgres_url, "a", lease_s=LEASE_S)
+    )
+    second = daemon_factory(
+        instance_config(tmp_path, simulator.url, postgres_url, "b", lease_s=LEASE_S)
+    )
     urls = {"a": first.start(), "b": second.start()}
     assert None not in urls.values()
 

@@ -10,6 +10,7 @@ import pytest
 
 from service.aistudios.simulator import SimulatorKnobs
 from service.model import JobState
+from tests.support.metrics_text import without_instance_id
 from tests.support.mqtt_fixtures import free_port
 from tests.support.service_fixtures import (
     EXAMPLES,
@@ -212,7 +213,8 @@ async def test_callback_brings_the_confirming_poll_forward(tmp_path, mqtt_broker
         async with http.post(f"{svc.http_url}/callbacks/{job_id}/forged-token") as response:
             assert response.status == 404
         async with http.get(f"{svc.http_url}/metrics") as response:
-            assert "studiohook_detection_lag_seconds_count 1.0" in await response.text()
+            text = without_instance_id(await response.text())
+            assert "studiohook_detection_lag_seconds_count 1.0" in text
 
 
 async def test_store_outage_answers_503_and_commits_nothing(tmp_path, mqtt_broker):
@@ -240,7 +242,7 @@ async def test_metrics_count_events_exports_and_states(tmp_path, mqtt_broker):
 
         await wait_until_state(svc, job_id, "notified")
         async with http.get(f"{svc.http_url}/metrics") as response:
-            text = await response.text()
+            text = without_instance_id(await response.text())
         assert 'studiohook_events_total{outcome="accepted",source="shop"} 1.0' in text
         assert 'studiohook_events_total{outcome="duplicate",source="shop"} 1.0' in text
         assert "studiohook_exports_submitted_total 1.0" in text

@@ -319,6 +319,8 @@ async def test_a_job_a_live_worker_holds_is_left_to_it_and_taken_over_when_its_l
         assert (ready.owner, ready.fence) == ("w-new", claimed.fence + 1)
         with pytest.raises(FencedError):  # the old claimant wakes up: refused
             await ghost.transition(job.job_id, {S.READY}, S.NOTIFIED)
+        with pytest.raises(FencedError):  # and stays refused: its next move is fenced too
+            await ghost.update_job(job.job_id, JobUpdate(polls=99))
         assert h.simulator.billed_exports(draft_id) == 1
         assert h.pipeline.slots.in_flight == 0
 

@@ -149,7 +149,11 @@ class OwnedJobs:
             raise
 
     def _lose(self, job_id: str) -> None:
-        """Another worker claimed the job since: it is no longer ours to move or count."""
-        log.warning("job.claim_lost", job_id=job_id)
-        self._fences.pop(job_id, None)
+        """Another worker claimed the job since: it is no longer ours to move or count.
+
+        The stale fence is kept, not dropped: a move without a fence is not checked at all,
+        so forgetting it would let this worker's next move of the job (a failure verdict
+        after the refused poll, say) through. Only a new claim replaces it.
+        """
+        log.warning("job.claim_lost", job_id=job_id, fence=self._fences.get(job_id))
         self._slots.settle(job_id, None)

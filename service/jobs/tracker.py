@@ -237,6 +237,10 @@ class Tracker:
             except StoreUnavailableError as exc:
                 log.warning("job.poll_deferred", error=str(exc))
                 self._retry_later(render, exc)
+            except StaleTransitionError as exc:
+                # Another worker claimed the job since (or it was purged): it tracks it now.
+                log.info("job.tracking_handed_over", reason=str(exc))
+                self._forget(render.job_id, None)
             except Exception as exc:
                 log.exception("job.poll_crashed")
                 await self._fail_crashed(render, f"internal error while tracking: {exc!r}")
