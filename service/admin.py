@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
@@ -111,8 +111,10 @@ class AdminApi:
         admin_token: str | None,
         replay: ReplayEvent | None = None,
         budget: BudgetControl | None = None,
+        roles: Callable[[], Mapping[str, str]] | None = None,
     ) -> None:
         self._budget = budget
+        self._roles = roles
         self._store = store
         self._metrics = metrics
         self._checks = checks
@@ -142,15 +144,22 @@ class AdminApi:
         return _json({"status": "alive"})
 
     async def readyz(self, _: web.Request) -> web.Response:
-        """Store writable, broker connected, API reachable: else 503 with the reasons."""
+        """Store writable, broker connected, API reachable: else 503 with the reasons.
+
+        `roles` says what this instance does among several (`mqtt`: `reader` or `standby`).
+        """
         problems: dict[str, str] = {}
         for name, check in self._checks.items():
             reason = await check()
             if reason is not None:
                 problems[name] = reason
+        body: dict[str, object] = {"status": "not ready" if problems else "ready"}
         if problems:
-            return _json({"status": "not ready", "problems": problems}, status=503)
-        return _json({"status": "ready"})
+            body["problems"] = problems
+        roles = dict(self._roles()) if self._roles is not None else {}
+        if roles:
+            body["roles"] = roles
+        return _json(body, status=503 if problems else 200)
 
     async def metrics(self, _: web.Request) -> web.Response:
         """Prometheus exposition; store-derived gauges are read at scrape time."""

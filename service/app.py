@@ -31,6 +31,7 @@ from service.catalog import Catalog, load_catalog
 from service.config import Config, ConfigError
 from service.console.server import PREFIX as CONSOLE_PREFIX
 from service.console.server import Console
+from service.ingress.leadership import ReaderElection
 from service.ingress.mqtt import MqttIngress
 from service.ingress.webhooks import webhook_routes
 from service.intake import StoreIntake
@@ -170,8 +171,12 @@ def _mark_notified(store: Store) -> Callable[[str], Awaitable[None]]:
 
 
 def _readiness_checks(
-    store: Store, client: AIStudiosClient, ingress: MqttIngress | None
+    store: Store,
+    client: AIStudiosClient,
+    ingress: MqttIngress | None,
+    election: ReaderElection | None,
 ) -> dict[str, ReadinessCheck]:
+    """The /readyz checks, by the name they are reported under."""
     api_ok_until = 0.0
 
     async def store_check() -> str | None:
@@ -195,9 +200,21 @@ def _readiness_checks(
         return None
 
     async def mqtt_check() -> str | None:
-        return None if ingress is None or ingress.connected else "MQTT broker not connected"
+        return _mqtt_problem(ingress, election)
 
     return {"store": store_check, "aistudios": api_check, "mqtt": mqtt_check}
+
+
+def _mqtt_problem(ingress: MqttIngress | None, election: ReaderElection | None) -> str | None:
+    """Why MQTT intake is not ready; an instance standing by for the reader role reads nothing."""
+    if ingress is None or ingress.connected:
+        return None
+    role = None if election is None else election.role
+    if role == "standby":
+        return None
+    if election is not None and role is None:
+        return "MQTT reader not elected yet"
+    return "MQTT broker not connected"
 
 
 @dataclass
@@ -233,7 +250,9 @@ class _Parts:
         route = self.catalog.routes.get(job.route)
         return route.config.template if route is not None else job.route
 
-    def build(self) -> tuple[JobPipeline, OutboxSender, StoreIntake, MqttIngress | None]:
+    def build(
+        self,
+    ) -> tuple[JobPipeline, OutboxSender, StoreIntake, MqttIngress | None, ReaderElection | None]:
         cfg, store = self.cfg, self.store
         pipeline = JobPipeline(
             store=store,
@@ -266,10 +285,17 @@ class _Parts:
             sources=cfg.sources,
         )
         mqtt_sources = [s for s in cfg.sources if s.kind == "mqtt"]
-        ingress = None
+        ingress = election = None
         if mqtt_sources and cfg.mqtt is not None:
             ingress = MqttIngress(config=cfg.mqtt, sources=mqtt_sources, intake=intake)
-        return pipeline, sender, intake, ingress
+            # Instances sharing the store read MQTT one at a time (one broker session).
+            election = ReaderElection(
+                store,
+                client_id=cfg.mqtt.client_id,
+                read=ingress.run,
+                check_s=cfg.mqtt.reader_check_s,
+            )
+        return pipeline, sender, intake, ingress, election
 
     async def run(
         self,
@@ -279,8 +305,8 @@ class _Parts:
         task_status: anyio.abc.TaskStatus[Running],
     ) -> None:
         cfg = self.cfg
-        pipeline, sender, intake, ingress = self.build()
-        checks = _readiness_checks(self.store, self.client, ingress)
+        pipeline, sender, intake, ingress, election = self.build()
+        checks = _readiness_checks(self.store, self.client, ingress, election)
         budget = PipelineBudget(pipeline, cfg)
         # SIGHUP re-reads the spending caps as well as the saved templates.
         self.refresher.requests.add_listener(budget.request_reload)
@@ -293,6 +319,7 @@ class _Parts:
             admin_token=cfg.http.admin_token,
             replay=intake.replay,
             budget=budget,
+            roles=None if election is None else lambda: {"mqtt": election.role or "electing"},
         )
         console = Console(
             store=self.store,
@@ -329,8 +356,8 @@ class _Parts:
                 http_url = await intake_group.start(
                     _serve_http, cfg, routes, {CONSOLE_PREFIX: console.app()}, name="http"
                 )
-                if ingress is not None:
-                    await intake_group.start(ingress.run, name="mqtt-ingress")
+                if election is not None:
+                    await intake_group.start(election.run, name="mqtt-ingress")
                 log.info("service.ready", http=http_url, simulator=simulator is not None)
                 if cfg.service.log_format == "console":
                     summary = startup_summary(

@@ -141,6 +141,9 @@ class MqttConfig:
     client_id: str = "studiohook"
     session_expiry_seconds: int = 86400
     receive_maximum: int = 100
+    reader_check_s: float = 1.0
+    """Instances sharing a PostgreSQL store elect one MQTT reader: it proves it still holds the
+    election lock this often, and an instance standing by tries to take the lock this often."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -553,6 +556,7 @@ def _mqtt(t: _Table) -> MqttConfig | None:
         client_id=t.text("client_id", d["client_id"]),
         session_expiry_seconds=t.integer("session_expiry_seconds", d["session_expiry_seconds"]),
         receive_maximum=t.integer("receive_maximum", d["receive_maximum"], minimum=1),
+        reader_check_s=t.number("reader_check_seconds", d["reader_check_s"], minimum=0.1),
     )
     t.finish()
     return cfg

@@ -14,17 +14,14 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import closing
 from pathlib import Path
 
 import aiohttp
 import anyio
 import anyio.to_thread
-import orjson
 import pytest
-from paho.mqtt import client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from service.model import job_id_for
 from tests.support.daemon_fixtures import (
@@ -43,7 +40,7 @@ from tests.support.daemon_fixtures import (
     shopify_delivery,
     wait_until,
 )
-from tests.support.mqtt_fixtures import PrivateBroker
+from tests.support.mqtt_fixtures import PrivateBroker, mqtt_publisher, publish_products
 
 pytestmark = pytest.mark.integration
 
@@ -145,28 +142,6 @@ async def test_webhook_burst_killed_mid_flight_keeps_every_acknowledged_delivery
 # --- 2. MQTT intake -----------------------------------------------------------------------
 
 
-@contextmanager
-def _publisher(broker: PrivateBroker, client_id: str) -> Iterator[mqtt.Client]:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    client.connect(broker.host, broker.port)
-    client.loop_start()
-    try:
-        yield client
-    finally:
-        client.disconnect()
-        client.loop_stop()
-
-
-def _publish(client: mqtt.Client, topic: str, ids: list[str]) -> None:
-    """Publish QoS 1 and return once the broker acknowledged every message (it owns them)."""
-    infos = [
-        client.publish(topic, orjson.dumps({"id": i, "product": {"title": i}}), qos=1) for i in ids
-    ]
-    for info in infos:
-        info.wait_for_publish(timeout=5)
-        assert info.is_published()
-
-
 def test_mqtt_messages_survive_kill_9_and_downtime_each_stored_once(
     tmp_path: Path,
     daemon_factory: DaemonFactory,
@@ -179,12 +154,12 @@ def test_mqtt_messages_survive_kill_9_and_downtime_each_stored_once(
     before = [f"before-{i:02d}" for i in range(20)]
     during = [f"during-{i:02d}" for i in range(10)]
     topic = f"{prefix}/in/products"
-    with _publisher(broker, f"{prefix}-publisher") as client:
-        _publish(client, topic, before)
+    with mqtt_publisher(broker, f"{prefix}-publisher") as client:
+        publish_products(client, topic, before)
         killed = daemon.current
         assert killed.wait_exit() == -signal.SIGKILL
         assert killed.signalled[0][1]["event"] == "mqtt message accepted"
-        _publish(client, topic, during)
+        publish_products(client, topic, during)
 
     assert daemon.start() is not None
     expected = {f"j:{i}": 1 for i in before + during}
@@ -265,7 +240,7 @@ def test_crash_soak_kill_9_with_lost_draft_and_export_responses_bills_each_event
     ids = [f"soak-{i}-{uuid.uuid4().hex[:8]}" for i in range(40)]
     messages = [f"soak-m{i}-{uuid.uuid4().hex[:8]}" for i in range(12)]
     pending = list(ids)
-    with _publisher(broker, f"{prefix}-publisher") as publisher:
+    with mqtt_publisher(broker, f"{prefix}-publisher") as publisher:
         for round_ in range(4):
             simulator.set_knobs(
                 lose_response_next_drafts=2, lose_response_next_exports=2, render_jitter=0.2
@@ -277,7 +252,9 @@ def test_crash_soak_kill_9_with_lost_draft_and_export_responses_bills_each_event
             )
             killer.start()
             # The broker acknowledges (and keeps for the daemon's session) while it dies.
-            _publish(publisher, f"{prefix}/in/products", messages[3 * round_ : 3 * round_ + 3])
+            publish_products(
+                publisher, f"{prefix}/in/products", messages[3 * round_ : 3 * round_ + 3]
+            )
             pending = _send_until_refused(url, pending[:10]) + pending[10:]
             killer.join()
             assert run.wait_exit() == -signal.SIGKILL, run.tail()

@@ -36,16 +36,20 @@ async def test_readyz_reports_the_broker_while_it_is_down_and_recovers_with_it(
     broker = private_broker()
     cfg = make_config(tmp_path, broker_port=broker.port, prefix=unique_prefix(), notify=False)
     async with running_service(cfg) as svc, aiohttp.ClientSession() as http:
-        assert await readiness(http, svc) == (200, {"status": "ready"})
+        assert await readiness(http, svc) == (200, {"status": "ready", "roles": {"mqtt": "reader"}})
 
         await anyio.to_thread.run_sync(broker.stop)
         await eventually(ready_when(http, svc, 503, {"mqtt"}), what="/readyz naming mqtt")
         _, body = await readiness(http, svc)
-        assert body == {"status": "not ready", "problems": {"mqtt": "MQTT broker not connected"}}
+        assert body == {
+            "status": "not ready",
+            "problems": {"mqtt": "MQTT broker not connected"},
+            "roles": {"mqtt": "reader"},
+        }
 
         await anyio.to_thread.run_sync(broker.start)
         await eventually(ready_when(http, svc, 200, set()), what="/readyz ready again")
-        assert await readiness(http, svc) == (200, {"status": "ready"})
+        assert await readiness(http, svc) == (200, {"status": "ready", "roles": {"mqtt": "reader"}})
 
 
 async def test_readyz_reports_refused_credentials_until_the_api_accepts_them(

@@ -255,7 +255,7 @@ async def test_metrics_count_events_exports_and_states(tmp_path, mqtt_broker):
         async with http.get(f"{svc.http_url}/healthz") as response:
             assert response.status == 200
         async with http.get(f"{svc.http_url}/readyz") as response:
-            assert (await response.json()) == {"status": "ready"}
+            assert (await response.json()) == {"status": "ready", "roles": {"mqtt": "reader"}}
 
 
 async def test_route_with_download_keeps_an_atomic_local_copy_and_announces_it(

@@ -123,6 +123,27 @@ async def test_reconnects_after_the_connection_is_lost(broker, tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.anyio
+async def test_instances_publish_on_connections_of_their_own(broker, tmp_path):
+    job_id = f"job_instances_{tmp_path.name}"
+    target = NotifyConfig(name="bus", kind="mqtt", topic="t/{job_id}")
+    async with aiomqtt.Client(BROKER[0], BROKER[1], identifier=f"sub-{job_id}") as sub:
+        await sub.subscribe(f"t/{job_id}", qos=1)
+        with capture_logs() as logs:
+            async with (
+                aclosing(MqttNotifier(target, broker, instance="web-1")) as first,
+                aclosing(MqttNotifier(target, broker, instance="web-2")) as second,
+            ):
+                for notifier in (first, second, first, second):
+                    await notifier.deliver(message(job_id))
+        with anyio.fail_after(5):
+            got = [await anext(aiter(sub.messages)) for _ in range(4)]
+    assert len(got) == 4
+    connected = [e["client_id"] for e in logs if e["event"] == "mqtt_notify_connected"]
+    assert connected == ["studiohook-notify-bus-web-1", "studiohook-notify-bus-web-2"]
+
+
+@pytest.mark.integration
+@pytest.mark.anyio
 async def test_unreachable_broker_is_a_retryable_delivery_error():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -48,7 +48,8 @@ async def build_notifiers(
             if target.kind == "webhook":
                 notifier = await stack.enter_async_context(aclosing(WebhookNotifier(target)))
             elif target.kind == "mqtt" and cfg.mqtt is not None:
-                notifier = await stack.enter_async_context(aclosing(MqttNotifier(target, cfg.mqtt)))
+                mqtt = MqttNotifier(target, cfg.mqtt, instance=cfg.service.instance or None)
+                notifier = await stack.enter_async_context(aclosing(mqtt))
             else:
                 notifier = FileNotifier(target)
             wanted = _copy_wanted(cfg, target)

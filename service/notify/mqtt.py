@@ -1,7 +1,8 @@
 """MQTT target: publish each event with QoS 1 and count it delivered only on PUBACK.
 
-The notifier keeps its own connection under its own client id (`<client_id>-notify`), so a
-broker that kicks duplicate ids never disconnects the ingress subscriber. Messages are never
+The notifier keeps its own connection under its own client id (`<client_id>-notify-<target>`,
+then `-<instance>` when `[service] instance` is set), so a broker that kicks duplicate ids
+never disconnects the ingress subscriber, nor one instance's notifier another's. Messages are never
 retained: a consumer that subscribes later must not receive an old "video ready" as new. A
 broken connection is dropped and rebuilt on the next attempt; the message is published once
 more at once on a fresh connection, then left to the sender's retry schedule.
@@ -104,11 +105,15 @@ class MqttNotifier:
         broker: MqttConfig,
         *,
         publish_timeout_s: float = 10.0,
+        instance: str | None = None,
     ) -> None:
         self._name = target.name
         self._template = target.topic
         self._broker = broker
-        self._client_id = f"{broker.client_id}-notify-{target.name}"
+        # Instances sharing a store each publish on a connection of their own: with one id
+        # the broker would drop whichever connected first, back and forth.
+        suffix = f"-{instance}" if instance else ""
+        self._client_id = f"{broker.client_id}-notify-{target.name}{suffix}"
         self._timeout_s = publish_timeout_s
         self._client: aiomqtt.Client | None = None
         self._connect_lock = anyio.Lock()

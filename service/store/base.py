@@ -44,6 +44,44 @@ class UnknownJobError(StaleTransitionError, LookupError):
     """The job does not exist (never did, or was purged): as stale as a moved job."""
 
 
+class LockLostError(StoreUnavailableError):
+    """The connection that held an exclusive lock broke or stopped answering: it is released."""
+
+
+class ExclusiveLock(Protocol):
+    """A lock at most one process on a store holds, kept only while its holder proves it lives.
+
+    Several instances elect their one MQTT reader with it: the broker keeps one session per
+    client id, so two readers would only take it from each other.
+    """
+
+    async def try_acquire(self) -> bool:
+        """Take the lock when nobody holds it; False while another process does.
+
+        StoreUnavailableError when the store cannot answer (nobody is known to hold it then).
+        """
+
+    async def check(self) -> None:
+        """Prove the lock is still held; LockLostError (and the lock is let go) otherwise."""
+
+    async def release(self) -> None:
+        """Let the lock go (a no-op when not held); never raises."""
+
+
+class SoleProcessLock:
+    """The lock of a store only one process uses (SQLite): always held, never lost."""
+
+    async def try_acquire(self) -> bool:
+        """Always true: no other process shares this store."""
+        return True
+
+    async def check(self) -> None:
+        """Nothing can take it away."""
+
+    async def release(self) -> None:
+        """Nothing to let go."""
+
+
 class Store(Protocol):
     """Durable state: the inbox, the jobs with their history, and the outbox."""
 
@@ -256,6 +294,13 @@ class Store(Protocol):
 
     async def ping(self) -> None:
         """Prove the store is writable; raise StoreUnavailableError otherwise."""
+
+    def exclusive_lock(self, name: str, *, lapse_s: float) -> ExclusiveLock:
+        """The lock called `name`, shared by every process on this store.
+
+        A holder that goes silent (its process frozen, its machine gone) loses the lock after
+        about `lapse_s`; on a store one process owns, the lock is simply always held.
+        """
 
     # --- operator console reads (read-only; nothing here is on a path that moves money) ---
 

@@ -46,6 +46,7 @@ from service.model import (
 )
 from service.store import postgres_sql as sql
 from service.store.base import StoreUnavailableError
+from service.store.postgres_lock import PostgresSessionLock
 from service.store.postgres_schema import (
     MIGRATION_LOCK,
     MIGRATIONS,
@@ -528,6 +529,12 @@ class PostgresStore:
     async def ping(self) -> None:
         """Commit a heartbeat row: proves the database takes durable writes right now."""
         await self._run(functools.partial(sql.heartbeat, now=self._clock()))
+
+    def exclusive_lock(self, name: str, *, lapse_s: float) -> PostgresSessionLock:
+        """A session-level advisory lock on a connection of its own (see `postgres_lock`)."""
+        return PostgresSessionLock(
+            self._url, name, lapse_s=lapse_s, connect_timeout_s=self._timeout_s
+        )
 
     # --- operator console reads -----------------------------------------------------------
 

@@ -40,7 +40,7 @@ from service.model import (
 )
 from service.store import sqlite_reads as reads
 from service.store import sqlite_sql as sql
-from service.store.base import StoreUnavailableError
+from service.store.base import SoleProcessLock, StoreUnavailableError
 from service.store.schema import MIGRATIONS, SCHEMA_VERSION
 from service.store.writer import GroupCommitWriter, is_database_failure
 
@@ -488,6 +488,10 @@ class SQLiteStore:
     async def ping(self) -> None:
         """Commit a heartbeat row: proves the database takes durable writes right now."""
         await self._write(functools.partial(sql.heartbeat, now=self._clock()))
+
+    def exclusive_lock(self, name: str, *, lapse_s: float) -> SoleProcessLock:  # noqa: ARG002
+        """One process owns a SQLite store: its locks are always held (see `SoleProcessLock`)."""
+        return SoleProcessLock()
 
     # --- operator console reads -----------------------------------------------------------
 

@@ -62,6 +62,8 @@ class ChildProcess:
         self.signalled: list[tuple[signal.Signals, Record]] = []
         self.signalled_at: float | None = None
         self._triggers = dict(signal_on or {})
+        self._counted_triggers: list[tuple[dict[str, int], signal.Signals]] = []
+        self._seen: dict[str, int] = {}
         self._line_actions: list[tuple[str, Callable[[], None]]] = []
         self._changed = threading.Condition()
         self._eof = False
@@ -88,15 +90,31 @@ class ChildProcess:
             self._eof = True
             self._changed.notify_all()
 
-    def _maybe_signal(self, record: Record) -> None:
+    def signal_when(self, counts: Mapping[str, int], sig: signal.Signals) -> None:
+        """Send `sig` from the reader, once, as soon as each event in `counts` was logged at
+        least that many times (records read before arming count too)."""
+        with self._changed:
+            self._counted_triggers.append((dict(counts), sig))
+            self._maybe_signal(None)
+
+    def _maybe_signal(self, record: Record | None) -> None:
         """Send the signal armed for this record's event, once, before reading on."""
-        sig = self._triggers.pop(str(record.get("event")), None)
+        sig = None
+        if record is not None:
+            event = str(record.get("event"))
+            self._seen[event] = self._seen.get(event, 0) + 1
+            sig = self._triggers.pop(event, None)
+        for armed in self._counted_triggers:
+            if all(self._seen.get(event, 0) >= n for event, n in armed[0].items()):
+                self._counted_triggers.remove(armed)
+                sig = armed[1]
+                break
         if sig is None:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.process.pid, sig)
         self.signalled_at = time.monotonic()
-        self.signalled.append((sig, record))
+        self.signalled.append((sig, record or {}))
 
     def when_line(self, text: str, action: Callable[[], None]) -> None:
         """Run `action` (once) from the reader when a later line contains `text`."""
@@ -131,6 +149,19 @@ class ChildProcess:
                 left = deadline - time.monotonic()
                 if self._eof or left <= 0:
                     return False
+                self._changed.wait(left)
+        return True
+
+    def wait_count(self, event: str, count: int, *, timeout_s: float = READY_TIMEOUT_S) -> bool:
+        """Wait until `event` was logged `count` times; False when the process ended first."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while self._seen.get(event, 0) < count:
+                left = deadline - time.monotonic()
+                if self._eof:
+                    return False
+                if left <= 0:
+                    pytest.fail(f"{self.name}: no {count} x {event} in {timeout_s}s\n{self.tail()}")
                 self._changed.wait(left)
         return True
 
@@ -200,9 +231,20 @@ class Daemon:
 
     def start(self, *, signal_on: Mapping[str, signal.Signals] | None = None) -> str | None:
         """Start a run; return its HTTP URL once ready, or None if `signal_on` ended it first."""
+        self.launch(signal_on=signal_on)
+        return self.wait_ready()
+
+    def launch(self, *, signal_on: Mapping[str, signal.Signals] | None = None) -> ChildProcess:
+        """Start a run without waiting for it (start several, then `wait_ready` each)."""
         argv = [sys.executable, "-m", "service", "serve", "--config", str(self.config_path)]
-        run = ChildProcess(argv, name=f"daemon run {len(self.runs) + 1}", signal_on=signal_on)
+        name = f"{self.config_path.stem} run {len(self.runs) + 1}"
+        run = ChildProcess(argv, name=name, signal_on=signal_on)
         self.runs.append(run)
+        return run
+
+    def wait_ready(self) -> str | None:
+        """The current run's HTTP URL once ready, or None if a signal ended it first."""
+        run = self.current
         ready = run.wait_for(lambda r: r.get("event") == "service.ready", what="service.ready")
         if ready is None:
             if not run.signalled:
@@ -240,8 +282,14 @@ def daemon_config(
     max_concurrent_exports: int = 4,
     mqtt_port: int | None = None,
     mqtt_prefix: str = "crash",
+    mqtt_reader_check_s: float = 1.0,
+    notify_file: str = "videos.jsonl",
+    max_requests_per_second: float = 200,
 ) -> str:
-    """A json-logging config with small timings; `api_url` is an outside simulator's."""
+    """A json-logging config with small timings; `api_url` is an outside simulator's.
+
+    `notify_file` (in tmp_path) receives the announcements, one JSON line each.
+    """
     api = f'base_url = "{api_url}"\nlegacy_base_url = "{api_url}"\napi_key = "k"' if api_url else ""
     mqtt = ""
     if mqtt_port is not None:
@@ -250,6 +298,7 @@ def daemon_config(
 url = "mqtt://127.0.0.1:{mqtt_port}"
 client_id = "{mqtt_prefix}-ingress"
 session_expiry_seconds = 300
+reader_check_seconds = {mqtt_reader_check_s}
 
 [[sources]]
 name = "{DEVICE_SOURCE}"
@@ -279,7 +328,7 @@ listen = "127.0.0.1:0"
 [aistudios]
 {api}
 max_concurrent_exports = {max_concurrent_exports}
-max_requests_per_second = 200
+max_requests_per_second = {max_requests_per_second}
 poll_min_interval_seconds = 0.05
 poll_max_interval_seconds = 0.5
 first_poll_seconds = 0.2
@@ -310,7 +359,7 @@ template = "promo"
 [[notify]]
 name = "videos-file"
 kind = "file"
-path = "{tmp_path / "videos.jsonl"}"
+path = "{tmp_path / notify_file}"
 """
 
 
@@ -412,6 +461,11 @@ def shop_job_id(webhook_id: str) -> str:
     return job_id_for(SHOP_SOURCE, f"h:{webhook_id}", SHOP_ROUTE)
 
 
+def device_job_id(message_id: str) -> str:
+    """The job an MQTT product message with this `id` becomes."""
+    return job_id_for(DEVICE_SOURCE, f"j:{message_id}", DEVICE_ROUTE)
+
+
 @contextlib.contextmanager
 def read_only(db_path: Path) -> Iterator[sqlite3.Connection]:
     """A read-only connection: never takes a write lock from the daemon."""
@@ -452,6 +506,19 @@ def wait_until(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s}s waiting for {what}\n{explain()}")
         time.sleep(POLL_S)
+
+
+def ready_rounds(path: Path) -> dict[tuple[str, str], int]:
+    """How many `video.ready` lines the JSONL notify file has per (job, project): per round."""
+    counts: dict[tuple[str, str], int] = {}
+    if not path.exists():
+        return counts
+    for line in path.read_bytes().splitlines():
+        event = orjson.loads(line)
+        if event.get("type") == "video.ready":
+            key = (str(event["job_id"]), str(event["project_id"]))
+            counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def ready_lines(path: Path) -> dict[str, int]:

@@ -7,6 +7,7 @@ within a test's few seconds; the store is read with psycopg, as the instances wr
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -21,9 +22,12 @@ def instance_config(
     *,
     lease_s: float,
     max_concurrent_exports: int = 4,
+    **options: Any,
 ) -> str:
     """A daemon config on the shared database, as instance `name` with leases of `lease_s`."""
-    config = daemon_config(tmp_path, api_url=api_url, max_concurrent_exports=max_concurrent_exports)
+    config = daemon_config(
+        tmp_path, api_url=api_url, max_concurrent_exports=max_concurrent_exports, **options
+    )
     config = config.replace(
         f'state_dir = "{tmp_path / "state"}"',
         f'state_dir = "{tmp_path / f"state-{name}"}"\ninstance = "{name}"\n'

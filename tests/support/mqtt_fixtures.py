@@ -10,10 +10,14 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
 import pytest
+from paho.mqtt import client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 SHARED_HOST = "127.0.0.1"
 SHARED_PORT = 1883
@@ -119,6 +123,18 @@ class PrivateBroker:
                 self.process.wait()
         self.process = None
 
+    def redeliveries_to(self, client_id: str) -> list[int]:
+        """For each connection of `client_id` in turn, how many PUBLISHes the broker sent it
+        again (DUP set): what its session held unacknowledged from the connection before."""
+        counts: list[int] = []
+        with contextlib.suppress(OSError):
+            for line in self.log_path.read_text().splitlines():
+                if "New client connected" in line and f" as {client_id} (" in line:
+                    counts.append(0)
+                elif f"Sending PUBLISH to {client_id} (d1," in line and counts:
+                    counts[-1] += 1
+        return counts
+
     def log_tail(self, lines: int = 20) -> str:
         with contextlib.suppress(OSError):
             return "\n".join(self.log_path.read_text().splitlines()[-lines:])
@@ -151,3 +167,26 @@ def private_broker(tmp_path: Path) -> Iterator[Callable[[], PrivateBroker]]:
     yield make
     for broker in brokers:
         broker.kill()
+
+
+@contextmanager
+def mqtt_publisher(broker: PrivateBroker, client_id: str) -> Iterator[mqtt.Client]:
+    """A plain paho publisher (MQTT v5) with its network loop in a thread."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        yield client
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def publish_products(client: mqtt.Client, topic: str, ids: list[str]) -> None:
+    """Publish QoS 1 and return once the broker acknowledged every message (it owns them)."""
+    infos = [
+        client.publish(topic, orjson.dumps({"id": i, "product": {"title": i}}), qos=1) for i in ids
+    ]
+    for info in infos:
+        info.wait_for_publish(timeout=5)
+        assert info.is_published()
