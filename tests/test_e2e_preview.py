@@ -7,7 +7,9 @@ from pathlib import Path
 import aiohttp
 import anyio
 import orjson
+import psycopg
 import pytest
+from psycopg import sql
 
 from service.jobs.budget import day_name
 from tests.support.service_fixtures import make_config, running_service, unique_prefix
@@ -30,14 +32,19 @@ def event_file(tmp_path: Path, webhook_id: str, body: bytes) -> Path:
     return path
 
 
-async def preview(config: Path, event: Path) -> list[str]:
+async def preview_output(config: Path, event: Path) -> list[str]:
+    """`studiohook preview`'s guard-rail block, its header line first."""
     command = [sys.executable, "-m", "service", "preview", "--config", str(config)]
     command += ["--route", "new-product", "--event", str(event)]
     result = await anyio.run_process(command, check=False)
     assert result.returncode == 0, result.stderr.decode()
     lines = result.stdout.decode().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("# guard rails right now"))
-    return [line.removeprefix("#   ") for line in lines[start + 1 :]]
+    return lines[start:]
+
+
+async def preview(config: Path, event: Path) -> list[str]:
+    return [line.removeprefix("#   ") for line in (await preview_output(config, event))[1:]]
 
 
 async def test_preview_names_the_cached_video_the_job_it_supersedes_and_the_full_cap(
@@ -90,3 +97,52 @@ async def jobs_show(config: Path, url: str, job_id: str) -> str:
     assert result.returncode == 0, result.stderr.decode()
     # The table's cells, borders dropped, spaces collapsed: "field value" and "from to ...".
     return " ".join(result.stdout.decode().replace("│", " ").split())
+
+
+# Every table whose rows a write by preview would change (heartbeat and outbox claims move
+# on their own while the service runs; the outbox is compared by its rows' ids and types).
+STATE_TABLES = ("events", "jobs", "transitions", "spend", "budget_alerts", "render_estimates")
+
+
+def database_rows(url: str) -> dict[str, list[tuple[object, ...]]]:
+    with psycopg.connect(url) as conn:
+        rows = {
+            table: conn.execute(
+                sql.SQL("SELECT * FROM {} ORDER BY 1").format(sql.Identifier(table))
+            ).fetchall()
+            for table in STATE_TABLES
+        }
+        rows["outbox"] = conn.execute(
+            "SELECT id, job_id, event_type FROM outbox ORDER BY 1"
+        ).fetchall()
+    return rows
+
+
+async def test_preview_reads_the_guard_rails_from_postgresql_and_writes_nothing(
+    tmp_path, mqtt_broker, postgres_url
+):
+    options = {"broker_port": mqtt_broker.port, "prefix": unique_prefix(), "route_extra": ROUTE}
+    extra = f'[budget]\nexports_per_day = 1\n\n[store]\nurl = "{postgres_url}"\n'
+    cfg = make_config(tmp_path, extra=extra, **options)
+    async with running_service(cfg) as svc, aiohttp.ClientSession() as http:
+        exported = await job_of(http, svc, "pg-a", SHOPIFY_BODY)
+        await wait_until_state(svc, exported, "notified")
+        held = await job_of(http, svc, "pg-b", product("Mug, new photo"))
+        await wait_until_state(svc, held, "held")
+        key = (await svc.store.get_job(held)).coalesce_key
+        before = await anyio.to_thread.run_sync(database_rows, postgres_url)
+
+        output = await preview_output(cfg.path, event_file(tmp_path, "pg-c", SHOPIFY_BODY))
+        assert output[0].startswith("# guard rails right now (postgresql://")
+        assert output[0].endswith(", read-only)")
+        lines = [line.removeprefix("#   ") for line in output[1:]]
+        assert lines[0].startswith(f"render cache: hit: would reuse the video of job {exported}")
+        assert lines[1] == (
+            f"coalescing: key {key!r}: would supersede job {held} (held by a spending cap)"
+        )
+        assert lines[2] == (
+            f"spending caps: day:{day_name(time.time())} 1/1 spent (a reused video is not billed)"
+        )
+
+        assert await anyio.to_thread.run_sync(database_rows, postgres_url) == before
+        assert svc.simulator.export_count == 1

@@ -300,3 +300,40 @@ async def test_cap_of_5_bills_5_holds_3_announces_once_and_releases_after_rollov
             for job_id in held_ids:
                 history = [t.to_state for t in await h.store.job_history(job_id)]
                 assert history[history.index(S.HELD) :][:3] == [S.HELD, S.MAPPED, S.SUBMITTING]
+
+
+@pytest.mark.anyio
+async def test_released_and_new_jobs_racing_for_a_raised_cap_with_64_slots_never_overshoot(
+    tmp_path,
+):
+    settings = {"budget": BudgetLimits(exports_per_day=5), "budget_rescan_s": 0.05}
+    knobs = SimulatorKnobs(render_seconds=0.1)
+    slots = {"max_concurrent_exports": 64, "max_requests_per_second": 200.0}
+    async with jobs_harness(tmp_path, knobs=knobs, **slots, **settings) as h:
+        ids = [(await h.add_job(f"race-{i}")).job_id for i in range(30)]
+
+        def settled(ready: int, held: int):
+            async def check():
+                counts = [
+                    len(await in_states(h.store, ids, {state})) for state in (S.READY, S.HELD)
+                ]
+                return counts == [ready, held]
+
+            return check
+
+        await h.store.wait_until(settled(5, 25))
+        # Room for 5 more and, at the same moment, 30 new jobs: the released held jobs and the
+        # new ones reach the paid call together, through 64 slots.
+        ids += [(await h.add_job(f"race-new-{i}", notify=False)).job_id for i in range(30)]
+        h.pipeline.set_budget(BudgetLimits(exports_per_day=10))
+        h.pipeline.notify_new_jobs()
+        await h.store.wait_until(settled(10, 50))
+        assert h.simulator.export_count == 10
+        assert set(h.simulator.billed_by_name().values()) == {1}
+        assert await h.store.spend_counts(0.0) == {"new-product": 10}
+        assert len(await budget_rows(h.store)) == 1
+        released = 0
+        for job_id in ids[:30]:
+            moves = [(t.from_state, t.to_state) for t in await h.store.job_history(job_id)]
+            released += (S.HELD, S.MAPPED) in moves
+        assert released >= 5

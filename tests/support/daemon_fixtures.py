@@ -427,23 +427,27 @@ def simulator_process() -> Iterator[Callable[[float], SimulatorProcess]]:
 # --- deliveries and the store --------------------------------------------------------------
 
 
-def shopify_delivery(webhook_id: str, title: str) -> tuple[bytes, dict[str, str]]:
-    """A genuinely signed Shopify products/create delivery."""
+def shopify_delivery(
+    webhook_id: str, title: str, *, topic: str = "products/create"
+) -> tuple[bytes, dict[str, str]]:
+    """A genuinely signed Shopify product delivery (`products/create` unless told)."""
     product_id = int(hashlib.sha256(webhook_id.encode()).hexdigest()[:12], 16)
     body = orjson.dumps({"id": product_id, "title": title, "handle": title})
     digest = hmac.new(SHOPIFY_SECRET.encode(), body, hashlib.sha256).digest()
     headers = {
         "Content-Type": "application/json",
         "X-Shopify-Hmac-Sha256": base64.b64encode(digest).decode(),
-        "X-Shopify-Topic": "products/create",
+        "X-Shopify-Topic": topic,
         "X-Shopify-Webhook-Id": webhook_id,
     }
     return body, headers
 
 
-def post_delivery(url: str, webhook_id: str, title: str) -> int | None:
+def post_delivery(
+    url: str, webhook_id: str, title: str, *, topic: str = "products/create"
+) -> int | None:
     """POST one delivery; its status, or None when the connection failed (daemon gone)."""
-    body, headers = shopify_delivery(webhook_id, title)
+    body, headers = shopify_delivery(webhook_id, title, topic=topic)
     request = urllib.request.Request(  # noqa: S310 - loopback URL built here
         f"{url}/hooks/{SHOP_SOURCE}", data=body, headers=headers, method="POST"
     )
@@ -456,9 +460,9 @@ def post_delivery(url: str, webhook_id: str, title: str) -> int | None:
         return None
 
 
-def shop_job_id(webhook_id: str) -> str:
-    """The job a Shopify delivery becomes (the id is derived from its dedupe key)."""
-    return job_id_for(SHOP_SOURCE, f"h:{webhook_id}", SHOP_ROUTE)
+def shop_job_id(webhook_id: str, route: str = SHOP_ROUTE) -> str:
+    """The job a Shopify delivery becomes on `route` (the id is derived from its dedupe key)."""
+    return job_id_for(SHOP_SOURCE, f"h:{webhook_id}", route)
 
 
 def device_job_id(message_id: str) -> str:
