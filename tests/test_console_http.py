@@ -13,7 +13,7 @@ from aiohttp import web
 from service.console.auth import SESSION_TTL_S
 from service.console.server import Console
 from service.store.sqlite import SQLiteStore
-from tests.support.service_fixtures import make_config
+from tests.support.service_fixtures import make_config, unique_prefix
 from tests.support.store_fixtures import sample_event, sample_job
 
 pytestmark = pytest.mark.anyio
@@ -24,7 +24,7 @@ BEARER = {"Authorization": f"Bearer {TOKEN}"}
 
 @asynccontextmanager
 async def console_at(tmp_path, *, admin_token=TOKEN, clock=time.time):
-    cfg = make_config(tmp_path, broker_port=1883, prefix="console-http", admin_token=admin_token)
+    cfg = make_config(tmp_path, broker_port=1883, prefix=unique_prefix(), admin_token=admin_token)
     store = SQLiteStore(tmp_path / "console.db")
     await store.open()
     retries = []
