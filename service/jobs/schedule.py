@@ -39,6 +39,7 @@ __all__ = [
     "render_verdict",
     "retry_delay",
     "updated_estimate",
+    "verdict_at",
 ]
 
 
@@ -145,16 +146,27 @@ def retry_delay(
 
 
 def render_verdict(job: Job, now: float, deadline_s: float, stall_s: float) -> Verdict | None:
+    """Whether a job's render should be given up (see `verdict_at`)."""
+    return verdict_at(job.submitted_at, job.last_progress_at, now, deadline_s, stall_s)
+
+
+def verdict_at(
+    submitted_at: float | None,
+    last_progress_at: float | None,
+    now: float,
+    deadline_s: float,
+    stall_s: float,
+) -> Verdict | None:
     """Whether a render should be given up: the API documents no failure state, so time decides.
 
     `deadline`: longer than `deadline_s` since submit. `stalled`: no progress change for
     `stall_s` (counted from submit while nothing moved yet).
     """
-    if job.submitted_at is None:
+    if submitted_at is None:
         return None
-    if now - job.submitted_at >= deadline_s:
+    if now - submitted_at >= deadline_s:
         return "deadline"
-    moved_at = job.last_progress_at if job.last_progress_at is not None else job.submitted_at
+    moved_at = last_progress_at if last_progress_at is not None else submitted_at
     if now - moved_at >= stall_s:
         return "stalled"
     return None

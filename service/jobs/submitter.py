@@ -31,17 +31,26 @@ import structlog
 
 from service.aistudios.paid_requests import TEMPLATE_MODIFY_API
 from service.backoff import backoff_delay
+from service.jobs.after_post import (
+    Created,
+    Fail,
+    PostOutcome,
+    Proceed,
+    Reconcile,
+    RetryAt,
+    after_draft,
+    after_export,
+    outcome_of,
+)
 from service.jobs.cache import render_key, reuse_since
 from service.jobs.decide import Step, resume_step
 from service.jobs.ports import (
+    ApiError,
     ExportApi,
     NothingCreatedError,
-    OutcomeUnknownError,
-    RefusedError,
     Sleep,
     UrlProbe,
 )
-from service.jobs.schedule import retry_delay
 from service.log import get_logger
 from service.model import (
     API_LEGACY,
@@ -62,7 +71,7 @@ if TYPE_CHECKING:
 log = get_logger("jobs.submitter")
 
 RETRY_BASE_S = 2.0
-RETRY_CAP_S = 300.0
+"""How long a job whose submit met a store outage is held back before it is tried again."""
 SCAN_RETRY_S = 1.0
 """How soon a loop reads its queue again after the store failed the read (an outage, not a bug)."""
 _COMMIT_ATTEMPTS = 6
@@ -347,63 +356,81 @@ class Submitter:
     async def _create_draft(self, job: Job, body: dict[str, Any]) -> Job | None:
         """Step one of the two-step flow: an unbilled draft whose id is committed on the job.
 
-        Nothing is billed whatever happens here, so any failure short of a refusal is simply
-        tried again later (from scratch: a draft whose response was lost is left unused).
+        What happens next is `after_draft`'s decision; this only carries it out.
         """
         try:
-            project_id = await self._ctx.api.create_draft_v3(body, name=job.export_name)
-        except RefusedError as exc:
-            await self._fail(job, {JobState.MAPPED}, exc.code, exc.message)
+            outcome: PostOutcome = Created(
+                await self._ctx.api.create_draft_v3(body, name=job.export_name)
+            )
+        except ApiError as exc:
+            outcome = self._heard(exc)
+        decision = after_draft(
+            outcome,
+            attempts=job.attempts,
+            max_retries=self._max_retries,
+            now=self._ctx.clock(),
+            rng=self._ctx.rng,
+        )
+        if isinstance(decision, Fail):
+            if decision.code == "retries_exhausted":
+                # The same budget as the paid call's: `attempts` counts tries of either step.
+                job = await self._ctx.store.update_job(
+                    job.job_id, JobUpdate(attempts=job.attempts + 1)
+                )
+            await self._fail(job, {JobState.MAPPED}, decision.code, decision.message)
             return None
-        except (NothingCreatedError, OutcomeUnknownError) as exc:
-            await self._draft_again_later(job, exc)
+        if isinstance(decision, RetryAt):
+            await self._ctx.store.update_job(
+                job.job_id,
+                JobUpdate(
+                    attempts=job.attempts + 1,
+                    next_attempt_at=decision.at,
+                    error_code=decision.code,
+                    error_message=decision.message,
+                ),
+            )
+            log.info(
+                "job.draft_retry_scheduled",
+                delay_s=round(decision.at - self._ctx.clock(), 3),
+                error=decision.message,
+            )
             return None
         drafted = await self._ctx.store.update_job(
-            job.job_id, JobUpdate(project_id=project_id, clear=frozenset({"error_code"}))
+            job.job_id, JobUpdate(project_id=decision.project_id, clear=frozenset({"error_code"}))
         )
-        log.info("job.drafted", project_id=project_id)
+        log.info("job.drafted", project_id=decision.project_id)
         return drafted
 
-    async def _draft_again_later(
-        self, job: Job, exc: NothingCreatedError | OutcomeUnknownError
-    ) -> None:
+    def _heard(self, exc: ApiError) -> PostOutcome:
+        """Classify a failed POST; a refusal for load also slows the request gate down."""
         if isinstance(exc, NothingCreatedError):
             self._ctx.gate.throttled(exc)
-        failures = job.attempts + 1
-        if failures >= self._max_retries:
-            # The same budget as the paid call's: `attempts` counts tries of either step.
-            job = await self._ctx.store.update_job(job.job_id, JobUpdate(attempts=failures))
-            message = f"gave up creating the draft after {failures} tries: {exc.message}"
-            await self._fail(job, {JobState.MAPPED}, "retries_exhausted", message)
-            return
-        delay = retry_delay(
-            exc, failures, base_s=RETRY_BASE_S, cap_s=RETRY_CAP_S, rng=self._ctx.rng
-        )
-        await self._ctx.store.update_job(
-            job.job_id,
-            JobUpdate(
-                attempts=failures,
-                next_attempt_at=self._ctx.clock() + delay,
-                error_code=exc.code,
-                error_message=exc.message,
-            ),
-        )
-        log.info("job.draft_retry_scheduled", delay_s=round(delay, 3), error=exc.message)
+        return outcome_of(exc)
 
     async def _post_and_record(self, job: Job, body: dict[str, Any], token: str | None) -> None:
+        """The paid call, then the commit `after_export` decides (the loop only carries it out)."""
         try:
-            project_id = await self._post(job, body, token)
-        except NothingCreatedError as exc:
-            await self._retry_later(job, exc)
-        except RefusedError as exc:
-            await self._fail_after_post(job, exc.code, exc.message)
-        except OutcomeUnknownError as exc:
-            await self._to_reconcile(job, exc.message)
+            outcome: PostOutcome = Created(await self._post(job, body, token))
+        except ApiError as exc:
+            outcome = self._heard(exc)
         except Exception as exc:
             log.exception("job.export_crashed")
-            await self._to_reconcile(job, f"unexpected error during export: {exc!r}")
+            outcome = outcome_of(exc)
+        decision = after_export(
+            outcome,
+            attempts=job.attempts,
+            max_retries=self._max_retries,
+            now=self._ctx.clock(),
+            rng=self._ctx.rng,
+        )
+        if isinstance(decision, Proceed):
+            await self._record_submitted(job, decision.project_id)
+        elif isinstance(decision, Reconcile):
+            await self._to_reconcile(job, decision.reason)
+        elif isinstance(decision, RetryAt):
+            await self._retry_later(job, decision)
         else:
-            await self._record_submitted(job, project_id)
+            await self._fail_after_post(job, decision.code, decision.message)
 
     async def _post(self, job: Job, body: dict[str, Any], token: str | None) -> str:
         log.info("job.exporting", attempt=job.attempts, api=job.api, project_id=job.project_id)
@@ -487,26 +514,20 @@ class Submitter:
 
         return commit
 
-    async def _retry_later(self, job: Job, exc: NothingCreatedError) -> None:
-        self._ctx.gate.throttled(exc)
-        if job.attempts >= self._max_retries:
-            message = f"gave up after {job.attempts} attempts: {exc.message}"
-            await self._fail_after_post(job, "retries_exhausted", message)
-            return
-        delay = retry_delay(
-            exc, job.attempts, base_s=RETRY_BASE_S, cap_s=RETRY_CAP_S, rng=self._ctx.rng
-        )
+    async def _retry_later(self, job: Job, decision: RetryAt) -> None:
+        """`submitting -> mapped`: the API said nothing was created, so it is sent again."""
+        delay = decision.at - self._ctx.clock()
         update = JobUpdate(
-            next_attempt_at=self._ctx.clock() + delay,
-            error_code=exc.code,
-            error_message=exc.message,
-            note=f"nothing created ({exc.message}); retry in {delay:.1f}s",
+            next_attempt_at=decision.at,
+            error_code=decision.code,
+            error_message=decision.message,
+            note=f"nothing created ({decision.message}); retry in {delay:.1f}s",
         )
         returned = await self._commit_persistently(
             job, JobState.MAPPED, self._transition(job, JobState.MAPPED, update)
         )
         if returned is not None:
-            log.info("job.retry_scheduled", delay_s=round(delay, 3), error=exc.message)
+            log.info("job.retry_scheduled", delay_s=round(delay, 3), error=decision.message)
 
     async def _fail_after_post(self, job: Job, code: str, message: str) -> None:
         """`submitting -> failed`: the API said no export was made, so the verdict is final."""
