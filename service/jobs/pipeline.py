@@ -75,8 +75,9 @@ class BatchPrepare(Protocol):
 _RECOVERY_LIMIT = 100_000
 _PREPARE_BATCH = 100
 """Jobs mapped side by side by a one-job mapper."""
-_PREPARE_MANY = 1000
-"""Jobs per batch of a batch mapper: the backlog a flood leaves is gone in a few batches."""
+_PREPARE_MANY = 100
+"""Jobs per batch of a batch mapper: one read and one commit per hundred jobs keeps up with a
+flood, and a burst's first jobs reach the submitter while the rest are still being mapped."""
 _DUMMY_TOKEN = "x" * 32
 BUDGET_RESCAN_S = 60.0
 """How often held jobs are looked at between rollovers (room freed by a refunded call)."""

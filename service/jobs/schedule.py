@@ -27,6 +27,9 @@ EARLIER_NEXT_TIME = 0.8
 comes this much earlier, so the estimate never creeps upward by its own detection delay."""
 FINISH_MARGIN = 0.02
 """Poll this fraction of the estimated remaining time after the estimated finish."""
+FINISH_SLACK_S = 0.02
+"""And this much more: a reading's own latency. The predicted finish already errs late, since
+a render starts after its export was sent (`submitted_at`, the first observation)."""
 
 Verdict = Literal["deadline", "stalled"]
 
@@ -82,7 +85,7 @@ def next_poll_delay(
     previous = _last_lower(observations, last.progress)
     rate = (last.progress - previous.progress) / max(changed_at - previous.at, 1e-9)
     remaining_s = max(FULL_PROGRESS - last.progress, 0.0) / rate
-    finish_at = changed_at + remaining_s * (1 + FINISH_MARGIN) + floor_s / 2
+    finish_at = changed_at + remaining_s * (1 + FINISH_MARGIN) + FINISH_SLACK_S
     delay = finish_at - now
     if last.at > changed_at:
         # Polled since the last change and saw none: the estimate was too early; back off.

@@ -11,9 +11,10 @@ No gap between that commit and the request: the job holds its render slot and ta
 at the request gate first, then commits, then the POST leaves at once. A crash while a job
 waits leaves it `mapped`; only a request actually on the wire can be in doubt.
 
-The two-step v3 flow (the default) first creates the project unexported (not billed) and
-commits its id on the still-`mapped` job; the paid call then exports that project, and an
-uncertain export is settled by reading it (`reconcile.py`). A lost draft is created again.
+The two-step v3 flow (the default) first creates the project unexported (not billed); its id
+is committed with `submitting`, and the paid call then exports that project. An uncertain
+export is settled by reading it (`reconcile.py`); a draft lost before that commit (a crash, a
+lost response) is simply created again.
 """
 
 from __future__ import annotations
@@ -265,7 +266,11 @@ class Submitter:
                 self._active.discard(job_id)
                 if not self._active:
                     self._idle.set()
-                self.wake()
+                if not self._ctx.slots.holds(job_id):
+                    # Back to `mapped` with a due time, held, or failed: the queue changed.
+                    # A job now rendering left it for good, so a burst's wave of submits
+                    # does not rescan the queue once per job.
+                    self.wake()
 
     async def submit(self, job_id: str) -> None:
         """Claim one mapped job (its slot already reserved), post it and commit what happened."""
@@ -284,17 +289,24 @@ class Submitter:
         if await self._reused(job, key):
             return
         if resume_step(job.state, job.api, job.project_id) is Step.CREATE_DRAFT:
-            drafted = await self._create_draft(job, body)
-            if drafted is None:
+            project_id = await self._create_draft(job, body)
+            if project_id is None:
                 return
-            job = drafted
+            # Committed with `submitting`, one write fewer per job: a crash before that
+            # commit loses only an unbilled draft, and the job is drafted again.
+            job = dataclasses.replace(job, project_id=project_id)
         token = secrets.token_urlsafe(24) if self._public_url and job.api != API_LEGACY else None
         async with self._ctx.gate.turn(paid_endpoint(job)):
             try:
                 job = await self._ctx.store.spend_or_hold(
                     job_id,
                     self._caps(job),
-                    JobUpdate(attempts=job.attempts + 1, callback_token=token, render_key=key),
+                    JobUpdate(
+                        attempts=job.attempts + 1,
+                        callback_token=token,
+                        render_key=key,
+                        project_id=job.project_id,
+                    ),
                     self._announce_exhausted,
                 )
             except StaleTransitionError:
@@ -353,10 +365,11 @@ class Submitter:
         self._on_reused(moved)
         return True
 
-    async def _create_draft(self, job: Job, body: dict[str, Any]) -> Job | None:
-        """Step one of the two-step flow: an unbilled draft whose id is committed on the job.
+    async def _create_draft(self, job: Job, body: dict[str, Any]) -> str | None:
+        """Step one of the two-step flow: an unbilled draft, whose id the caller commits.
 
-        What happens next is `after_draft`'s decision; this only carries it out.
+        What happens next is `after_draft`'s decision; this only carries it out. None when
+        the job was failed or scheduled to try again.
         """
         try:
             outcome: PostOutcome = Created(
@@ -395,11 +408,8 @@ class Submitter:
                 error=decision.message,
             )
             return None
-        drafted = await self._ctx.store.update_job(
-            job.job_id, JobUpdate(project_id=decision.project_id, clear=frozenset({"error_code"}))
-        )
         log.info("job.drafted", project_id=decision.project_id)
-        return drafted
+        return decision.project_id
 
     def _heard(self, exc: ApiError) -> PostOutcome:
         """Classify a failed POST; a refusal for load also slows the request gate down."""
@@ -408,7 +418,13 @@ class Submitter:
         return outcome_of(exc)
 
     async def _post_and_record(self, job: Job, body: dict[str, Any], token: str | None) -> None:
-        """The paid call, then the commit `after_export` decides (the loop only carries it out)."""
+        """The paid call, then the commit `after_export` decides (the loop only carries it out).
+
+        The render started somewhere between the request leaving and its answer arriving:
+        `submitted_at` is when it left, so progress read later never looks faster than it is
+        and the poll timed from it never lands before the finish.
+        """
+        sent_at = self._ctx.clock()
         try:
             outcome: PostOutcome = Created(await self._post(job, body, token))
         except ApiError as exc:
@@ -424,7 +440,7 @@ class Submitter:
             rng=self._ctx.rng,
         )
         if isinstance(decision, Proceed):
-            await self._record_submitted(job, decision.project_id)
+            await self._record_submitted(job, decision.project_id, sent_at)
         elif isinstance(decision, Reconcile):
             await self._to_reconcile(job, decision.reason)
         elif isinstance(decision, RetryAt):
@@ -449,11 +465,10 @@ class Submitter:
             return await self._ctx.api.export_project_v3(job.project_id, webhook_url=webhook)
         return await self._ctx.api.export_v3(body, name=job.export_name, webhook_url=webhook)
 
-    async def _record_submitted(self, job: Job, project_id: str) -> None:
-        now = self._ctx.clock()
+    async def _record_submitted(self, job: Job, project_id: str, sent_at: float) -> None:
         update = JobUpdate(
             project_id=project_id,
-            submitted_at=now,
+            submitted_at=sent_at,
             progress=0.0,
             polls=0,
             note=f"attempt {job.attempts}: project {project_id}",
