@@ -202,6 +202,11 @@ class JobPipeline:
                 await self._release_admitted()
             except StoreUnavailableError as exc:
                 log.warning("budget.release_failed", error=str(exc))
+            if not self.budget.enabled:
+                # No cap, so nothing new is ever held: only new caps (a reload) or an
+                # operator's release wake it, and no timer runs on the loops' clock.
+                await self._budget_wakeup.wait()
+                continue
             now = self._ctx.clock()
             wait_s = min(next_rollover(now) - now, self._budget_rescan_s)
             await sleep_or_wake(self._budget_wakeup, wait_s, self._ctx.sleep)
