@@ -52,6 +52,7 @@ from service.jobs.ports import (
     Sleep,
     UrlProbe,
 )
+from service.jobs.ratelimit import Turn
 from service.log import get_logger
 from service.model import (
     API_LEGACY,
@@ -296,7 +297,7 @@ class Submitter:
             # commit loses only an unbilled draft, and the job is drafted again.
             job = dataclasses.replace(job, project_id=project_id)
         token = secrets.token_urlsafe(24) if self._public_url and job.api != API_LEGACY else None
-        async with self._ctx.gate.turn(paid_endpoint(job)):
+        async with self._ctx.gate.turn(paid_endpoint(job)) as turn:
             try:
                 job = await self._ctx.store.spend_or_hold(
                     job_id,
@@ -316,7 +317,7 @@ class Submitter:
                 self._on_held(job)
                 return
             # From here on a billed export may exist: never back to `mapped` unless certain.
-            await self._post_and_record(job, body, token)
+            await self._post_and_record(job, body, token, turn)
 
     async def _reused(self, job: Job, key: str) -> bool:
         """The render cache: end the job with an identical earlier video, if it still downloads.
@@ -417,12 +418,15 @@ class Submitter:
             self._ctx.gate.throttled(exc)
         return outcome_of(exc)
 
-    async def _post_and_record(self, job: Job, body: dict[str, Any], token: str | None) -> None:
+    async def _post_and_record(
+        self, job: Job, body: dict[str, Any], token: str | None, turn: Turn
+    ) -> None:
         """The paid call, then the commit `after_export` decides (the loop only carries it out).
 
         The render started somewhere between the request leaving and its answer arriving:
-        `submitted_at` is when it left, so progress read later never looks faster than it is
-        and the poll timed from it never lands before the finish.
+        `submitted_at` is when it left (after any Retry-After pause that held it), so progress
+        read later never looks faster than it is and the poll timed from it never lands
+        before the finish.
         """
         sent_at = self._ctx.clock()
         try:
@@ -440,7 +444,7 @@ class Submitter:
             rng=self._ctx.rng,
         )
         if isinstance(decision, Proceed):
-            await self._record_submitted(job, decision.project_id, sent_at)
+            await self._record_submitted(job, decision.project_id, sent_at + turn.held_s)
         elif isinstance(decision, Reconcile):
             await self._to_reconcile(job, decision.reason)
         elif isinstance(decision, RetryAt):
