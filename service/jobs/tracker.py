@@ -58,9 +58,7 @@ log = get_logger("jobs.tracker")
 ReadyHook = Callable[[Job, float | None], None]
 """Told of each committed `ready` job and when its first accepted callback came (None: none)."""
 
-MAX_PARALLEL_POLLS = 32
-"""Polls under way at once: renders of a burst finish together and are each seen at once;
-the request gate, not this bound, paces them."""
+MAX_PARALLEL_POLLS = 4
 _KEPT_OBSERVATIONS = 8
 
 
