@@ -162,10 +162,21 @@ async def test_a_turn_taken_before_the_commit_lets_the_request_leave_unqueued():
 async def test_a_pause_that_began_after_the_turn_still_holds_the_request():
     time = FakeTime()
     gate = RequestGate(rate=10.0, clock=time, sleep=time.sleep)
-    async with gate.turn("v3.project_export"):
+    async with gate.turn("v3.project_export") as turn:
         gate.pause_for(2.0)  # a 429 seen by another request during the commit
         await gate("v3.project_export")
         assert time.now >= 1002.0
+        # The render it starts is dated after the pause, not when the turn was taken.
+        assert turn.held_s == pytest.approx(time.now - 1000.0)
+
+
+@pytest.mark.anyio
+async def test_a_turn_used_at_once_says_its_request_was_not_held():
+    time = FakeTime()
+    gate = RequestGate(rate=10.0, clock=time, sleep=time.sleep)
+    async with gate.turn("v3.project_export") as turn:
+        await gate("v3.project_export")
+    assert turn.held_s == 0.0
 
 
 def test_the_pace_halves_on_a_429_and_climbs_back_after_quiet_periods():

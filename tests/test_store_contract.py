@@ -170,6 +170,42 @@ async def test_transition_moves_state_updates_fields_and_records_note(engine_sto
     assert history[-1] == Transition(job.job_id, R, M, START_TIME + 5, "mapped ok")
 
 
+async def test_map_jobs_moves_a_batch_in_one_go_and_skips_jobs_already_moved(
+    engine_store, store_clock
+):
+    jobs = [(await accept(engine_store, f"k{n}"))[1][0] for n in range(3)]
+    first, moved_away, last = jobs
+    await engine_store.transition(moved_away.job_id, {R}, JobState.REJECTED)
+    store_clock.advance(2)
+    moved = await engine_store.map_jobs(
+        [
+            (first.job_id, JobUpdate(export_body=b'{"a":1}', api="v3")),
+            (moved_away.job_id, JobUpdate(export_body=b"{}", api="v3")),
+            (last.job_id, JobUpdate(export_body=b'{"c":3}', api="legacy", note="mapped")),
+        ]
+    )
+    assert moved == [first.job_id, last.job_id]
+    mapped_first, mapped_last = [await engine_store.get_job(j.job_id) for j in (first, last)]
+    assert (mapped_first.state, mapped_first.export_body, mapped_first.api) == (M, b'{"a":1}', "v3")
+    assert (mapped_last.state, mapped_last.api) == (M, "legacy")
+    assert mapped_last.updated_at == START_TIME + 2
+    history = await engine_store.job_history(last.job_id)
+    assert history[-1] == Transition(last.job_id, R, M, START_TIME + 2, "mapped")
+    assert (await engine_store.get_job(moved_away.job_id)).state is JobState.REJECTED
+    assert await engine_store.map_jobs([(first.job_id, JobUpdate(api="v3"))]) == []
+    assert await engine_store.map_jobs([]) == []
+
+
+async def test_get_events_reads_many_rows_and_leaves_out_missing_ones(engine_store):
+    jobs = [(await accept(engine_store, f"k{n}"))[1][0] for n in range(3)]
+    rows = [(await engine_store.get_job(job.job_id)).event_row for job in jobs]
+    events = await engine_store.get_events([*rows, 999_999])
+    assert sorted(events) == sorted(rows)
+    for row in rows:
+        assert events[row] == await engine_store.get_event(row)
+    assert await engine_store.get_events([]) == {}
+
+
 async def test_stale_transition_raises_and_changes_nothing(engine_store):
     _, [job] = await accept(engine_store, "k1")
     with pytest.raises(StaleTransitionError, match="received"):

@@ -13,8 +13,8 @@ import hmac
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import anyio
 import structlog
@@ -57,13 +57,27 @@ if TYPE_CHECKING:
 
 log = get_logger("jobs.pipeline")
 
-__all__ = ["JobPipeline", "Prepare", "RenderApi"]
+__all__ = ["BatchPrepare", "JobPipeline", "Prepare", "RenderApi"]
 
 Prepare = Callable[[Job], Awaitable[None]]
 """The caller's `received -> mapped|rejected` step (template + event -> export body)."""
 
+
+@runtime_checkable
+class BatchPrepare(Protocol):
+    """A mapper that maps a whole batch in one store transaction (the daemon's `Preparer`)."""
+
+    async def prepare_many(self, jobs: Sequence[Job]) -> None:
+        """Commit `mapped` or `rejected` for each job; StoreUnavailableError defers them all."""
+        ...
+
+
 _RECOVERY_LIMIT = 100_000
 _PREPARE_BATCH = 100
+"""Jobs mapped side by side by a one-job mapper."""
+_PREPARE_MANY = 100
+"""Jobs per batch of a batch mapper: one read and one commit per hundred jobs keeps up with a
+flood, and a burst's first jobs reach the submitter while the rest are still being mapped."""
 _DUMMY_TOKEN = "x" * 32
 BUDGET_RESCAN_S = 60.0
 """How often held jobs are looked at between rollovers (room freed by a refunded call)."""
@@ -81,7 +95,7 @@ class JobPipeline:
         api: RenderApi,
         gate: RequestGate,
         settings: AIStudiosConfig,
-        prepare: Prepare,
+        prepare: Prepare | BatchPrepare,
         outbox_for: OutboxFor,
         public_url: str | None = None,
         on_ready: ReadyHook = ignore_ready,
@@ -95,7 +109,8 @@ class JobPipeline:
         budget_rescan_s: float = BUDGET_RESCAN_S,
         cache: RenderCache | None = None,
     ) -> None:
-        self._prepare = prepare
+        self._prepare_many = prepare if isinstance(prepare, BatchPrepare) else None
+        self._prepare = prepare if callable(prepare) else _one_by_one(prepare)
         self.budget = budget or BudgetLimits()
         self._budget_rescan_s = budget_rescan_s
         self._budget_wakeup = anyio.Event()
@@ -187,6 +202,11 @@ class JobPipeline:
                 await self._release_admitted()
             except StoreUnavailableError as exc:
                 log.warning("budget.release_failed", error=str(exc))
+            if not self.budget.enabled:
+                # No cap, so nothing new is ever held: only new caps (a reload) or an
+                # operator's release wake it, and no timer runs on the loops' clock.
+                await self._budget_wakeup.wait()
+                continue
             now = self._ctx.clock()
             wait_s = min(next_rollover(now) - now, self._budget_rescan_s)
             await sleep_or_wake(self._budget_wakeup, wait_s, self._ctx.sleep)
@@ -317,30 +337,49 @@ class JobPipeline:
     async def _prepare_loop(self) -> None:
         """Map received jobs a batch at a time, then hand them on.
 
-        The jobs of a batch are mapped side by side, so their `mapped` commits reach the
-        store's group-commit writer together and share its transactions (one commit per job
-        made mapping far slower than intake). A job whose mapping met a store outage is not
-        skipped: the loop looks again after `PREPARE_RETRY_S` instead of waiting for an intake
-        wake-up that may never come.
+        A batch mapper maps up to `_PREPARE_MANY` jobs per store transaction; a one-job mapper
+        runs a batch's jobs side by side, so their `mapped` commits reach the store's
+        group-commit writer together (one commit per job made mapping far slower than
+        intake). A batch that met a store outage is not skipped: the loop looks again after
+        `PREPARE_RETRY_S` instead of waiting for an intake wake-up that may never come.
         """
+        limit = _PREPARE_MANY if self._prepare_many is not None else _PREPARE_BATCH
         while True:
             self._prepare_wakeup = anyio.Event()
             try:
-                jobs = await self._ctx.store.jobs_in_states(
-                    {JobState.RECEIVED}, limit=_PREPARE_BATCH
-                )
+                jobs = await self._ctx.store.jobs_in_states({JobState.RECEIVED}, limit=limit)
             except StoreUnavailableError as exc:
                 log.warning("jobs.scan_failed", state=JobState.RECEIVED, error=str(exc))
                 await sleep_or_wake(self._prepare_wakeup, SCAN_RETRY_S, self._ctx.sleep)
                 continue
             fresh = [job for job in jobs if job.job_id not in self._prepare_skip]
-            deferred = await self._prepare_batch(fresh)
+            if self._prepare_many is not None:
+                deferred = await self._prepare_many_isolated(self._prepare_many, fresh)
+            else:
+                deferred = await self._prepare_batch(fresh)
             if fresh:
                 self.submitter.wake()
             if deferred:
                 await sleep_or_wake(self._prepare_wakeup, PREPARE_RETRY_S, self._ctx.sleep)
-            elif len(jobs) < _PREPARE_BATCH or not fresh:
+            elif len(jobs) < limit or not fresh:
                 await self._prepare_wakeup.wait()
+
+    async def _prepare_many_isolated(self, prepare: BatchPrepare, jobs: list[Job]) -> bool:
+        """Map `jobs` in one go; True when a store outage deferred them."""
+        if not jobs:
+            return False
+        self._prepare_skip.update(job.job_id for job in jobs)
+        try:
+            await prepare.prepare_many(jobs)
+        except StoreUnavailableError as exc:
+            log.warning("jobs.prepare_deferred", count=len(jobs), error=str(exc))
+            self._prepare_skip.difference_update(job.job_id for job in jobs)
+            return True
+        except Exception:
+            # A bug outside any one job's mapping: map them one by one, each isolated.
+            log.exception("jobs.prepare_batch_crashed", count=len(jobs))
+            return await self._prepare_batch(jobs)
+        return False
 
     async def _prepare_batch(self, jobs: list[Job]) -> bool:
         """Map `jobs` side by side; True when a store outage deferred any of them."""
@@ -389,3 +428,12 @@ class JobPipeline:
             log.warning("job.reject_deferred", error=repr(exc))
             return False
         return True
+
+
+def _one_by_one(prepare: BatchPrepare) -> Prepare:
+    """The one-job form of a batch mapper (for callers that hold only the batch form)."""
+
+    async def one(job: Job) -> None:
+        await prepare.prepare_many([job])
+
+    return one

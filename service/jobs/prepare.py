@@ -7,8 +7,10 @@ operator's retry and always produces the same body for the same config.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
+import anyio
 import orjson
 
 from service.aistudios.paid_requests import TEMPLATE_MODIFY_API
@@ -32,6 +34,9 @@ from service.model import (
 from service.store.base import StaleTransitionError, Store
 
 log = get_logger("prepare")
+
+YIELD_EVERY = 64
+"""Jobs mapped between two checkpoints: a large batch never holds the event loop for long."""
 
 
 def raw_event_of(event: StoredEvent, source_kind: str) -> RawEvent:
@@ -123,6 +128,71 @@ class Preparer:
         if mapped.state is JobState.SUPERSEDED:
             log.info("job.superseded", job_id=job.job_id, by=mapped.superseded_by)
 
+    def _body_for_row(
+        self, job: Job, event: StoredEvent | None
+    ) -> tuple[str, dict[str, Any], str | None]:
+        if event is None:
+            raise MappingError(f"job {job.job_id} has no inbox event {job.event_row}")
+        return self._body_for(job, event)
+
+    async def _reject(self, job: Job, code: str, message: str) -> None:
+        await end_with_error(
+            self._store,
+            self._outbox_for,
+            job,
+            {JobState.RECEIVED},
+            JobState.REJECTED,
+            code=code,
+            message=message,
+            now=time.time(),
+        )
+
+    async def prepare_many(self, jobs: Sequence[Job]) -> None:
+        """Map a batch: one read of its events, the bodies in memory, ONE `mapped` commit.
+
+        Per job, a mapping error rejects the job with its reason and a crash of the mapping
+        code rejects it as `prepare_error`; neither stops the batch. Coalescing jobs are mapped
+        one by one (each supersedes others under its key). A store outage raises and leaves
+        the whole batch `received`, to be tried again.
+        """
+        events = await self._store.get_events({job.event_row for job in jobs})
+        plain: list[tuple[str, JobUpdate]] = []
+        coalescing: list[tuple[Job, str, dict[str, Any], str]] = []
+        rejected: list[tuple[Job, str, str]] = []
+        for count, job in enumerate(jobs, start=1):
+            if count % YIELD_EVERY == 0:
+                await anyio.lowlevel.checkpoint()
+            try:
+                api, body, coalesce_key = self._body_for_row(job, events.get(job.event_row))
+            except (MappingError, ValueError, KeyError, TypeError) as exc:
+                rejected.append((job, "mapping_error", str(exc) or type(exc).__name__))
+            except Exception as exc:
+                log.exception("job.prepare_crashed", job_id=job.job_id)
+                rejected.append((job, "prepare_error", f"mapping crashed: {exc!r}"))
+            else:
+                if coalesce_key is None:
+                    plain.append((job.job_id, JobUpdate(export_body=orjson.dumps(body), api=api)))
+                else:
+                    coalescing.append((job, api, body, coalesce_key))
+        await self._commit_batch(plain, coalescing, rejected)
+
+    async def _commit_batch(
+        self,
+        plain: list[tuple[str, JobUpdate]],
+        coalescing: list[tuple[Job, str, dict[str, Any], str]],
+        rejected: list[tuple[Job, str, str]],
+    ) -> None:
+        moved = await self._store.map_jobs(plain)
+        if len(moved) < len(plain):
+            log.info("jobs.prepare_raced", count=len(plain) - len(moved))
+        for job, api, body, coalesce_key in coalescing:
+            try:
+                await self._map_coalesced(job, api, body, coalesce_key)
+            except StaleTransitionError:
+                log.info("job.prepare_raced", job_id=job.job_id)
+        for job, code, message in rejected:
+            await self._reject(job, code, message)
+
     async def __call__(self, job: Job) -> None:
         """Commit `mapped` with the export body, or `rejected` with the reason."""
         event = await self._store.get_event(job.event_row)
@@ -131,16 +201,7 @@ class Preparer:
         try:
             api, body, coalesce_key = self._body_for(job, event)
         except (MappingError, ValueError, KeyError, TypeError) as exc:
-            await end_with_error(
-                self._store,
-                self._outbox_for,
-                job,
-                {JobState.RECEIVED},
-                JobState.REJECTED,
-                code="mapping_error",
-                message=str(exc) or type(exc).__name__,
-                now=time.time(),
-            )
+            await self._reject(job, "mapping_error", str(exc) or type(exc).__name__)
             return
         try:
             if coalesce_key is None:

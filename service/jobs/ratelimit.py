@@ -29,10 +29,24 @@ log = get_logger("jobs.ratelimit")
 
 HTTP_TOO_MANY_REQUESTS = 429
 
-_admitted: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+
+class Turn:
+    """A request turn taken ahead (see `RequestGate.turn`), for one request to `endpoint`.
+
+    `held_s` is how long a Retry-After pause that began after the turn was taken still held
+    that request back: the submitter dates the render's start after it.
+    """
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.held_s = 0.0
+        self.used = False
+
+
+_admitted: contextvars.ContextVar[Turn | None] = contextvars.ContextVar(
     "studiohook_gate_admitted", default=None
 )
-"""The endpoint whose turn the current task already took (see `RequestGate.turn`)."""
+"""The turn the current task already took (see `RequestGate.turn`)."""
 
 
 class TokenBucket:
@@ -175,24 +189,31 @@ class RequestGate:
         Inside `turn(endpoint)` the turn is already taken and the request leaves at once,
         unless a Retry-After pause began since: no request is ever sent inside one.
         """
-        if _admitted.get() == endpoint:
-            _admitted.set(None)
-            if self._clock() >= self._bucket.paused_until:
+        turn = _admitted.get()
+        if turn is not None and turn.endpoint == endpoint and not turn.used:
+            turn.used = True
+            started = self._clock()
+            if started >= self._bucket.paused_until:
                 return
+            await self._wait(endpoint)
+            turn.held_s = self._clock() - started
+            return
         await self._wait(endpoint)
 
     @asynccontextmanager
-    async def turn(self, endpoint: str) -> AsyncIterator[None]:
+    async def turn(self, endpoint: str) -> AsyncIterator[Turn]:
         """Take the next request turn for `endpoint` now; the request inside leaves unqueued.
 
         The submitter waits here BEFORE it commits `submitting`, so the commit and the paid
         POST follow each other at once: a crash while a job waits its turn leaves it plainly
-        `mapped`, and only a request actually on the wire can be in doubt.
+        `mapped`, and only a request actually on the wire can be in doubt. The `Turn` says how
+        long a pause that began meanwhile still held the request.
         """
         await self._wait(endpoint)
-        token = _admitted.set(endpoint)
+        turn = Turn(endpoint)
+        token = _admitted.set(turn)
         try:
-            yield
+            yield turn
         finally:
             _admitted.reset(token)
 

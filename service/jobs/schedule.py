@@ -27,6 +27,9 @@ EARLIER_NEXT_TIME = 0.8
 comes this much earlier, so the estimate never creeps upward by its own detection delay."""
 FINISH_MARGIN = 0.02
 """Poll this fraction of the estimated remaining time after the estimated finish."""
+FINISH_SLACK_S = 0.02
+"""And this much more: a reading's own latency. The predicted finish already errs late, since
+a render starts after its export was sent (`submitted_at`, the first observation)."""
 
 Verdict = Literal["deadline", "stalled"]
 
@@ -39,6 +42,7 @@ __all__ = [
     "render_verdict",
     "retry_delay",
     "updated_estimate",
+    "verdict_at",
 ]
 
 
@@ -81,7 +85,7 @@ def next_poll_delay(
     previous = _last_lower(observations, last.progress)
     rate = (last.progress - previous.progress) / max(changed_at - previous.at, 1e-9)
     remaining_s = max(FULL_PROGRESS - last.progress, 0.0) / rate
-    finish_at = changed_at + remaining_s * (1 + FINISH_MARGIN) + floor_s / 2
+    finish_at = changed_at + remaining_s * (1 + FINISH_MARGIN) + FINISH_SLACK_S
     delay = finish_at - now
     if last.at > changed_at:
         # Polled since the last change and saw none: the estimate was too early; back off.
@@ -145,16 +149,27 @@ def retry_delay(
 
 
 def render_verdict(job: Job, now: float, deadline_s: float, stall_s: float) -> Verdict | None:
+    """Whether a job's render should be given up (see `verdict_at`)."""
+    return verdict_at(job.submitted_at, job.last_progress_at, now, deadline_s, stall_s)
+
+
+def verdict_at(
+    submitted_at: float | None,
+    last_progress_at: float | None,
+    now: float,
+    deadline_s: float,
+    stall_s: float,
+) -> Verdict | None:
     """Whether a render should be given up: the API documents no failure state, so time decides.
 
     `deadline`: longer than `deadline_s` since submit. `stalled`: no progress change for
     `stall_s` (counted from submit while nothing moved yet).
     """
-    if job.submitted_at is None:
+    if submitted_at is None:
         return None
-    if now - job.submitted_at >= deadline_s:
+    if now - submitted_at >= deadline_s:
         return "deadline"
-    moved_at = job.last_progress_at if job.last_progress_at is not None else job.submitted_at
+    moved_at = last_progress_at if last_progress_at is not None else submitted_at
     if now - moved_at >= stall_s:
         return "stalled"
     return None

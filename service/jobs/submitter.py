@@ -11,9 +11,10 @@ No gap between that commit and the request: the job holds its render slot and ta
 at the request gate first, then commits, then the POST leaves at once. A crash while a job
 waits leaves it `mapped`; only a request actually on the wire can be in doubt.
 
-The two-step v3 flow (the default) first creates the project unexported (not billed) and
-commits its id on the still-`mapped` job; the paid call then exports that project, and an
-uncertain export is settled by reading it (`reconcile.py`). A lost draft is created again.
+The two-step v3 flow (the default) first creates the project unexported (not billed); its id
+is committed with `submitting`, and the paid call then exports that project. An uncertain
+export is settled by reading it (`reconcile.py`); a draft lost before that commit (a crash, a
+lost response) is simply created again.
 """
 
 from __future__ import annotations
@@ -31,17 +32,27 @@ import structlog
 
 from service.aistudios.paid_requests import TEMPLATE_MODIFY_API
 from service.backoff import backoff_delay
+from service.jobs.after_post import (
+    Created,
+    Fail,
+    PostOutcome,
+    Proceed,
+    Reconcile,
+    RetryAt,
+    after_draft,
+    after_export,
+    outcome_of,
+)
 from service.jobs.cache import render_key, reuse_since
 from service.jobs.decide import Step, resume_step
 from service.jobs.ports import (
+    ApiError,
     ExportApi,
     NothingCreatedError,
-    OutcomeUnknownError,
-    RefusedError,
     Sleep,
     UrlProbe,
 )
-from service.jobs.schedule import retry_delay
+from service.jobs.ratelimit import Turn
 from service.log import get_logger
 from service.model import (
     API_LEGACY,
@@ -62,7 +73,7 @@ if TYPE_CHECKING:
 log = get_logger("jobs.submitter")
 
 RETRY_BASE_S = 2.0
-RETRY_CAP_S = 300.0
+"""How long a job whose submit met a store outage is held back before it is tried again."""
 SCAN_RETRY_S = 1.0
 """How soon a loop reads its queue again after the store failed the read (an outage, not a bug)."""
 _COMMIT_ATTEMPTS = 6
@@ -256,7 +267,11 @@ class Submitter:
                 self._active.discard(job_id)
                 if not self._active:
                     self._idle.set()
-                self.wake()
+                if not self._ctx.slots.holds(job_id):
+                    # Back to `mapped` with a due time, held, or failed: the queue changed.
+                    # A job now rendering left it for good, so a burst's wave of submits
+                    # does not rescan the queue once per job.
+                    self.wake()
 
     async def submit(self, job_id: str) -> None:
         """Claim one mapped job (its slot already reserved), post it and commit what happened."""
@@ -275,17 +290,24 @@ class Submitter:
         if await self._reused(job, key):
             return
         if resume_step(job.state, job.api, job.project_id) is Step.CREATE_DRAFT:
-            drafted = await self._create_draft(job, body)
-            if drafted is None:
+            project_id = await self._create_draft(job, body)
+            if project_id is None:
                 return
-            job = drafted
+            # Committed with `submitting`, one write fewer per job: a crash before that
+            # commit loses only an unbilled draft, and the job is drafted again.
+            job = dataclasses.replace(job, project_id=project_id)
         token = secrets.token_urlsafe(24) if self._public_url and job.api != API_LEGACY else None
-        async with self._ctx.gate.turn(paid_endpoint(job)):
+        async with self._ctx.gate.turn(paid_endpoint(job)) as turn:
             try:
                 job = await self._ctx.store.spend_or_hold(
                     job_id,
                     self._caps(job),
-                    JobUpdate(attempts=job.attempts + 1, callback_token=token, render_key=key),
+                    JobUpdate(
+                        attempts=job.attempts + 1,
+                        callback_token=token,
+                        render_key=key,
+                        project_id=job.project_id,
+                    ),
                     self._announce_exhausted,
                 )
             except StaleTransitionError:
@@ -295,7 +317,7 @@ class Submitter:
                 self._on_held(job)
                 return
             # From here on a billed export may exist: never back to `mapped` unless certain.
-            await self._post_and_record(job, body, token)
+            await self._post_and_record(job, body, token, turn)
 
     async def _reused(self, job: Job, key: str) -> bool:
         """The render cache: end the job with an identical earlier video, if it still downloads.
@@ -344,66 +366,91 @@ class Submitter:
         self._on_reused(moved)
         return True
 
-    async def _create_draft(self, job: Job, body: dict[str, Any]) -> Job | None:
-        """Step one of the two-step flow: an unbilled draft whose id is committed on the job.
+    async def _create_draft(self, job: Job, body: dict[str, Any]) -> str | None:
+        """Step one of the two-step flow: an unbilled draft, whose id the caller commits.
 
-        Nothing is billed whatever happens here, so any failure short of a refusal is simply
-        tried again later (from scratch: a draft whose response was lost is left unused).
+        What happens next is `after_draft`'s decision; this only carries it out. None when
+        the job was failed or scheduled to try again.
         """
         try:
-            project_id = await self._ctx.api.create_draft_v3(body, name=job.export_name)
-        except RefusedError as exc:
-            await self._fail(job, {JobState.MAPPED}, exc.code, exc.message)
-            return None
-        except (NothingCreatedError, OutcomeUnknownError) as exc:
-            await self._draft_again_later(job, exc)
-            return None
-        drafted = await self._ctx.store.update_job(
-            job.job_id, JobUpdate(project_id=project_id, clear=frozenset({"error_code"}))
+            outcome: PostOutcome = Created(
+                await self._ctx.api.create_draft_v3(body, name=job.export_name)
+            )
+        except ApiError as exc:
+            outcome = self._heard(exc)
+        decision = after_draft(
+            outcome,
+            attempts=job.attempts,
+            max_retries=self._max_retries,
+            now=self._ctx.clock(),
+            rng=self._ctx.rng,
         )
-        log.info("job.drafted", project_id=project_id)
-        return drafted
+        if isinstance(decision, Fail):
+            if decision.code == "retries_exhausted":
+                # The same budget as the paid call's: `attempts` counts tries of either step.
+                job = await self._ctx.store.update_job(
+                    job.job_id, JobUpdate(attempts=job.attempts + 1)
+                )
+            await self._fail(job, {JobState.MAPPED}, decision.code, decision.message)
+            return None
+        if isinstance(decision, RetryAt):
+            await self._ctx.store.update_job(
+                job.job_id,
+                JobUpdate(
+                    attempts=job.attempts + 1,
+                    next_attempt_at=decision.at,
+                    error_code=decision.code,
+                    error_message=decision.message,
+                ),
+            )
+            log.info(
+                "job.draft_retry_scheduled",
+                delay_s=round(decision.at - self._ctx.clock(), 3),
+                error=decision.message,
+            )
+            return None
+        log.info("job.drafted", project_id=decision.project_id)
+        return decision.project_id
 
-    async def _draft_again_later(
-        self, job: Job, exc: NothingCreatedError | OutcomeUnknownError
-    ) -> None:
+    def _heard(self, exc: ApiError) -> PostOutcome:
+        """Classify a failed POST; a refusal for load also slows the request gate down."""
         if isinstance(exc, NothingCreatedError):
             self._ctx.gate.throttled(exc)
-        failures = job.attempts + 1
-        if failures >= self._max_retries:
-            # The same budget as the paid call's: `attempts` counts tries of either step.
-            job = await self._ctx.store.update_job(job.job_id, JobUpdate(attempts=failures))
-            message = f"gave up creating the draft after {failures} tries: {exc.message}"
-            await self._fail(job, {JobState.MAPPED}, "retries_exhausted", message)
-            return
-        delay = retry_delay(
-            exc, failures, base_s=RETRY_BASE_S, cap_s=RETRY_CAP_S, rng=self._ctx.rng
-        )
-        await self._ctx.store.update_job(
-            job.job_id,
-            JobUpdate(
-                attempts=failures,
-                next_attempt_at=self._ctx.clock() + delay,
-                error_code=exc.code,
-                error_message=exc.message,
-            ),
-        )
-        log.info("job.draft_retry_scheduled", delay_s=round(delay, 3), error=exc.message)
+        return outcome_of(exc)
 
-    async def _post_and_record(self, job: Job, body: dict[str, Any], token: str | None) -> None:
+    async def _post_and_record(
+        self, job: Job, body: dict[str, Any], token: str | None, turn: Turn
+    ) -> None:
+        """The paid call, then the commit `after_export` decides (the loop only carries it out).
+
+        The render started somewhere between the request leaving and its answer arriving:
+        `submitted_at` is when it left (after any Retry-After pause that held it), so progress
+        read later never looks faster than it is and the poll timed from it never lands
+        before the finish.
+        """
+        sent_at = self._ctx.clock()
         try:
-            project_id = await self._post(job, body, token)
-        except NothingCreatedError as exc:
-            await self._retry_later(job, exc)
-        except RefusedError as exc:
-            await self._fail_after_post(job, exc.code, exc.message)
-        except OutcomeUnknownError as exc:
-            await self._to_reconcile(job, exc.message)
+            outcome: PostOutcome = Created(await self._post(job, body, token))
+        except ApiError as exc:
+            outcome = self._heard(exc)
         except Exception as exc:
             log.exception("job.export_crashed")
-            await self._to_reconcile(job, f"unexpected error during export: {exc!r}")
+            outcome = outcome_of(exc)
+        decision = after_export(
+            outcome,
+            attempts=job.attempts,
+            max_retries=self._max_retries,
+            now=self._ctx.clock(),
+            rng=self._ctx.rng,
+        )
+        if isinstance(decision, Proceed):
+            await self._record_submitted(job, decision.project_id, sent_at + turn.held_s)
+        elif isinstance(decision, Reconcile):
+            await self._to_reconcile(job, decision.reason)
+        elif isinstance(decision, RetryAt):
+            await self._retry_later(job, decision)
         else:
-            await self._record_submitted(job, project_id)
+            await self._fail_after_post(job, decision.code, decision.message)
 
     async def _post(self, job: Job, body: dict[str, Any], token: str | None) -> str:
         log.info("job.exporting", attempt=job.attempts, api=job.api, project_id=job.project_id)
@@ -422,11 +469,10 @@ class Submitter:
             return await self._ctx.api.export_project_v3(job.project_id, webhook_url=webhook)
         return await self._ctx.api.export_v3(body, name=job.export_name, webhook_url=webhook)
 
-    async def _record_submitted(self, job: Job, project_id: str) -> None:
-        now = self._ctx.clock()
+    async def _record_submitted(self, job: Job, project_id: str, sent_at: float) -> None:
         update = JobUpdate(
             project_id=project_id,
-            submitted_at=now,
+            submitted_at=sent_at,
             progress=0.0,
             polls=0,
             note=f"attempt {job.attempts}: project {project_id}",
@@ -487,26 +533,20 @@ class Submitter:
 
         return commit
 
-    async def _retry_later(self, job: Job, exc: NothingCreatedError) -> None:
-        self._ctx.gate.throttled(exc)
-        if job.attempts >= self._max_retries:
-            message = f"gave up after {job.attempts} attempts: {exc.message}"
-            await self._fail_after_post(job, "retries_exhausted", message)
-            return
-        delay = retry_delay(
-            exc, job.attempts, base_s=RETRY_BASE_S, cap_s=RETRY_CAP_S, rng=self._ctx.rng
-        )
+    async def _retry_later(self, job: Job, decision: RetryAt) -> None:
+        """`submitting -> mapped`: the API said nothing was created, so it is sent again."""
+        delay = decision.at - self._ctx.clock()
         update = JobUpdate(
-            next_attempt_at=self._ctx.clock() + delay,
-            error_code=exc.code,
-            error_message=exc.message,
-            note=f"nothing created ({exc.message}); retry in {delay:.1f}s",
+            next_attempt_at=decision.at,
+            error_code=decision.code,
+            error_message=decision.message,
+            note=f"nothing created ({decision.message}); retry in {delay:.1f}s",
         )
         returned = await self._commit_persistently(
             job, JobState.MAPPED, self._transition(job, JobState.MAPPED, update)
         )
         if returned is not None:
-            log.info("job.retry_scheduled", delay_s=round(delay, 3), error=exc.message)
+            log.info("job.retry_scheduled", delay_s=round(delay, 3), error=decision.message)
 
     async def _fail_after_post(self, job: Job, code: str, message: str) -> None:
         """`submitting -> failed`: the API said no export was made, so the verdict is final."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -18,6 +17,19 @@ from typing import TYPE_CHECKING
 import anyio
 import structlog
 
+from service.jobs.after_poll import (
+    POLL_RETRY_BASE_S,
+    POLL_RETRY_CAP_S,
+    Finished,
+    GiveUp,
+    PollAt,
+    PollTiming,
+    Reading,
+    RenderSoFar,
+    after_poll,
+    after_poll_error,
+    first_poll_at,
+)
 from service.jobs.context import DueHeap
 from service.jobs.ports import (
     ApiError,
@@ -28,9 +40,7 @@ from service.jobs.ports import (
 )
 from service.jobs.schedule import (
     Observation,
-    next_poll_delay,
     render_time_sample,
-    render_verdict,
     retry_delay,
     updated_estimate,
 )
@@ -48,25 +58,11 @@ log = get_logger("jobs.tracker")
 ReadyHook = Callable[[Job, float | None], None]
 """Told of each committed `ready` job and when its first accepted callback came (None: none)."""
 
-POLL_RETRY_BASE_S = 2.0
-POLL_RETRY_CAP_S = 120.0
 MAX_PARALLEL_POLLS = 4
 _KEPT_OBSERVATIONS = 8
-_VERDICT_EPSILON_S = 0.001
 
 
 __all__ = ["PollTiming", "ProgressApi", "ReadyHook", "Tracker", "ignore_ready"]
-
-
-@dataclass(frozen=True, slots=True)
-class PollTiming:
-    """The tracker's time budget: poll bounds and when a render counts as lost."""
-
-    floor_s: float
-    ceiling_s: float
-    deadline_s: float
-    stall_s: float
-    first_guess_s: float
 
 
 @dataclass(slots=True)
@@ -87,12 +83,9 @@ class _Render:
     estimate_key: str = ""
 
 
-def verdict_due_at(job: Job, timing: PollTiming) -> float:
-    """The moment a deadline or stall verdict would fall, so a poll lands right then."""
-    if job.submitted_at is None:
-        return math.inf
-    moved_at = job.last_progress_at if job.last_progress_at is not None else job.submitted_at
-    return min(job.submitted_at + timing.deadline_s, moved_at + timing.stall_s)
+def so_far(job: Job) -> RenderSoFar:
+    """What the store holds of a job's render, for the poll decisions."""
+    return RenderSoFar(job.submitted_at, job.progress, job.last_progress_at)
 
 
 def route_of(job: Job) -> str:
@@ -162,8 +155,14 @@ class Tracker:
             estimate_key=key,
         )
         self._renders[job.job_id] = render
-        now = self._ctx.clock()
-        self._schedule(render, now + self._delay(render), job)
+        due_at = first_poll_at(
+            so_far(job),
+            render.observations,
+            now=self._ctx.clock(),
+            timing=self._timing,
+            first_guess_s=render.first_guess_s,
+        )
+        self._schedule(render, due_at)
 
     async def wake(self, job_id: str) -> None:
         """A callback arrived: poll this render now to confirm it.
@@ -196,19 +195,7 @@ class Tracker:
         if due_at < render.due_at:
             self._schedule(render, due_at)
 
-    def _delay(self, render: _Render) -> float:
-        timing = self._timing
-        return next_poll_delay(
-            render.observations,
-            self._ctx.clock(),
-            floor_s=timing.floor_s,
-            ceiling_s=timing.ceiling_s,
-            first_guess_s=render.first_guess_s,
-        )
-
-    def _schedule(self, render: _Render, due_at: float, job: Job | None = None) -> None:
-        if job is not None:
-            due_at = min(due_at, verdict_due_at(job, self._timing) + _VERDICT_EPSILON_S)
+    def _schedule(self, render: _Render, due_at: float) -> None:
         render.due_at = due_at
         render.seq = self._due.push(render.job_id, due_at)
         self._wakeup.set()
@@ -268,24 +255,29 @@ class Tracker:
         now = self._ctx.clock()
         render.last_poll_at = now
         render.errors = 0
-        moved = progress.progress != job.progress
-        last_progress_at = now if moved else job.last_progress_at
         render.observations.append(Observation(now, progress.progress))
         del render.observations[1:-_KEPT_OBSERVATIONS]
-        if progress.done:
-            await self._ready(job, render, progress, now, last_progress_at)
+        decision = after_poll(
+            Reading(progress.progress, progress.done),
+            so_far(job),
+            render.observations,
+            now=now,
+            timing=self._timing,
+            first_guess_s=render.first_guess_s,
+        )
+        if isinstance(decision, Finished):
+            await self._ready(job, render, progress, now, decision.moved_at)
             return
-        job = await self._ctx.store.update_job(
+        await self._ctx.store.update_job(
             job.job_id,
             JobUpdate(
-                progress=progress.progress, polls=job.polls + 1, last_progress_at=last_progress_at
+                progress=progress.progress, polls=job.polls + 1, last_progress_at=decision.moved_at
             ),
         )
-        verdict = render_verdict(job, now, self._timing.deadline_s, self._timing.stall_s)
-        if verdict is not None:
-            await self._give_up(job, verdict)
+        if isinstance(decision, GiveUp):
+            await self._fail(job, decision.code, decision.message)
             return
-        self._schedule(render, now + self._delay(render), job)
+        self._schedule(render, decision.at)
 
     async def _read(self, job: Job) -> Progress:
         project_id = job.project_id or ""
@@ -369,33 +361,32 @@ class Tracker:
 
     async def _poll_failed(self, job: Job, render: _Render, exc: ApiError) -> None:
         """Reads are repeatable: back off (Retry-After exactly), unless the API refused."""
-        if isinstance(exc, RefusedError) and not isinstance(exc, CredentialsRefusedError):
-            await self._fail(job, "permanent", f"progress check refused: {exc.message}")
-            return
         if isinstance(exc, NothingCreatedError):
             self._ctx.gate.throttled(exc)
-        now = self._ctx.clock()
-        if render_verdict(job, now, self._timing.deadline_s, math.inf) == "deadline":
-            await self._give_up(job, "deadline")
+        render.errors += 1
+        decision = after_poll_error(
+            refused=isinstance(exc, RefusedError) and not isinstance(exc, CredentialsRefusedError),
+            retry_after_s=exc.retry_after_s if isinstance(exc, NothingCreatedError) else None,
+            message=exc.message,
+            errors=render.errors,
+            render=so_far(job),
+            now=self._ctx.clock(),
+            timing=self._timing,
+            rng=self._ctx.rng,
+        )
+        if isinstance(decision, PollAt):
+            log.warning("job.poll_failed", error=exc.message)
+            self._schedule(render, decision.at)
             return
-        log.warning("job.poll_failed", error=exc.message)
-        self._retry_later(render, exc, job)
+        await self._fail(job, decision.code, decision.message)
 
-    def _retry_later(self, render: _Render, exc: BaseException, job: Job | None = None) -> None:
+    def _retry_later(self, render: _Render, exc: BaseException) -> None:
+        """The store failed the poll's read or write: poll again after a back-off."""
         render.errors += 1
         delay = retry_delay(
             exc, render.errors, base_s=POLL_RETRY_BASE_S, cap_s=POLL_RETRY_CAP_S, rng=self._ctx.rng
         )
-        self._schedule(render, self._ctx.clock() + delay, job)
-
-    async def _give_up(self, job: Job, verdict: str) -> None:
-        if verdict == "deadline":
-            message = f"render not finished {self._timing.deadline_s:g}s after submit"
-        else:
-            message = (
-                f"render made no progress for {self._timing.stall_s:g}s (at {job.progress:g}%)"
-            )
-        await self._fail(job, verdict, message)
+        self._schedule(render, self._ctx.clock() + delay)
 
     async def _fail(self, job: Job, code: str, message: str) -> None:
         await self._ctx.fail(job, {JobState.SUBMITTED}, code=code, message=message)

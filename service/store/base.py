@@ -105,6 +105,12 @@ class Store(Protocol):
     async def get_event(self, row: int) -> StoredEvent | None:
         """Read one inbox row."""
 
+    async def get_events(self, rows: Collection[int]) -> dict[int, StoredEvent]:
+        """Read many inbox rows in one go, by row id (rows that do not exist are absent).
+
+        The mapper reads a whole batch's events at once instead of one round trip per job.
+        """
+
     async def list_events(
         self,
         *,
@@ -175,6 +181,14 @@ class Store(Protocol):
         callback and a poll, say) can never both act on the same move. An outbox row is
         inserted once per (job, target, event type, round), the round being the job's export
         name: a replay cannot announce twice, a retried job announces its new outcome.
+        """
+
+    async def map_jobs(self, mapped: Sequence[tuple[str, JobUpdate]]) -> list[str]:
+        """`received -> mapped` for many jobs, each with its update, in ONE transaction.
+
+        Each move is recorded in the history as `transition` would; a job that is no longer
+        `received` (another path moved it) is left as it is. Returns the ids moved, in order.
+        Mapping in batches is how a sustained intake never builds a `received` backlog.
         """
 
     def add_outbox_listener(self, listener: Callable[[], None]) -> None:

@@ -183,6 +183,12 @@ class PostgresStore:
         """Read one inbox row."""
         return await self._run(functools.partial(sql.get_event, row=row))
 
+    async def get_events(self, rows: Collection[int]) -> dict[int, StoredEvent]:
+        """Read many inbox rows in one go."""
+        if not rows:
+            return {}
+        return await self._run(functools.partial(sql.get_events, rows=tuple(rows)))
+
     async def list_events(
         self,
         *,
@@ -242,6 +248,14 @@ class PostgresStore:
         if outbox:
             self._outbox_committed()
         return job
+
+    async def map_jobs(self, mapped: Sequence[tuple[str, JobUpdate]]) -> list[str]:
+        """`received -> mapped` for a batch of jobs in one transaction."""
+        if not mapped:
+            return []
+        return await self._run(
+            functools.partial(sql.map_jobs, mapped=tuple(mapped), now=self._clock())
+        )
 
     def add_outbox_listener(self, listener: Callable[[], None]) -> None:
         """Called after every commit that inserted outbox rows (the sender's wake-up)."""

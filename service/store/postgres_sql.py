@@ -282,6 +282,13 @@ async def _event(conn: Conn, row: int) -> StoredEvent:
     return found
 
 
+async def get_events(conn: Conn, rows: Collection[int]) -> dict[int, StoredEvent]:
+    """Many inbox rows by id."""
+    cur = await conn.execute(f"{_EVENT_SELECT} WHERE id = ANY(%s)", (sorted(set(rows)),))
+    found = [_event_from_row(row) for row in await cur.fetchall()]
+    return {event.id: event for event in found}
+
+
 async def get_event(conn: Conn, row: int) -> StoredEvent | None:
     """One inbox row, or None."""
     cur = await conn.execute(f"{_EVENT_SELECT} WHERE id = %s", (row,))
@@ -370,6 +377,39 @@ async def _apply_update(
     if row is None:
         raise UnknownJobError(f"job {job_id} does not exist")
     return job_from_row(row)
+
+
+async def map_jobs(conn: Conn, *, mapped: Sequence[tuple[str, JobUpdate]], now: float) -> list[str]:
+    """`received -> mapped` for every job still `received` (rows locked), with history rows."""
+    cur = await conn.execute(
+        "SELECT job_id FROM jobs WHERE state = %s AND job_id = ANY(%s) ORDER BY job_id FOR UPDATE",
+        (JobState.RECEIVED.value, [job_id for job_id, _ in mapped]),
+    )
+    still = {row["job_id"] for row in await cur.fetchall()}
+    by_shape: dict[str, list[tuple[object, ...]]] = {}
+    moved: list[str] = []
+    history: list[tuple[object, ...]] = []
+    for job_id, update in mapped:
+        if job_id not in still:
+            continue
+        still.discard(job_id)  # a job listed twice is moved once
+        changes = [("updated_at", now), ("state", JobState.MAPPED.value), *_changes(update)]
+        assignments = ", ".join(f"{name} = %s" for name, _ in changes)
+        by_shape.setdefault(assignments, []).append((*(value for _, value in changes), job_id))
+        history.append((job_id, JobState.RECEIVED.value, JobState.MAPPED.value, now, update.note))
+        moved.append(job_id)
+    async with conn.cursor() as batch:
+        for assignments, rows in by_shape.items():
+            await batch.executemany(
+                f"UPDATE jobs SET {assignments} WHERE job_id = %s",  # noqa: S608 - names come from the JobUpdate dataclass
+                rows,
+            )
+        await batch.executemany(
+            "INSERT INTO transitions (job_id, from_state, to_state, at, note)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            history,
+        )
+    return moved
 
 
 async def transition(

@@ -195,6 +195,12 @@ class SQLiteStore:
         """Read one inbox row."""
         return await self._read(functools.partial(sql.get_event, row=row))
 
+    async def get_events(self, rows: Collection[int]) -> dict[int, StoredEvent]:
+        """Read many inbox rows in one go."""
+        if not rows:
+            return {}
+        return await self._read(functools.partial(sql.get_events, rows=tuple(rows)))
+
     async def list_events(
         self,
         *,
@@ -260,6 +266,15 @@ class SQLiteStore:
             for listener in self._outbox_listeners:
                 listener()
         return job
+
+    async def map_jobs(self, mapped: Sequence[tuple[str, JobUpdate]]) -> list[str]:
+        """`received -> mapped` for a batch of jobs in one writer request (one transaction)."""
+        if not mapped:
+            return []
+        moved: list[str] = await self._write(
+            functools.partial(sql.map_jobs, mapped=tuple(mapped), now=self._clock())
+        )
+        return moved
 
     def add_outbox_listener(self, listener: Callable[[], None]) -> None:
         """Called after every commit that inserted outbox rows (the sender's wake-up)."""

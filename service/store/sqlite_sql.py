@@ -56,6 +56,10 @@ _PURGE_SELECT = (
 )
 
 
+_IN_CHUNK = 500
+"""Ids per `IN (...)` list: well under SQLite's bound-parameter limit."""
+
+
 def _placeholders(count: int) -> str:
     return ", ".join("?" * count)
 
@@ -784,6 +788,46 @@ def renew_leases(conn: sqlite3.Connection, owner: str, lease_until: float) -> in
     return cursor.rowcount
 
 
+def map_jobs(
+    conn: sqlite3.Connection, *, mapped: Sequence[tuple[str, JobUpdate]], now: float
+) -> list[str]:
+    """`received -> mapped` for every job still `received`, with its update and history row.
+
+    A few statements for the whole batch (one per distinct set of columns), not four per job.
+    """
+    ids = [job_id for job_id, _ in mapped]
+    still: set[str] = set()
+    for start in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[start : start + _IN_CHUNK]
+        still.update(
+            row[0]
+            for row in conn.execute(
+                "SELECT job_id FROM jobs WHERE state = ?"  # noqa: S608 - placeholders only
+                f" AND job_id IN ({_placeholders(len(chunk))})",
+                (JobState.RECEIVED.value, *chunk),
+            )
+        )
+    by_shape: dict[str, list[tuple[object, ...]]] = {}
+    moved: list[str] = []
+    history: list[tuple[object, ...]] = []
+    for job_id, update in mapped:
+        if job_id not in still:
+            continue
+        still.discard(job_id)  # a job listed twice is moved once
+        changes = [("updated_at", now), ("state", JobState.MAPPED.value), *_changes(update)]
+        assignments = ", ".join(f"{name} = ?" for name, _ in changes)
+        by_shape.setdefault(assignments, []).append((*(value for _, value in changes), job_id))
+        history.append((job_id, JobState.RECEIVED.value, JobState.MAPPED.value, now, update.note))
+        moved.append(job_id)
+    for assignments, rows in by_shape.items():
+        conn.executemany(f"UPDATE jobs SET {assignments} WHERE job_id = ?", rows)  # noqa: S608 - names come from the JobUpdate dataclass
+    conn.executemany(
+        "INSERT INTO transitions (job_id, from_state, to_state, at, note) VALUES (?, ?, ?, ?, ?)",
+        history,
+    )
+    return moved
+
+
 def get_job(conn: sqlite3.Connection, job_id: str) -> Job | None:
     """One job, or None."""
     row = conn.execute(f"{_JOB_SELECT} WHERE job_id = ?", (job_id,)).fetchone()
@@ -868,6 +912,21 @@ _EVENT_SELECT = (
     "SELECT id, source, dedupe_key, event_id, event_type, body, headers, received_at,"
     " status, reason, failed_step, replays FROM events"
 )
+
+
+def get_events(conn: sqlite3.Connection, rows: Collection[int]) -> dict[int, StoredEvent]:
+    """Many inbox rows by id (in chunks under SQLite's parameter limit)."""
+    wanted = sorted(set(rows))
+    found: dict[int, StoredEvent] = {}
+    for start in range(0, len(wanted), _IN_CHUNK):
+        chunk = wanted[start : start + _IN_CHUNK]
+        for row in conn.execute(
+            f"{_EVENT_SELECT} WHERE id IN ({_placeholders(len(chunk))})",
+            chunk,
+        ):
+            event = _event_from_row(row)
+            found[event.id] = event
+    return found
 
 
 def get_event(conn: sqlite3.Connection, row: int) -> StoredEvent | None:

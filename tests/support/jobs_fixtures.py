@@ -7,7 +7,7 @@ of sleeping. `jobs_harness` runs a whole `JobPipeline` against the simulator wit
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -184,6 +184,7 @@ async def jobs_harness(
     start: bool = True,
     on_ready: ReadyHook = ignore_ready,
     shared_simulator: Simulator | None = None,
+    prepare_for: Callable[[JobsHarness], Any] | None = None,
     **settings: Any,
 ) -> AsyncIterator[JobsHarness]:
     """A pipeline on a fresh store and simulator; `callbacks` serves the callback route.
@@ -191,6 +192,7 @@ async def jobs_harness(
     `owner_id`, `lease_s`, `budget`, `budget_rescan_s` go to the pipeline; `clock` to the
     pipeline and the store alike; other settings to its config. `shared_simulator` keeps one
     simulator across two harnesses on the same `tmp_path` (a restart against the same cloud).
+    `prepare_for` builds the pipeline's mapper from the harness (default: `harness.prepare`).
     """
     pipeline_keys = ("owner_id", "lease_s", "budget", "budget_rescan_s", "clock", "cache")
     ownership = {k: settings.pop(k) for k in pipeline_keys if k in settings}
@@ -226,7 +228,7 @@ async def jobs_harness(
                 api=client,
                 gate=gate,
                 settings=config,
-                prepare=harness.prepare,
+                prepare=prepare_for(harness) if prepare_for is not None else harness.prepare,
                 outbox_for=outbox_for,
                 public_url=callback_base if callbacks else None,
                 on_ready=on_ready,
