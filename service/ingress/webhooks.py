@@ -155,7 +155,11 @@ class _Receiver:
             duplicate=acceptance.duplicate,
             outcome=str(acceptance.status),
         )
-        return web.json_response(_answer(acceptance), status=200 if acceptance.duplicate else 202)
+        return web.Response(
+            body=orjson.dumps(_answer(acceptance)),
+            status=200 if acceptance.duplicate else 202,
+            content_type="application/json",
+        )
 
 
 def _answer(acceptance: Acceptance) -> dict[str, Any]:
