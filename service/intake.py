@@ -170,12 +170,14 @@ def decide(
     only itself: the other routes' jobs are made, and the failure makes the event a dead
     letter too, so replaying it after a fix adds just the missing job.
     """
-    fallback_key = body_key(body, raw.topic)
+    # The bytes' hash is the key only when the handler or the dedupe expression fails: it is
+    # computed then, not per delivery (hashing a body over 2 KB also hands the GIL over).
     fallback_type = raw.topic or "unknown"
     try:
         handled = _checked(handler_for(source.kind)(raw))
     except Exception as exc:  # noqa: BLE001 - any payload shape can break a handler
         failure = Failure("handler", "handler", describe(exc))
+        fallback_key = body_key(body, raw.topic)
         return Decision(
             fallback_key, event_id_for(None, fallback_key), fallback_type, (), (failure,)
         )
@@ -190,6 +192,7 @@ def decide(
         )
     except Exception as exc:  # noqa: BLE001 - JMESPath raises type errors of its own
         failure = Failure("dedupe_key", "dedupe_key", describe(exc))
+        fallback_key = body_key(body, raw.topic)
         event_id = event_id_for(None, fallback_key)
         return Decision(fallback_key, event_id, fallback_type, (), (failure,))
     event_id = event_id_for(handled.event_id, key)
