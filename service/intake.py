@@ -170,12 +170,14 @@ def decide(
     only itself: the other routes' jobs are made, and the failure makes the event a dead
     letter too, so replaying it after a fix adds just the missing job.
     """
-    fallback_key = body_key(body, raw.topic)
+    # The bytes' hash is the key only when the handler or the dedupe expression fails: it is
+    # computed then, not per delivery (hashing a body over 2 KB also hands the GIL over).
     fallback_type = raw.topic or "unknown"
     try:
         handled = _checked(handler_for(source.kind)(raw))
     except Exception as exc:  # noqa: BLE001 - any payload shape can break a handler
         failure = Failure("handler", "handler", describe(exc))
+        fallback_key = body_key(body, raw.topic)
         return Decision(
             fallback_key, event_id_for(None, fallback_key), fallback_type, (), (failure,)
         )
@@ -190,6 +192,7 @@ def decide(
         )
     except Exception as exc:  # noqa: BLE001 - JMESPath raises type errors of its own
         failure = Failure("dedupe_key", "dedupe_key", describe(exc))
+        fallback_key = body_key(body, raw.topic)
         event_id = event_id_for(None, fallback_key)
         return Decision(fallback_key, event_id, fallback_type, (), (failure,))
     event_id = event_id_for(handled.event_id, key)
@@ -222,7 +225,45 @@ def decide(
 
 def safe_text(value: str) -> str:
     """A header as storable UTF-8: undecodable bytes (surrogate escapes) become U+FFFD."""
+    if value.isascii():
+        return value  # the usual header: nothing to replace, no copy
     return value.encode("utf-8", "replace").decode("utf-8")
+
+
+def safe_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """Every header name and value as storable UTF-8 (see `safe_text`)."""
+    return {safe_text(k): safe_text(v) for k, v in headers.items()}
+
+
+SUMMARY_EVERY_S = 10.0
+"""How often the intake writes its `intake summary` line at info (at most; only when busy)."""
+
+
+class IntakeTally:
+    """Counts deliveries by outcome and says, at most every SUMMARY_EVERY_S, how many there were.
+
+    The per-delivery lines are at debug (their cost at info was a tenth of a webhook's CPU);
+    this one line at info keeps the rate visible. It is written by the delivery that ends an
+    interval, so a quiet intake writes nothing and needs no timer task.
+    """
+
+    def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._monotonic = monotonic
+        self._since = monotonic()
+        self._counts: dict[str, int] = {"accepted": 0, "duplicate": 0, "dead_lettered": 0}
+
+    def count(self, outcome: str) -> None:
+        """Count one delivery; log the summary when the interval is over."""
+        self._counts[outcome] += 1
+        now = self._monotonic()
+        if now - self._since >= SUMMARY_EVERY_S:
+            log.info(
+                "intake summary",
+                seconds=round(now - self._since, 1),
+                **self._counts,
+            )
+            self._since = now
+            self._counts = dict.fromkeys(self._counts, 0)
 
 
 def _raw_of(event: StoredEvent, source_kind: str) -> tuple[RawEvent | None, str | None]:
@@ -260,14 +301,16 @@ class StoreIntake:
         self._on_new_jobs = on_new_jobs
         self._clock = clock
         self._sources = {s.name: s for s in sources}
+        self._tally = IntakeTally()
 
     async def accept(self, source: SourceConfig, raw: RawEvent, body: bytes) -> Acceptance:
         """Decide and commit; duplicates come back with the original ids.
 
         Raises only StoreUnavailableError (nothing committed: do not acknowledge).
         """
-        headers = {safe_text(k): safe_text(v) for k, v in raw.headers.items()}
-        raw = replace(raw, headers=headers)
+        headers = safe_headers(raw.headers)
+        if headers != raw.headers:
+            raw = replace(raw, headers=headers)
         decision = decide(
             self._catalog,
             self._routes_by_source.get(source.name, []),
@@ -326,7 +369,7 @@ class StoreIntake:
             event_id=event_id_for(None, key),
             event_type=topic or "unreadable",
             body=body,
-            headers={safe_text(k): safe_text(v) for k, v in headers.items()},
+            headers=safe_headers(headers),
             received_at=self._clock(),
             reason=reason[:MAX_REASON_CHARS],
             failed_step="payload",
@@ -406,15 +449,15 @@ class StoreIntake:
         return replace(replayed, state=moved.state, rerendered=True)
 
     def _count(self, source: str, acceptance: Acceptance) -> None:
-        if self._metrics is None:
-            return
         if acceptance.duplicate:
             outcome = "duplicate"
         elif acceptance.status is EventStatus.DEAD_LETTERED:
             outcome = "dead_lettered"
         else:
             outcome = "accepted"
-        self._metrics.events.labels(source=source, outcome=outcome).inc()
+        self._tally.count(outcome)
+        if self._metrics is not None:
+            self._metrics.events.labels(source=source, outcome=outcome).inc()
 
     def _report(self, source: str, event_id: str, failures: Sequence[Failure]) -> None:
         """One warning per dead letter, with the event id; a counter per failing step."""

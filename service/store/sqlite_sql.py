@@ -8,6 +8,7 @@ store's clock on the caller's side, so tests that move a fake clock see exactly 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sqlite3
 from collections.abc import Callable, Collection, Sequence
 
@@ -250,15 +251,39 @@ def accept_events(conn: sqlite3.Connection, items: list[AcceptItem]) -> list[Acc
                 status=status,
             )
         )
-    if new_events:
-        conn.executemany(_EVENT_INSERT, new_events)
-    if new_jobs:
-        conn.executemany(_JOB_INSERT, new_jobs)
-        conn.executemany(_TRANSITION_INSERT, history)
+    _insert_many(conn, _EVENT_INSERT, new_events)
+    _insert_many(conn, _JOB_INSERT, new_jobs)
+    _insert_many(conn, _TRANSITION_INSERT, history)
     return [
         answer if answer is not None else _as_duplicate(answers[first_of[(e.source, e.dedupe_key)]])
         for answer, (e, _, _) in zip(answers, items, strict=True)
     ]
+
+
+def _insert_many(conn: sqlite3.Connection, insert: str, rows: list[tuple[object, ...]]) -> None:
+    """Insert `rows` with a few multi-row INSERTs: one per set bit of their number.
+
+    `executemany` runs one statement step per row, and each step lets go of the GIL and has to
+    win it back from a busy event loop; one INSERT of 2^k rows is one step. Power-of-two sizes
+    keep the distinct statements (and so the prepared-statement cache) at a handful.
+    """
+    head, _, values = insert.partition(" VALUES ")
+    start = 0
+    while start < len(rows):
+        size = 1 << ((len(rows) - start).bit_length() - 1)
+        size = min(size, _MAX_ROWS_PER_INSERT)
+        chunk = rows[start : start + size]
+        conn.execute(_multi_row_sql(head, values, size), [value for row in chunk for value in row])
+        start += size
+
+
+_MAX_ROWS_PER_INSERT = 128
+"""Under SQLite's 32,766 bound parameters for the widest row (12 values)."""
+
+
+@functools.lru_cache(maxsize=64)
+def _multi_row_sql(head: str, values: str, rows: int) -> str:
+    return f"{head} VALUES {', '.join([values] * rows)}"
 
 
 def _as_duplicate(first: Acceptance | None) -> Acceptance:

@@ -9,10 +9,11 @@ nothing of the batch is committed, so nobody may acknowledge anything.
 
 Requests that cannot fail on their own (intake commits: dedupe, then inserts) may also name a
 `Grouped` function that does the work of all of them at once, a few statements for the whole
-group instead of several per request, under ONE savepoint. The writer thread holds the GIL
-only between statements, so fewer statements leave more of it to the event loop. Should the
-group function raise anyway, its savepoint is rolled back and each request of the group runs
-alone in its own savepoint, exactly as if it had never been grouped.
+group instead of several per request, under ONE savepoint (none when the group is the whole
+transaction: a ROLLBACK undoes it then). The writer thread holds the GIL only between
+statements, and wins it back from the event loop after each, so fewer statements leave more of
+it to the event loop. Should the group function raise anyway, its work is rolled back and each
+request of the group runs alone in its own savepoint, exactly as if it had never been grouped.
 
 Requests in one transaction were all pending at once, so none of their callers has seen
 another's result: any order among them is a valid serial order, and a group runs where its
@@ -205,29 +206,46 @@ class GroupCommitWriter:
             elif grouped not in done:
                 done.add(grouped)
                 members = groups[grouped]
-                group_outcomes = self._apply_group(grouped, [batch[i] for i in members])
+                alone = len(members) == len(batch)
+                group_outcomes = self._apply_group(
+                    grouped, [batch[i] for i in members], alone=alone
+                )
                 outcomes.update(zip(members, group_outcomes, strict=True))
         return [outcomes[index] for index in range(len(batch))]
 
-    def _apply_group(self, grouped: Grouped, requests: list[_Request]) -> list[_Outcome]:
+    def _apply_group(
+        self, grouped: Grouped, requests: list[_Request], *, alone: bool
+    ) -> list[_Outcome]:
+        """Run a group; `alone` (the group is the whole transaction) needs no savepoint.
+
+        Each statement lets go of the GIL and has to win it back from the event loop, so the
+        usual batch (intake commits only) saves two statements: a failed group is undone with
+        ROLLBACK and a new BEGIN instead of a savepoint.
+        """
         if len(requests) == 1:
             return [self._apply(requests[0])]
-        self._connection.execute("SAVEPOINT grouped")
+        if not alone:
+            self._connection.execute("SAVEPOINT grouped")
         try:
             values = _run_grouped(grouped, self._connection, [r.item for r in requests])
         except sqlite3.Error as exc:
             if is_database_failure(exc):
                 raise
-            return self._ungroup(requests, exc)
+            return self._ungroup(requests, exc, alone=alone)
         except Exception as exc:  # noqa: BLE001 - each request is retried alone, see below
-            return self._ungroup(requests, exc)
-        self._connection.execute("RELEASE grouped")
+            return self._ungroup(requests, exc, alone=alone)
+        if not alone:
+            self._connection.execute("RELEASE grouped")
         return [_Outcome(value=value) for value in values]
 
-    def _ungroup(self, requests: list[_Request], exc: Exception) -> list[_Outcome]:
+    def _ungroup(self, requests: list[_Request], exc: Exception, *, alone: bool) -> list[_Outcome]:
         """Undo the group's work and run each request alone: only the culprit gets an error."""
-        self._connection.execute("ROLLBACK TO grouped")
-        self._connection.execute("RELEASE grouped")
+        if alone:
+            self._connection.execute("ROLLBACK")
+            self._connection.execute("BEGIN IMMEDIATE")
+        else:
+            self._connection.execute("ROLLBACK TO grouped")
+            self._connection.execute("RELEASE grouped")
         _log.warning("store_group_split", requests=len(requests), error=repr(exc))
         return [self._apply(request) for request in requests]
 
