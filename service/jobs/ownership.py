@@ -8,10 +8,18 @@ only jobs whose lease ran out (or this owner's own, after a restart).
 
 `OwnedJobs` is also the one place that hears every committed state of an owned job, so the
 render slots are settled here and nowhere else.
+
+Fencing refuses a stale claimant's *commits*, but not its requests: a worker paused (SIGSTOP,
+a VM freeze, a long GC) between its `submitting` commit and the export POST could wake after
+another worker took the job over and exported it, and still send its own POST. So the paid
+request leaves only while this worker's own claim is provably young (`claim_is_fresh`, on
+the local monotonic clock, which keeps counting while a process is stopped); an older claim
+is renewed with a fresh, fenced claim first, and a job another worker holds is not paid for.
 """
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from service.log import get_logger
@@ -30,18 +38,39 @@ LEASE_S = 15.0
 """How long a claim holds without renewal: the longest a crashed worker's jobs wait for
 another worker (a restart under the same owner id takes them back at once)."""
 
+PAY_WITHIN_LEASE = 0.5
+"""The share of a lease within which a paid request may leave after its claim: the other half
+is the margin for a pause between the check and the send and for clocks that drift apart."""
+
+
+def claim_is_fresh(now: float, claimed_at: float | None, lease_s: float) -> bool:
+    """Whether a claim asked for at monotonic `claimed_at` still clearly holds.
+
+    `claimed_at` is read *before* the claim is asked for, so the store's lease ends no earlier
+    than `claimed_at + lease_s`; None (no claim known) is never fresh.
+    """
+    return claimed_at is not None and now - claimed_at < lease_s * PAY_WITHIN_LEASE
+
 
 class OwnedJobs:
     """The `JobStore` the job loops use: the real store, under this worker's claims."""
 
     def __init__(
-        self, store: Store, slots: RenderSlots, *, owner: str, lease_s: float = LEASE_S
+        self,
+        store: Store,
+        slots: RenderSlots,
+        *,
+        owner: str,
+        lease_s: float = LEASE_S,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._slots = slots
         self.owner = owner
         self.lease_s = lease_s
+        self._monotonic = monotonic
         self._fences: dict[str, int] = {}
+        self._claimed_at: dict[str, float] = {}
 
     def fence_of(self, job_id: str) -> int | None:
         """The fence this worker holds on `job_id`, or None when it holds no claim."""
@@ -49,10 +78,28 @@ class OwnedJobs:
 
     async def claim(self, job_id: str, states: Collection[JobState]) -> Job | None:
         """Claim one job in `states` unless another worker's lease holds it."""
+        asked_at = self._monotonic()
         job = await self._store.claim_job(job_id, states, owner=self.owner, lease_s=self.lease_s)
         if job is not None:
-            self._own(job)
+            self._own(job, asked_at)
         return job
+
+    async def may_pay(self, job: Job) -> bool:
+        """Whether the paid request for `job` (committed `submitting`) may leave now.
+
+        A young claim answers at once, with no I/O (the usual case: the commit came right
+        after the claim). An older one, after a long draft create or a Retry-After pause, is
+        claimed afresh first; if another worker holds the job by then, the request is not
+        sent, and that worker settles the export by reading the project.
+        """
+        if claim_is_fresh(self._monotonic(), self._claimed_at.get(job.job_id), self.lease_s):
+            return True
+        fresh = await self.claim(job.job_id, {job.state})
+        if fresh is None:
+            log.warning("job.export_withheld", job_id=job.job_id, reason="claim lapsed")
+            self._lose(job.job_id)
+            return False
+        return True
 
     async def claim_free(
         self, states: Collection[JobState], limit: int, *, take_own: bool
@@ -62,19 +109,21 @@ class OwnedJobs:
         A restart takes its own jobs back at once; later scans take over only jobs of other
         workers whose leases expired.
         """
+        asked_at = self._monotonic()
         jobs = await self._store.claim_jobs(
             states, owner=self.owner, lease_s=self.lease_s, limit=limit, take_own=take_own
         )
         for job in jobs:
-            self._own(job)
+            self._own(job, asked_at)
         return jobs
 
     async def renew(self) -> int:
         """Extend every lease this worker holds (the heartbeat)."""
         return await self._store.renew_leases(self.owner, self.lease_s)
 
-    def _own(self, job: Job) -> None:
+    def _own(self, job: Job, asked_at: float) -> None:
         self._fences[job.job_id] = job.fence
+        self._claimed_at[job.job_id] = asked_at
         self._slots.settle(job.job_id, job.state)
 
     async def get_job(self, job_id: str) -> Job | None:
@@ -156,4 +205,5 @@ class OwnedJobs:
         after the refused poll, say) through. Only a new claim replaces it.
         """
         log.warning("job.claim_lost", job_id=job_id, fence=self._fences.get(job_id))
+        self._claimed_at.pop(job_id, None)
         self._slots.settle(job_id, None)

@@ -147,6 +147,7 @@ class JobPipeline:
             on_submitted=self.tracker.track,
             on_reconcile=self._reconcile,
             claim=self._claim_mapped,
+            may_pay=self.owned.may_pay,
             claim_wait_s=lease_s,
             caps=self._caps_for,
             on_held=self._on_held,

@@ -172,6 +172,7 @@ class Submitter:
         on_reconcile: Callable[[Job], None],
         claim: ClaimMapped,
         claim_wait_s: float,
+        may_pay: Callable[[Job], Awaitable[bool]],
         caps: CapsFor = no_caps,
         on_held: Callable[[Job], None] = lambda _job: None,
         cache: RenderCache | None = None,
@@ -183,6 +184,7 @@ class Submitter:
         self._caps = caps
         self._on_held = on_held
         self._claim = claim
+        self._may_pay = may_pay
         self._claim_wait_s = claim_wait_s
         self._max_retries = max_retries
         self._public_url = public_url
@@ -428,6 +430,8 @@ class Submitter:
         read later never looks faster than it is and the poll timed from it never lands
         before the finish.
         """
+        if not await self._may_pay(job):
+            return  # another worker holds the job now; it settles the export by reading it
         sent_at = self._ctx.clock()
         try:
             outcome: PostOutcome = Created(await self._post(job, body, token))

@@ -1,0 +1,95 @@
+"""A paid request leaves only under a claim this worker provably still holds.
+
+Fencing refuses a stale worker's commits; these tests cover the request itself: a worker
+paused between its `submitting` commit and the export POST must not send it once another
+worker has taken the job over (that worker settles the export by reading the project).
+"""
+
+import pytest
+
+from service.jobs.ownership import PAY_WITHIN_LEASE, OwnedJobs, claim_is_fresh
+from service.jobs.ratelimit import RenderSlots
+from service.model import JobState
+from service.store.sqlite import SQLiteStore
+from tests.support.store_fixtures import FakeClock, sample_event, sample_job
+
+pytestmark = pytest.mark.anyio
+
+LEASE_S = 10.0
+
+
+def test_a_claim_is_fresh_for_half_a_lease_from_the_moment_it_was_asked_for():
+    assert claim_is_fresh(now=100.0, claimed_at=100.0, lease_s=LEASE_S)
+    assert claim_is_fresh(now=104.9, claimed_at=100.0, lease_s=LEASE_S)
+    assert not claim_is_fresh(now=100.0 + LEASE_S * PAY_WITHIN_LEASE, claimed_at=100.0, lease_s=10)
+    assert not claim_is_fresh(now=100.0, claimed_at=None, lease_s=LEASE_S)
+
+
+class Monotonic:
+    """This worker's own monotonic clock; a jump forward is a pause (SIGSTOP, VM freeze)."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def submitting_job(tmp_path):
+    """A store with one job committed `submitting` under worker `w1`'s fresh claim (its
+    render slot taken)."""
+    store_clock = FakeClock()
+    store = SQLiteStore(tmp_path / "studiohook.db", clock=store_clock)
+    await store.open()
+    event = sample_event("paid")
+    [new] = [sample_job(event)]
+    await store.accept_event(event, [new])
+    await store.transition(new.job_id, {JobState.RECEIVED}, JobState.MAPPED)
+    monotonic = Monotonic()
+    slots = RenderSlots(4)
+    owned = OwnedJobs(store, slots, owner="w1", lease_s=LEASE_S, monotonic=monotonic)
+    job = await owned.claim(new.job_id, {JobState.MAPPED})
+    assert job is not None
+    job = await owned.transition(job.job_id, {JobState.MAPPED}, JobState.SUBMITTING)
+    assert slots.in_flight == 1
+    return store, store_clock, monotonic, owned, job, slots
+
+
+async def test_a_young_claim_pays_at_once_without_asking_the_store(tmp_path):
+    store, _, monotonic, owned, job, _ = await submitting_job(tmp_path)
+    try:
+        monotonic.now += 1.0
+        assert await owned.may_pay(job)
+        assert (await store.get_job(job.job_id)).fence == job.fence
+    finally:
+        await store.close()
+
+
+async def test_after_a_pause_nobody_used_the_claim_is_renewed_then_paid(tmp_path):
+    store, store_clock, monotonic, owned, job, _ = await submitting_job(tmp_path)
+    try:
+        monotonic.now += LEASE_S
+        store_clock.advance(LEASE_S)
+        assert await owned.may_pay(job)
+        renewed = await store.get_job(job.job_id)
+        assert (renewed.owner, renewed.fence) == ("w1", job.fence + 1)
+        assert renewed.lease_until == store_clock.now + LEASE_S
+    finally:
+        await store.close()
+
+
+async def test_after_a_pause_past_the_lease_another_workers_job_is_not_paid_for(tmp_path):
+    store, store_clock, monotonic, owned, job, slots = await submitting_job(tmp_path)
+    try:
+        # w1 is frozen right after its commit; its lease runs out and w2 takes the job over.
+        store_clock.advance(LEASE_S + 1)
+        survivor = OwnedJobs(store, RenderSlots(4), owner="w2", lease_s=LEASE_S)
+        [taken] = await survivor.claim_free({JobState.SUBMITTING}, 10, take_own=False)
+        # w1 wakes up: its request must not leave, and w2's claim stays untouched.
+        monotonic.now += LEASE_S + 1
+        assert not await owned.may_pay(job)
+        assert slots.in_flight == 0
+        after = await store.get_job(job.job_id)
+        assert (after.owner, after.fence) == ("w2", taken.fence)
+    finally:
+        await store.close()
