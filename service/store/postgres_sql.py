@@ -38,8 +38,9 @@ from service.model import (
 )
 from service.store.base import FencedError, StaleTransitionError, UnknownJobError
 from service.store.filters import events_where, jobs_where
+from service.store.job_writes import job_changes, plan_mapping
 from service.store.postgres_schema import COALESCE_LOCK_CLASS, SPEND_LOCK
-from service.store.sqlite_sql import CLEARABLE_COLUMNS, JOB_COLUMNS, UPDATE_COLUMNS
+from service.store.sqlite_sql import JOB_COLUMNS
 
 Conn = AsyncConnection[DictRow]
 
@@ -346,20 +347,6 @@ async def _lock_job(conn: Conn, job_id: str, fence: int | None) -> JobState:
     return JobState(row["state"])
 
 
-def _changes(update: JobUpdate) -> list[tuple[str, object]]:
-    """Column assignments of an update: given values, then `clear`ed fields set to NULL."""
-    given = [
-        (name, value) for name in UPDATE_COLUMNS if (value := getattr(update, name)) is not None
-    ]
-    unknown = update.clear - CLEARABLE_COLUMNS
-    if unknown:
-        raise ValueError(f"cannot clear {', '.join(sorted(unknown))}: not a nullable job field")
-    both = update.clear & {name for name, _ in given}
-    if both:
-        raise ValueError(f"{', '.join(sorted(both))} both set and cleared in one update")
-    return given + [(name, None) for name in sorted(update.clear)]
-
-
 async def _apply_update(
     conn: Conn, job_id: str, update: JobUpdate | None, now: float, state: JobState | None
 ) -> Job:
@@ -367,7 +354,7 @@ async def _apply_update(
     if state is not None:
         changes.append(("state", state.value))
     if update is not None:
-        changes += _changes(update)
+        changes += job_changes(update)
     assignments = ", ".join(f"{name} = %s" for name, _ in changes)
     cur = await conn.execute(
         f"UPDATE jobs SET {assignments} WHERE job_id = %s RETURNING {_JOB_COLS}",  # noqa: S608 - names come from the JobUpdate dataclass
@@ -386,20 +373,9 @@ async def map_jobs(conn: Conn, *, mapped: Sequence[tuple[str, JobUpdate]], now: 
         (JobState.RECEIVED.value, [job_id for job_id, _ in mapped]),
     )
     still = {row["job_id"] for row in await cur.fetchall()}
-    by_shape: dict[str, list[tuple[object, ...]]] = {}
-    moved: list[str] = []
-    history: list[tuple[object, ...]] = []
-    for job_id, update in mapped:
-        if job_id not in still:
-            continue
-        still.discard(job_id)  # a job listed twice is moved once
-        changes = [("updated_at", now), ("state", JobState.MAPPED.value), *_changes(update)]
-        assignments = ", ".join(f"{name} = %s" for name, _ in changes)
-        by_shape.setdefault(assignments, []).append((*(value for _, value in changes), job_id))
-        history.append((job_id, JobState.RECEIVED.value, JobState.MAPPED.value, now, update.note))
-        moved.append(job_id)
+    plan = plan_mapping(mapped, still, now, "%s")
     async with conn.cursor() as batch:
-        for assignments, rows in by_shape.items():
+        for assignments, rows in plan.updates.items():
             await batch.executemany(
                 f"UPDATE jobs SET {assignments} WHERE job_id = %s",  # noqa: S608 - names come from the JobUpdate dataclass
                 rows,
@@ -407,9 +383,9 @@ async def map_jobs(conn: Conn, *, mapped: Sequence[tuple[str, JobUpdate]], now: 
         await batch.executemany(
             "INSERT INTO transitions (job_id, from_state, to_state, at, note)"
             " VALUES (%s, %s, %s, %s, %s)",
-            history,
+            plan.history,
         )
-    return moved
+    return plan.moved
 
 
 async def transition(

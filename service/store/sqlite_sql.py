@@ -35,12 +35,9 @@ from service.model import (
 )
 from service.store.base import FencedError, StaleTransitionError, UnknownJobError
 from service.store.filters import events_where, jobs_where
+from service.store.job_writes import job_changes, plan_mapping
 
 JOB_COLUMNS = tuple(f.name for f in dataclasses.fields(Job))
-UPDATE_COLUMNS = tuple(
-    f.name for f in dataclasses.fields(JobUpdate) if f.name not in {"note", "clear"}
-)
-CLEARABLE_COLUMNS = frozenset(f.name for f in dataclasses.fields(Job) if f.default is None)
 _JOB_SELECT = f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs"  # noqa: S608 - names come from the Job dataclass
 _OUTBOX_SELECT = (
     "SELECT id, job_id, target, event_type, payload, attempts, next_attempt_at, status, "
@@ -443,20 +440,6 @@ def _current_state(conn: sqlite3.Connection, job_id: str, fence: int | None = No
     return JobState(row["state"])
 
 
-def _changes(update: JobUpdate) -> list[tuple[str, object]]:
-    """Column assignments of an update: given values, then `clear`ed fields set to NULL."""
-    given = [
-        (name, value) for name in UPDATE_COLUMNS if (value := getattr(update, name)) is not None
-    ]
-    unknown = update.clear - CLEARABLE_COLUMNS
-    if unknown:
-        raise ValueError(f"cannot clear {', '.join(sorted(unknown))}: not a nullable job field")
-    both = update.clear & {name for name, _ in given}
-    if both:
-        raise ValueError(f"{', '.join(sorted(both))} both set and cleared in one update")
-    return given + [(name, None) for name in sorted(update.clear)]
-
-
 def _apply_update(
     conn: sqlite3.Connection,
     job_id: str,
@@ -468,7 +451,7 @@ def _apply_update(
     if state is not None:
         changes.append(("state", state.value))
     if update is not None:
-        changes += _changes(update)
+        changes += job_changes(update)
     assignments = ", ".join(f"{name} = ?" for name, _ in changes)
     conn.execute(
         f"UPDATE jobs SET {assignments} WHERE job_id = ?",  # noqa: S608 - names come from the JobUpdate dataclass
@@ -832,25 +815,14 @@ def map_jobs(
                 (JobState.RECEIVED.value, *chunk),
             )
         )
-    by_shape: dict[str, list[tuple[object, ...]]] = {}
-    moved: list[str] = []
-    history: list[tuple[object, ...]] = []
-    for job_id, update in mapped:
-        if job_id not in still:
-            continue
-        still.discard(job_id)  # a job listed twice is moved once
-        changes = [("updated_at", now), ("state", JobState.MAPPED.value), *_changes(update)]
-        assignments = ", ".join(f"{name} = ?" for name, _ in changes)
-        by_shape.setdefault(assignments, []).append((*(value for _, value in changes), job_id))
-        history.append((job_id, JobState.RECEIVED.value, JobState.MAPPED.value, now, update.note))
-        moved.append(job_id)
-    for assignments, rows in by_shape.items():
+    plan = plan_mapping(mapped, still, now, "?")
+    for assignments, rows in plan.updates.items():
         conn.executemany(f"UPDATE jobs SET {assignments} WHERE job_id = ?", rows)  # noqa: S608 - names come from the JobUpdate dataclass
     conn.executemany(
         "INSERT INTO transitions (job_id, from_state, to_state, at, note) VALUES (?, ?, ?, ?, ?)",
-        history,
+        plan.history,
     )
-    return moved
+    return plan.moved
 
 
 def get_job(conn: sqlite3.Connection, job_id: str) -> Job | None:
