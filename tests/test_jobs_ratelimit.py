@@ -222,6 +222,25 @@ async def test_a_429_slows_the_gate_and_its_retry_after_holds_every_request():
 
 
 @pytest.mark.anyio
+async def test_lone_requests_refused_after_each_pause_cut_the_pace_only_once():
+    time = FakeTime()
+    gate = RequestGate(rate=1000.0, clock=time, sleep=time.sleep)
+    for name in "abc":
+        await gate(name)
+    gate.throttled(ThrottledError(retry_after_s=1.0))
+    assert gate.rate == 500.0
+    for _ in range(4):  # the first request after each pause is refused again, alone
+        await gate("probe")
+        gate.throttled(ThrottledError(retry_after_s=1.0))
+    assert gate.rate == 500.0
+    assert time.now == pytest.approx(1004.003)  # each probe left only when its pause ended
+    for name in "xy":
+        await gate(name)
+    gate.throttled(ThrottledError(retry_after_s=1.0))  # refused after two left: a new cut
+    assert gate.rate == 250.0
+
+
+@pytest.mark.anyio
 async def test_a_hard_cap_bounds_the_pace_from_the_start():
     time = FakeTime()
     gate = RequestGate(rate=500.0, clock=time, sleep=time.sleep, hard_cap=2.0)

@@ -114,13 +114,17 @@ class AdaptiveRate:
         self._quiet_since = float("-inf")
         self._cut_at = float("-inf")
 
-    def throttled(self, now: float) -> float:
+    def throttled(self, now: float, *, rate_tested: bool = True) -> float:
         """A 429 arrived: cut the rate and restart the quiet period.
 
         Requests already on the wire when the first 429 came answer the same overload, so the
-        rate is cut at most once per `cut_every_s`.
+        rate is cut at most once per `cut_every_s`. `rate_tested` is False when at most one
+        request left since the last Retry-After pause began: a lone request refused again
+        right after a pause says the overload lasts, not that the new rate is too fast, so
+        it restarts the quiet period without cutting again (cutting on every such refusal
+        compounds: 5 refusals in a row took the rate from 1000 to 31 requests/s).
         """
-        if now - self._cut_at >= self.cut_every_s:
+        if rate_tested and now - self._cut_at >= self.cut_every_s:
             self.rate = max(self.floor, self.rate * self.decrease)
             self._cut_at = now
         self._quiet_since = now
@@ -167,6 +171,7 @@ class RequestGate:
         self._sleep = sleep
         self._priority_waiting = 0
         self._priority_done = anyio.Event()
+        self._sent_since_pause = 0
 
     @property
     def rate(self) -> float:
@@ -174,12 +179,18 @@ class RequestGate:
         return self._pace.at(self._clock())
 
     def throttled(self, error: NothingCreatedError) -> None:
-        """A request was refused for load: slow down on a 429, and obey its Retry-After."""
+        """A request was refused for load: slow down on a 429, and obey its Retry-After.
+
+        The pace is cut only if the refusal can be about it: once at least two requests left
+        since the last pause began (see `AdaptiveRate.throttled`).
+        """
         now = self._clock()
         if error.status == HTTP_TOO_MANY_REQUESTS:
-            rate = self._pace.throttled(now)
+            before = self._pace.rate
+            rate = self._pace.throttled(now, rate_tested=self._sent_since_pause > 1)
             self._bucket.set_rate(rate)
-            log.info("api.rate_lowered", requests_per_s=round(rate, 3))
+            if rate < before:
+                log.info("api.rate_lowered", requests_per_s=round(rate, 3))
         if error.retry_after_s is not None:
             self.pause_for(error.retry_after_s)
 
@@ -193,12 +204,12 @@ class RequestGate:
         if turn is not None and turn.endpoint == endpoint and not turn.used:
             turn.used = True
             started = self._clock()
-            if started >= self._bucket.paused_until:
-                return
+            if started < self._bucket.paused_until:
+                await self._wait(endpoint)
+                turn.held_s = self._clock() - started
+        else:
             await self._wait(endpoint)
-            turn.held_s = self._clock() - started
-            return
-        await self._wait(endpoint)
+        self._sent_since_pause += 1
 
     @asynccontextmanager
     async def turn(self, endpoint: str) -> AsyncIterator[Turn]:
@@ -246,6 +257,7 @@ class RequestGate:
         """Hold ALL requests until `until` (a 429's Retry-After applies to the account)."""
         if until > self._bucket.paused_until:
             log.info("api requests paused", seconds=round(until - self._clock(), 3))
+            self._sent_since_pause = 0
         self._bucket.pause_until(until)
 
     def pause_for(self, seconds: float) -> None:
