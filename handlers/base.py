@@ -8,6 +8,7 @@ rather than on a key that exists for one source and not another.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -83,9 +84,18 @@ def image_of(node: Any) -> str | None:  # noqa: ANN401 - parsed JSON
     return text(node)
 
 
+@functools.lru_cache(maxsize=1024)
+def _is_secret(name: str) -> bool:
+    """Whether a header name carries credentials (cached: senders repeat the same few names).
+
+    The regular expression then runs once per name, not once per header of every delivery.
+    """
+    return _SECRET_HEADER.search(name) is not None
+
+
 def safe_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The delivery's headers for expressions, without credentials."""
-    return {k: v for k, v in headers.items() if not _SECRET_HEADER.search(k)}
+    return {k: v for k, v in headers.items() if not _is_secret(k)}
 
 
 def build_context(

@@ -1,7 +1,7 @@
 """The intake: a verified delivery becomes an inbox row and its jobs, in one commit.
 
 Each delivery is processed in isolation. Everything before the commit (the handler, the
-dedupe expression, each route's handler, `when` and export name) runs user code or user
+dedupe expression, each route's handler and `when`) runs user code or user
 expressions on input nobody controls, so `decide` catches whatever they raise and turns it
 into a dead letter: the delivery is committed with the failing step and the exception, then
 acknowledged like any other. Only a store that cannot commit makes `accept` raise (the
@@ -10,9 +10,10 @@ store refuse one event's rows (a constraint, say), the delivery is kept as a dea
 step `commit` by its bytes, logged at error with the traceback: visible, replayable once fixed.
 
 Both adapters (webhooks, MQTT) call `accept` and acknowledge only after it returned. Mapping
-the template happens later, in the job pipeline, so a slow or failing template never delays an
-ack. `replay` runs a stored event through the configuration of the day (after a fix) with the
-same `decide`, and never creates a job that already exists.
+the template and rendering the export name happen later, in the job pipeline, so a slow or
+failing template or name never delays an ack: a name that cannot be rendered rejects its job
+at mapping, with the reason. `replay` runs a stored event through the configuration of the
+day (after a fix) with the same `decide`, and never creates a job that already exists.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from service.config import SourceConfig
 from service.ingress.dedupe import body_key, dedupe_key, event_id_for
 from service.jobs.retry import retry_update
 from service.log import get_logger
-from service.mapping.routes import CompiledRoute, export_name, route_matches, should_run
+from service.mapping.routes import CompiledRoute, route_matches, should_run
 from service.metrics import Metrics
 from service.model import (
     Acceptance,
@@ -148,8 +149,7 @@ def _route_job(
         step = "when"
         if not should_run(route, context):
             return None
-        step = "export_name"
-        return NewJob(job_id, name, export_name(route, context, job_id))
+        return NewJob(job_id, name)
     except Exception as exc:  # noqa: BLE001 - user code and expressions: the event's fault
         label = "handler" if step == "route_handler" else step
         return Failure(f"routes.{name}.{label}", step, describe(exc))

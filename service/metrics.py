@@ -74,7 +74,7 @@ class Metrics:
         self.dead_letters = Counter(
             "studiohook_dead_letters_total",
             "Dead-lettered deliveries by source and the step that failed (handler, dedupe_key,"
-            " when, export_name, route_handler, payload).",
+            " when, route_handler, events, payload, commit).",
             ["source", "step"],
             registry=r,
         )

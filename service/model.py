@@ -156,11 +156,15 @@ class HandledEvent:
 
 @dataclass(frozen=True, slots=True)
 class NewJob:
-    """A job decided at intake (a route matched) and committed together with its event."""
+    """A job decided at intake (a route matched) and committed together with its event.
+
+    `export_name` is empty for a job made by the intake: rendering it is mapping work, done
+    when the job is mapped (see `service.jobs.prepare`), so it never slows an acknowledgement.
+    """
 
     job_id: str
     route: str
-    export_name: str
+    export_name: str = ""
     state: JobState = JobState.RECEIVED
     error_code: str | None = None
     error_message: str | None = None

@@ -21,7 +21,9 @@ from tests.support.service_fixtures import (
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 TOKEN = "adm-t0ken"
-BROKEN_NAME = "export_name = \"{{ product.title.split('-')[1] }}\""
+# A `when` that raises for this product dead-letters the delivery at intake (an export name is
+# rendered only when the job is mapped: a broken one rejects the job, see tests/test_intake.py).
+BROKEN_WHEN = "when = \"product.title.split('-')[1] == 'x'\""
 BODY = orjson.dumps({"id": 4711, "title": "Lamp", "image": {"src": "https://img.example/l.png"}})
 
 
@@ -29,7 +31,7 @@ def write_config(tmp_path, prefix, port, *, broken):
     text = service_config_text(tmp_path, broker_port=port, prefix=prefix, admin_token=TOKEN)
     if broken:
         text = text.replace(
-            'events = ["products/create"]', f'events = ["products/create"]\n{BROKEN_NAME}'
+            'events = ["products/create"]', f'events = ["products/create"]\n{BROKEN_WHEN}'
         )
     path = tmp_path / "config.toml"
     path.write_text(text)
@@ -72,9 +74,7 @@ async def test_dead_letter_is_answered_counted_shown_and_replayed_after_the_fix(
             assert (await response.json())["status"] == "dead_lettered"
         async with http.get(f"{svc.http_url}/metrics") as response:
             metrics = without_instance_id(await response.text())
-        assert 'studiohook_dead_letters_total{source="shop",step="export_name"} 1.0' in metrics, (
-            metrics
-        )
+        assert 'studiohook_dead_letters_total{source="shop",step="when"} 1.0' in metrics, metrics
         async with http.get(f"{svc.http_url}/events") as response:
             assert response.status == 401
 
@@ -83,7 +83,7 @@ async def test_dead_letter_is_answered_counted_shown_and_replayed_after_the_fix(
         ) as response:
             (listed,) = (await response.json())["events"]
         assert listed["event_id"] == answer["event_id"]
-        assert listed["failed_step"] == "routes.new-product.export_name"
+        assert listed["failed_step"] == "routes.new-product.when"
         row = listed["id"]
         async with http.get(
             f"{svc.http_url}/events/{answer['event_id']}", headers=auth
@@ -94,12 +94,12 @@ async def test_dead_letter_is_answered_counted_shown_and_replayed_after_the_fix(
         assert shown["headers"]["x-trace"] == "tr-1"
         assert "x-shopify-hmac-sha256" not in shown["headers"]
         assert shown["payload"]["title"] == "Lamp"
-        assert shown["reason"].startswith("routes.new-product.export_name: MappingError: ")
+        assert shown["reason"].startswith("routes.new-product.when: MappingError: ")
 
         code, out, err = await cli(broken, svc.http_url, "--status", "dead_lettered")
         assert code == 0, err
         assert answer["event_id"] in out
-        assert "routes.new-product.export_name" in out
+        assert "routes.new-product.when" in out
         code, out, err = await cli(broken, svc.http_url, "show", str(row))
         assert code == 0, err
         assert "k-very-secret" not in out

@@ -5,6 +5,7 @@ import pytest
 from service.catalog import load_catalog
 from service.config import load_config
 from service.intake import StoreIntake
+from service.jobs.prepare import Preparer
 from service.model import EventStatus, JobState, RawEvent
 from tests.support.service_fixtures import TEMPLATE
 
@@ -46,7 +47,34 @@ async def test_a_routes_own_handler_decides_when_and_the_export_name(tmp_path, s
     (job_id,) = acceptance.job_ids
     job = await store.get_job(job_id)
     assert job.state is JobState.RECEIVED
-    assert job.export_name == f"Custom Lamp #{job_id}"
+    assert job.export_name == ""  # rendered when the job is mapped, not before the ack
+    await Preparer(cfg, catalog, store, no_outbox)(job)
+    mapped = await store.get_job(job_id)
+    assert mapped.state is JobState.MAPPED
+    assert mapped.export_name == f"Custom Lamp #{job_id}"
+    assert orjson.loads(mapped.export_body)["name"] == mapped.export_name
+
+
+async def test_an_export_name_that_cannot_be_rendered_rejects_its_job_at_mapping(tmp_path, store):
+    path = tmp_path / "config.toml"
+    broken = 'export_name = "{{ 100 // (product.title | length - 11) }}"'
+    path.write_text(CONFIG.replace('export_name = "{{ product.title }}"', broken))
+    cfg = load_config(path, env={})
+    catalog, _ = await load_catalog(cfg)
+    body = orjson.dumps({"item": {"label": "Lamp"}})
+    raw = RawEvent(source="items", payload=orjson.loads(body), headers={})
+    acceptance = await StoreIntake(store, catalog).accept(cfg.sources[0], raw, body)
+    assert acceptance.status is EventStatus.ROUTED  # the event itself is fine: acknowledged
+    (job_id,) = acceptance.job_ids
+    await Preparer(cfg, catalog, store, no_outbox)(await store.get_job(job_id))
+    job = await store.get_job(job_id)
+    assert job.state is JobState.REJECTED
+    assert job.error_code == "mapping_error"
+    assert job.error_message.startswith("export_name: ZeroDivisionError: ")
+
+
+def no_outbox(job, event_type):
+    return ()
 
 
 async def test_a_routes_handler_that_fails_dead_letters_the_event_with_its_step(tmp_path, store):

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from service.aistudios.simulator import SimulatorKnobs
-from service.jobs.retry import retry_export_name, retry_update
+from service.jobs.retry import mapped_export_name, retry_export_name, retry_update
 from service.jobs.states import ADMIN_RETRYABLE
 from service.model import Job, JobState
 from tests.support.jobs_fixtures import jobs_harness
@@ -42,6 +42,21 @@ def test_a_second_retry_replaces_the_suffix_of_the_first():
     first = retry_update(failed_job(), now=100.0).export_name
     second = retry_export_name(failed_job(export_name=first), 200.0)
     assert (first, second) == ("Welcome #job_1/r100000", "Welcome #job_1/r200000")
+
+
+def test_mapping_renders_the_name_only_for_a_job_the_intake_left_unnamed():
+    def render():
+        return "Lamp #job_1"
+
+    assert mapped_export_name("", render) == "Lamp #job_1"
+    assert mapped_export_name("Welcome #job_1", render) == "Welcome #job_1"
+    assert mapped_export_name("Welcome #job_1/r5000", render) == "Welcome #job_1/r5000"
+
+
+def test_a_retry_of_a_job_never_named_keeps_its_round_after_the_rendered_name():
+    unnamed = failed_job(export_name="", state=S.REJECTED)
+    retried = retry_update(unnamed, now=5.0).export_name
+    assert mapped_export_name(retried, lambda: "Lamp #job_1") == "Lamp #job_1/r5000"
 
 
 def test_the_same_retry_time_gives_the_same_name():

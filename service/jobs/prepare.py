@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -16,11 +17,12 @@ import orjson
 from service.aistudios.paid_requests import TEMPLATE_MODIFY_API
 from service.catalog import Catalog
 from service.config import Config
-from service.intake import route_context
+from service.intake import describe, route_context
 from service.jobs.context import OutboxFor, end_with_error
+from service.jobs.retry import mapped_export_name
 from service.log import get_logger
 from service.mapping.render import MappingError, evaluate
-from service.mapping.routes import CompiledRoute, build_export, build_updates
+from service.mapping.routes import CompiledRoute, build_export, build_updates, export_name
 from service.model import (
     API_LEGACY,
     API_V3,
@@ -80,6 +82,31 @@ def coalesce_key_for(route: CompiledRoute, context: dict[str, Any]) -> str | Non
     return f"{route.config.name}:{evaluate(route.coalesce_key, context)}"
 
 
+@dataclass(frozen=True, slots=True)
+class Mapped:
+    """One job's mapping: the export call and body, its coalescing key and its export name."""
+
+    api: str
+    body: dict[str, Any]
+    coalesce_key: str | None
+    export_name: str
+
+    def update(self) -> JobUpdate:
+        """The `received -> mapped` update; the export name is committed with the body."""
+        return JobUpdate(
+            export_body=orjson.dumps(self.body), api=self.api, export_name=self.export_name
+        )
+
+
+def _rendered_name(route: CompiledRoute, context: dict[str, Any], job: Job) -> str:
+    """The route's export name for this job; any error of the expression is a MappingError."""
+    try:
+        return export_name(route, context, job.job_id)
+    except Exception as exc:  # a user expression on an event's data: any error is the event's
+        why = str(exc) if isinstance(exc, MappingError) else describe(exc)
+        raise MappingError(f"export_name: {why}") from exc
+
+
 class Preparer:
     """Maps received jobs; a mapping error rejects the job with its reason (replayable)."""
 
@@ -92,7 +119,7 @@ class Preparer:
     def _coalesce_key(self, route: CompiledRoute, context: dict[str, Any]) -> str | None:
         return coalesce_key_for(route, context)
 
-    def _body_for(self, job: Job, event: StoredEvent) -> tuple[str, dict[str, Any], str | None]:
+    def _body_for(self, job: Job, event: StoredEvent) -> Mapped:
         route = self._catalog.routes.get(job.route)
         source = self._cfg.source(event.source)
         if route is None or source is None:
@@ -108,29 +135,25 @@ class Preparer:
             event_id=event.event_id,
             event_type=event.event_type,
         )
-        api, body = export_request(self._catalog, route, context, job.export_name)
-        return api, body, self._coalesce_key(route, context)
+        name = mapped_export_name(job.export_name, lambda: _rendered_name(route, context, job))
+        api, body = export_request(self._catalog, route, context, name)
+        return Mapped(api, body, self._coalesce_key(route, context), name)
 
-    async def _map_coalesced(
-        self, job: Job, api: str, body: dict[str, Any], coalesce_key: str
-    ) -> None:
+    async def _map_coalesced(self, job: Job, mapped: Mapped, coalesce_key: str) -> None:
         """Map the job to wait out its window; older waiting jobs of its key are superseded."""
         route = self._catalog.routes[job.route]
-        update = JobUpdate(
-            export_body=orjson.dumps(body),
-            api=api,
+        update = replace(
+            mapped.update(),
             coalesce_key=coalesce_key,
             next_attempt_at=time.time() + route.config.coalesce_seconds,
         )
-        mapped = await self._store.map_coalesced(
+        now = await self._store.map_coalesced(
             job.job_id, update, lambda superseded: self._outbox_for(superseded, "video.superseded")
         )
-        if mapped.state is JobState.SUPERSEDED:
-            log.info("job.superseded", job_id=job.job_id, by=mapped.superseded_by)
+        if now.state is JobState.SUPERSEDED:
+            log.info("job.superseded", job_id=job.job_id, by=now.superseded_by)
 
-    def _body_for_row(
-        self, job: Job, event: StoredEvent | None
-    ) -> tuple[str, dict[str, Any], str | None]:
+    def _body_for_row(self, job: Job, event: StoredEvent | None) -> Mapped:
         if event is None:
             raise MappingError(f"job {job.job_id} has no inbox event {job.event_row}")
         return self._body_for(job, event)
@@ -157,37 +180,37 @@ class Preparer:
         """
         events = await self._store.get_events({job.event_row for job in jobs})
         plain: list[tuple[str, JobUpdate]] = []
-        coalescing: list[tuple[Job, str, dict[str, Any], str]] = []
+        coalescing: list[tuple[Job, Mapped, str]] = []
         rejected: list[tuple[Job, str, str]] = []
         for count, job in enumerate(jobs, start=1):
             if count % YIELD_EVERY == 0:
                 await anyio.lowlevel.checkpoint()
             try:
-                api, body, coalesce_key = self._body_for_row(job, events.get(job.event_row))
+                mapped = self._body_for_row(job, events.get(job.event_row))
             except (MappingError, ValueError, KeyError, TypeError) as exc:
                 rejected.append((job, "mapping_error", str(exc) or type(exc).__name__))
             except Exception as exc:
                 log.exception("job.prepare_crashed", job_id=job.job_id)
                 rejected.append((job, "prepare_error", f"mapping crashed: {exc!r}"))
             else:
-                if coalesce_key is None:
-                    plain.append((job.job_id, JobUpdate(export_body=orjson.dumps(body), api=api)))
+                if mapped.coalesce_key is None:
+                    plain.append((job.job_id, mapped.update()))
                 else:
-                    coalescing.append((job, api, body, coalesce_key))
+                    coalescing.append((job, mapped, mapped.coalesce_key))
         await self._commit_batch(plain, coalescing, rejected)
 
     async def _commit_batch(
         self,
         plain: list[tuple[str, JobUpdate]],
-        coalescing: list[tuple[Job, str, dict[str, Any], str]],
+        coalescing: list[tuple[Job, Mapped, str]],
         rejected: list[tuple[Job, str, str]],
     ) -> None:
         moved = await self._store.map_jobs(plain)
         if len(moved) < len(plain):
             log.info("jobs.prepare_raced", count=len(plain) - len(moved))
-        for job, api, body, coalesce_key in coalescing:
+        for job, mapped, coalesce_key in coalescing:
             try:
-                await self._map_coalesced(job, api, body, coalesce_key)
+                await self._map_coalesced(job, mapped, coalesce_key)
             except StaleTransitionError:
                 log.info("job.prepare_raced", job_id=job.job_id)
         for job, code, message in rejected:
@@ -199,19 +222,16 @@ class Preparer:
         if event is None:
             raise LookupError(f"job {job.job_id} has no inbox event {job.event_row}")
         try:
-            api, body, coalesce_key = self._body_for(job, event)
+            mapped = self._body_for(job, event)
         except (MappingError, ValueError, KeyError, TypeError) as exc:
             await self._reject(job, "mapping_error", str(exc) or type(exc).__name__)
             return
         try:
-            if coalesce_key is None:
+            if mapped.coalesce_key is None:
                 await self._store.transition(
-                    job.job_id,
-                    {JobState.RECEIVED},
-                    JobState.MAPPED,
-                    JobUpdate(export_body=orjson.dumps(body), api=api),
+                    job.job_id, {JobState.RECEIVED}, JobState.MAPPED, mapped.update()
                 )
             else:
-                await self._map_coalesced(job, api, body, coalesce_key)
+                await self._map_coalesced(job, mapped, mapped.coalesce_key)
         except StaleTransitionError:
             log.info("job.prepare_raced", job_id=job.job_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 
 from service.model import Job, JobUpdate
 
@@ -19,6 +20,20 @@ def retry_export_name(job: Job, now: float) -> str:
     """
     base = _RETRY_SUFFIX.sub("", job.export_name)
     return f"{base}/r{int(now * 1000)}"
+
+
+def mapped_export_name(stored: str, render: Callable[[], str]) -> str:
+    """The name a job is mapped (and exported) under: the stored one once it has a readable part.
+
+    The intake stores no name (rendering it is mapping work), so the first mapping renders it;
+    a retry of a job that was never named keeps its `/r...` round suffix after the rendered
+    name. A job already named keeps that name: a retry's round stays the round it renamed.
+    """
+    round_suffix = _RETRY_SUFFIX.search(stored)
+    base = stored[: round_suffix.start()] if round_suffix else stored
+    if base:
+        return stored
+    return render() + (round_suffix.group() if round_suffix else "")
 
 
 def retry_update(job: Job, now: float | None = None) -> JobUpdate:
