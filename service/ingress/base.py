@@ -7,8 +7,10 @@ and commits event and jobs in one transaction. An adapter acknowledges (2xx, PUB
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
+
+import anyio.abc
 
 from service.config import SourceConfig
 from service.model import Acceptance, RawEvent
@@ -29,3 +31,20 @@ class Intake(Protocol):
         topic: str | None = None,
     ) -> Acceptance:
         """Commit a delivery that cannot be used (bad JSON on MQTT, say) with its reason."""
+
+
+def started_once(task_status: anyio.abc.TaskStatus[None]) -> Callable[[], None]:
+    """Report a long-lived task started the first time it is ready, and never again.
+
+    An adapter becomes ready again after each reconnect or re-election; its starter waits only
+    for the first time.
+    """
+    started = False
+
+    def report() -> None:
+        nonlocal started
+        if not started:
+            started = True
+            task_status.started()
+
+    return report

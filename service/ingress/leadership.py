@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol
 import anyio
 import anyio.abc
 
+from service.ingress.base import started_once
 from service.log import get_logger
 from service.store.base import ExclusiveLock, StoreUnavailableError
 
@@ -78,13 +79,7 @@ class ReaderElection:
 
         Started means subscribed when elected, and standing by otherwise.
         """
-        started = False
-
-        def decided() -> None:
-            nonlocal started
-            if not started:
-                started = True
-                task_status.started()
+        decided = started_once(task_status)
 
         try:
             while True:

@@ -29,6 +29,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from service.backoff import backoff_delay
+from service.ingress.base import started_once
 from service.log import get_logger
 from service.model import RawEvent
 from service.mqtt_futures import settle_outcomes
@@ -155,13 +156,7 @@ class MqttIngress:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Consume until cancelled, reconnecting with backoff; started after the first SUBACK."""
-        started = False
-
-        def subscribed() -> None:
-            nonlocal started
-            if not started:
-                started = True
-                task_status.started()
+        subscribed = started_once(task_status)
 
         if not self._sources:
             log.warning("mqtt ingress has no mqtt source with a topic; nothing to subscribe")
