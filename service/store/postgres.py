@@ -46,6 +46,7 @@ from service.model import (
 )
 from service.store import postgres_sql as sql
 from service.store.base import StoreUnavailableError
+from service.store.methods import OutboxListeners
 from service.store.postgres_lock import PostgresSessionLock
 from service.store.postgres_schema import (
     MIGRATION_LOCK,
@@ -68,7 +69,7 @@ class SchemaTooNewError(StoreUnavailableError):
     """The database was migrated by a newer studiohook: running on it could corrupt it."""
 
 
-class PostgresStore:
+class PostgresStore(OutboxListeners):
     """The Store protocol on a PostgreSQL database; see the module docstring.
 
     With `outbox_claimant` (the instance id; the app sets it), `due_outbox` claims the rows it
@@ -86,6 +87,7 @@ class PostgresStore:
         outbox_claimant: str | None = None,
         outbox_lease_s: float = 30.0,
     ) -> None:
+        super().__init__()
         self._url = url
         self._clock = clock
         self._min = min_connections
@@ -93,7 +95,6 @@ class PostgresStore:
         self._timeout_s = connect_timeout_s
         self._pool: psycopg_pool.AsyncConnectionPool[Conn] | None = None
         self._closed = False
-        self._outbox_listeners: list[Callable[[], None]] = []
         self._work_listeners: list[Callable[[], None]] = []
         self._outbox_claimant = outbox_claimant
         self._outbox_lease_s = outbox_lease_s
@@ -256,14 +257,6 @@ class PostgresStore:
         return await self._run(
             functools.partial(sql.map_jobs, mapped=tuple(mapped), now=self._clock())
         )
-
-    def add_outbox_listener(self, listener: Callable[[], None]) -> None:
-        """Called after every commit that inserted outbox rows (the sender's wake-up)."""
-        self._outbox_listeners.append(listener)
-
-    def _outbox_committed(self) -> None:
-        for listener in self._outbox_listeners:
-            listener()
 
     def add_work_listener(self, listener: Callable[[], None]) -> None:
         """Call `listener` when any instance on this database committed new jobs (via `listen`)."""

@@ -41,6 +41,7 @@ from service.model import (
 from service.store import sqlite_reads as reads
 from service.store import sqlite_sql as sql
 from service.store.base import SoleProcessLock, StoreUnavailableError
+from service.store.methods import OutboxListeners
 from service.store.schema import MIGRATIONS, SCHEMA_VERSION
 from service.store.writer import GroupCommitWriter, is_database_failure
 
@@ -50,7 +51,7 @@ _log = get_logger("store.sqlite")
 _PURGE_CHUNK = 500
 
 
-class SQLiteStore:
+class SQLiteStore(OutboxListeners):
     """The Store protocol on one SQLite file; see the module docstring for the threading."""
 
     def __init__(
@@ -62,6 +63,7 @@ class SQLiteStore:
         readers: int = 2,
         busy_timeout_s: float = 5.0,
     ) -> None:
+        super().__init__()
         self._path = Path(path)
         self._clock = clock
         self._max_batch = max_batch
@@ -71,7 +73,6 @@ class SQLiteStore:
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._read_limiter = anyio.CapacityLimiter(readers)
         self._closed = False
-        self._outbox_listeners: list[Callable[[], None]] = []
 
     @property
     def path(self) -> Path:
@@ -263,8 +264,7 @@ class SQLiteStore:
         )
         job: Job = await self._write(work)
         if outbox:
-            for listener in self._outbox_listeners:
-                listener()
+            self._outbox_committed()
         return job
 
     async def map_jobs(self, mapped: Sequence[tuple[str, JobUpdate]]) -> list[str]:
@@ -275,10 +275,6 @@ class SQLiteStore:
             functools.partial(sql.map_jobs, mapped=tuple(mapped), now=self._clock())
         )
         return moved
-
-    def add_outbox_listener(self, listener: Callable[[], None]) -> None:
-        """Called after every commit that inserted outbox rows (the sender's wake-up)."""
-        self._outbox_listeners.append(listener)
 
     async def update_job(self, job_id: str, update: JobUpdate, *, fence: int | None = None) -> Job:
         """Change fields without a state change; UnknownJobError for a missing job."""
@@ -349,8 +345,7 @@ class SQLiteStore:
             )
         )
         if job.state is JobState.HELD:
-            for listener in self._outbox_listeners:
-                listener()
+            self._outbox_committed()
         return job
 
     async def cached_render(self, render_key: str, since: float) -> Job | None:
@@ -375,8 +370,7 @@ class SQLiteStore:
                 now=self._clock(),
             )
         )
-        for listener in self._outbox_listeners:
-            listener()
+        self._outbox_committed()
         return job
 
     async def spend_counts(self, since: float) -> dict[str, int]:
