@@ -93,3 +93,16 @@ async def test_after_a_pause_past_the_lease_another_workers_job_is_not_paid_for(
         assert (after.owner, after.fence) == ("w2", taken.fence)
     finally:
         await store.close()
+
+
+async def test_a_job_that_reached_ready_leaves_no_claim_behind(tmp_path):
+    store, _, _, owned, job, slots = await submitting_job(tmp_path)
+    try:
+        await owned.transition(job.job_id, {JobState.SUBMITTING}, JobState.SUBMITTED)
+        assert owned.fence_of(job.job_id) == job.fence
+        await owned.transition(job.job_id, {JobState.SUBMITTED}, JobState.READY)
+        assert owned.fence_of(job.job_id) is None
+        assert slots.in_flight == 0
+        assert not await owned.may_pay(job)  # nothing to pay for: the claim is not renewed
+    finally:
+        await store.close()

@@ -23,13 +23,14 @@ import time
 from typing import TYPE_CHECKING
 
 from service.log import get_logger
+from service.model import TERMINAL_STATES, JobState
 from service.store.base import FencedError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Sequence
 
     from service.jobs.ratelimit import RenderSlots
-    from service.model import Job, JobState, JobUpdate, NewOutboxMessage, SpendCap
+    from service.model import Job, JobUpdate, NewOutboxMessage, SpendCap
     from service.store.base import Store
 
 log = get_logger("jobs.ownership")
@@ -152,7 +153,7 @@ class OwnedJobs:
             raise
         # A stale move means another of this worker's moves won (and settled the slot) or an
         # operator moved a finished job: nothing to settle here.
-        self._slots.settle(job_id, job.state)
+        self._settle(job)
         return job
 
     async def spend_or_hold(
@@ -170,7 +171,7 @@ class OwnedJobs:
         except FencedError:
             self._lose(job_id)
             raise
-        self._slots.settle(job_id, job.state)
+        self._settle(job)
         return job
 
     async def cached_render(self, render_key: str, since: float) -> Job | None:
@@ -196,6 +197,18 @@ class OwnedJobs:
         except FencedError:
             self._lose(job_id)
             raise
+
+    def _settle(self, job: Job) -> None:
+        """A committed state of an owned job: its slot follows it; a finished job is let go.
+
+        Ready and ended jobs are never claimed again (a retry claims afresh), so their fence
+        and claim time are dropped: a long-running daemon keeps one entry per job in flight,
+        not one per job it ever saw.
+        """
+        self._slots.settle(job.job_id, job.state)
+        if job.state is JobState.READY or job.state in TERMINAL_STATES:
+            self._fences.pop(job.job_id, None)
+            self._claimed_at.pop(job.job_id, None)
 
     def _lose(self, job_id: str) -> None:
         """Another worker claimed the job since: it is no longer ours to move or count.
