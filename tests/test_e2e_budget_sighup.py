@@ -107,7 +107,7 @@ def test_sighup_applies_raised_caps_per_route_and_refuses_a_broken_file(
     daemon.config_path.write_text(with_caps(base, routes={SHOP_ROUTE: 2, UPDATE_ROUTE: 0}))
     run.send(signal.SIGHUP)
     route_caps = f"day=none month=none route:{SHOP_ROUTE}=2 route:{UPDATE_ROUTE}=0"
-    run.wait_for(lambda r: r.get("caps") == route_caps, what="the route caps reloaded")
+    assert run.wait_for(lambda r: r.get("caps") == route_caps, what="the route caps reloaded")
     update_id = f"hup-update-{uuid.uuid4().hex[:8]}"
     assert post_delivery(url, update_id, f"Lamp {update_id}", topic="products/update") == 202
     update_job = shop_job_id(update_id, UPDATE_ROUTE)

@@ -18,11 +18,13 @@ from __future__ import annotations
 import signal
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import orjson
 import psycopg
 import pytest
 
@@ -98,6 +100,13 @@ def deliver(cluster: Cluster, home: str, webhook_ids: list[str]) -> dict[str, in
             else:
                 time.sleep(0.02)  # every instance refused: a load balancer waits and retries too
     return acked
+
+
+def readiness(url: str | None) -> object:
+    """The body of an instance's `/readyz`."""
+    assert url is not None
+    with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:  # noqa: S310 - loopback URL
+        return orjson.loads(response.read())
 
 
 def wait_elected(cluster: Cluster, *, besides: set[str], what: str) -> str:
@@ -203,17 +212,21 @@ def test_three_instances_lose_nothing_and_pay_once_through_a_kill_9_and_a_restar
 
         # 2. The new reader is stopped with SIGTERM while messages still arrive, then restarted.
         stopped = daemons[second_reader].current
-        stopped.wait_for(lambda r: r.get("event") == "mqtt message accepted", what="an intake")
+        assert stopped.wait_for(
+            lambda r: r.get("event") == "mqtt message accepted", what="an intake"
+        )
         stopped.send(signal.SIGTERM)
         cluster.set_url(second_reader, None)
         publish_products(pub, topic, waves[2])
         assert stopped.wait_exit() == 0
         (third_reader,) = set(NAMES) - {first_reader, second_reader}
         wait_elected(cluster, besides={first_reader, second_reader}, what="the last reader")
-        cluster.set_url(second_reader, daemons[second_reader].start())
+        restarted_url = daemons[second_reader].start()
+        cluster.set_url(second_reader, restarted_url)
         assert daemons[second_reader].current.wait_for(
             lambda r: r.get("event") == "mqtt.reader.standby", what="the restart standing by"
         )
+        assert readiness(restarted_url) == {"status": "ready", "roles": {"mqtt": "standby"}}
 
         # 3. The dead reader's jobs are taken over once their leases expire (watched since 1).
         watcher.join(timeout=LEASE_S + 20)

@@ -6,6 +6,7 @@ worker has taken the job over (that worker settles the export by reading the pro
 """
 
 import pytest
+from structlog.testing import capture_logs
 
 from service.jobs.ownership import PAY_WITHIN_LEASE, OwnedJobs, claim_is_fresh
 from service.jobs.ratelimit import RenderSlots
@@ -25,16 +26,6 @@ def test_a_claim_is_fresh_for_half_a_lease_from_the_moment_it_was_asked_for():
     assert not claim_is_fresh(now=100.0, claimed_at=None, lease_s=LEASE_S)
 
 
-class Monotonic:
-    """This worker's own monotonic clock; a jump forward is a pause (SIGSTOP, VM freeze)."""
-
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 async def submitting_job(tmp_path):
     """A store with one job committed `submitting` under worker `w1`'s fresh claim (its
     render slot taken)."""
@@ -45,7 +36,7 @@ async def submitting_job(tmp_path):
     [new] = [sample_job(event)]
     await store.accept_event(event, [new])
     await store.transition(new.job_id, {JobState.RECEIVED}, JobState.MAPPED)
-    monotonic = Monotonic()
+    monotonic = FakeClock(1_000.0)  # this worker's own clock: a jump forward is a pause
     slots = RenderSlots(4)
     owned = OwnedJobs(store, slots, owner="w1", lease_s=LEASE_S, monotonic=monotonic)
     job = await owned.claim(new.job_id, {JobState.MAPPED})
@@ -58,7 +49,7 @@ async def submitting_job(tmp_path):
 async def test_a_young_claim_pays_at_once_without_asking_the_store(tmp_path):
     store, _, monotonic, owned, job, _ = await submitting_job(tmp_path)
     try:
-        monotonic.now += 1.0
+        monotonic.advance(1.0)
         assert await owned.may_pay(job)
         assert (await store.get_job(job.job_id)).fence == job.fence
     finally:
@@ -68,7 +59,7 @@ async def test_a_young_claim_pays_at_once_without_asking_the_store(tmp_path):
 async def test_after_a_pause_nobody_used_the_claim_is_renewed_then_paid(tmp_path):
     store, store_clock, monotonic, owned, job, _ = await submitting_job(tmp_path)
     try:
-        monotonic.now += LEASE_S
+        monotonic.advance(LEASE_S)
         store_clock.advance(LEASE_S)
         assert await owned.may_pay(job)
         renewed = await store.get_job(job.job_id)
@@ -86,8 +77,10 @@ async def test_after_a_pause_past_the_lease_another_workers_job_is_not_paid_for(
         survivor = OwnedJobs(store, RenderSlots(4), owner="w2", lease_s=LEASE_S)
         [taken] = await survivor.claim_free({JobState.SUBMITTING}, 10, take_own=False)
         # w1 wakes up: its request must not leave, and w2's claim stays untouched.
-        monotonic.now += LEASE_S + 1
-        assert not await owned.may_pay(job)
+        monotonic.advance(LEASE_S + 1)
+        with capture_logs() as logs:
+            assert not await owned.may_pay(job)
+        assert [entry["event"] for entry in logs] == ["job.export_withheld", "job.claim_lost"]
         assert slots.in_flight == 0
         after = await store.get_job(job.job_id)
         assert (after.owner, after.fence) == ("w2", taken.fence)

@@ -7,6 +7,7 @@ then says it lost it. SQLite has one process: its lock is always held.
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import anyio
@@ -73,9 +74,12 @@ async def test_a_silent_holder_loses_the_lock_after_its_lapse(pg_store):
     frozen = pg_store.exclusive_lock(name, lapse_s=lapse_s)
     other = pg_store.exclusive_lock(name, lapse_s=lapse_s)
     assert await frozen.try_acquire()
+    silent_since = time.monotonic()
+    assert not await other.try_acquire()  # held while its holder is silent, until the lapse
     with anyio.fail_after(5):
         while not await other.try_acquire():
             await anyio.sleep(0.05)  # polling the lock: what a standing-by instance does too
+    assert time.monotonic() - silent_since >= lapse_s
     with pytest.raises(LockLostError):
         await frozen.check()
     await other.release()
