@@ -127,8 +127,8 @@ async def run_service(
             message="no AI Studios credentials configured: exports go to the built-in simulator",
         )
     cfg.service.state_dir.mkdir(parents=True, exist_ok=True)
-    metrics = Metrics(cfg.service.instance or None)
-    store = store_from_url(cfg.store.url, instance=cfg.service.instance or None)
+    metrics = Metrics(cfg.service.instance_id)
+    store = store_from_url(cfg.store.url, instance=cfg.service.instance_id)
     await store.open()
     try:
         async with AsyncExitStack() as stack:
@@ -266,7 +266,7 @@ class _Parts:
             estimate_key=self.template_of,
             budget=budget_limits(cfg),
             cache=self.render_cache(),
-            owner_id=cfg.service.instance or None,
+            owner_id=cfg.service.instance_id,
             lease_s=cfg.service.lease_s,
         )
         sender = OutboxSender(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,11 @@ class ServiceConfig:
     lease_s: float = 15.0
     """How long a claim on a job lasts unless renewed (every third of it): the time after which
     another instance takes over the jobs of one that died."""
+
+    @property
+    def instance_id(self) -> str:
+        """The owner id in use: `instance`, else the host name (claims, metrics, client ids)."""
+        return self.instance or socket.gethostname()
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,7 +48,7 @@ async def build_notifiers(
             if target.kind == "webhook":
                 notifier = await stack.enter_async_context(aclosing(WebhookNotifier(target)))
             elif target.kind == "mqtt" and cfg.mqtt is not None:
-                mqtt = MqttNotifier(target, cfg.mqtt, instance=cfg.service.instance or None)
+                mqtt = MqttNotifier(target, cfg.mqtt, instance=cfg.service.instance_id)
                 notifier = await stack.enter_async_context(aclosing(mqtt))
             else:
                 notifier = FileNotifier(target)

@@ -1,7 +1,7 @@
 """MQTT target: publish each event with QoS 1 and count it delivered only on PUBACK.
 
 The notifier keeps its own connection under its own client id (`<client_id>-notify-<target>`,
-then `-<instance>` when `[service] instance` is set), so a broker that kicks duplicate ids
+then `-<instance>`: `[service] instance`, else the host name), so a broker that kicks duplicate ids
 never disconnects the ingress subscriber, nor one instance's notifier another's. Messages are never
 retained: a consumer that subscribes later must not receive an old "video ready" as new. A
 broken connection is dropped and rebuilt on the next attempt; the message is published once
