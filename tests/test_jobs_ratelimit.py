@@ -272,3 +272,16 @@ async def test_an_export_waiting_for_its_turn_goes_before_polls():
         await anyio.wait_all_tasks_blocked()
         time.let_go.set()
     assert order[0] == "export"
+
+
+@pytest.mark.anyio
+async def test_pause_over_returns_only_once_a_pause_that_began_after_a_turn_ended():
+    time = FakeTime()
+    gate = RequestGate(rate=1.0, clock=time, sleep=time.sleep)
+    async with gate.turn("/export"):
+        paused_at = time.now
+        gate.pause_for(3.0)  # a 429 elsewhere, after this turn was taken
+        assert gate.paused
+        await gate.pause_over()
+        assert time.now >= paused_at + 3.0
+        assert not gate.paused

@@ -253,6 +253,20 @@ class RequestGate:
                 return
             log.debug("request held by pause", endpoint=endpoint)
 
+    @property
+    def paused(self) -> bool:
+        """Whether a Retry-After pause holds every request right now."""
+        return self._clock() < self._bucket.paused_until
+
+    async def pause_over(self) -> None:
+        """Return once no Retry-After pause is in force.
+
+        The submitter waits here before its last claim check, so that the paid request does
+        not wait out a pause *after* that check (see `OwnedJobs.may_pay`).
+        """
+        while (left_s := self._bucket.paused_until - self._clock()) > 0:
+            await self._sleep(left_s)
+
     def pause_until(self, until: float) -> None:
         """Hold ALL requests until `until` (a 429's Retry-After applies to the account)."""
         if until > self._bucket.paused_until:

@@ -430,8 +430,8 @@ class Submitter:
         read later never looks faster than it is and the poll timed from it never lands
         before the finish.
         """
-        if not await self._may_pay(job):
-            return  # another worker holds the job now; it settles the export by reading it
+        if not await self._claim_held_at_send(job):
+            return
         sent_at = self._ctx.clock()
         try:
             outcome: PostOutcome = Created(await self._post(job, body, token))
@@ -455,6 +455,23 @@ class Submitter:
             await self._retry_later(job, decision)
         else:
             await self._fail_after_post(job, decision.code, decision.message)
+
+    async def _claim_held_at_send(self, job: Job) -> bool:
+        """Check the claim last, once no Retry-After pause can hold the request after it.
+
+        False: nothing is sent. Another worker holds the job and settles it by reading the
+        project; or the store could not confirm the claim, and reconciling settles it.
+        """
+        while True:
+            await self._ctx.gate.pause_over()
+            try:
+                if not await self._may_pay(job):
+                    return False
+            except StoreUnavailableError as exc:
+                await self._to_reconcile(job, f"claim unconfirmed, export not sent: {exc}")
+                return False
+            if not self._ctx.gate.paused:  # no pause began while the claim was checked
+                return True
 
     async def _post(self, job: Job, body: dict[str, Any], token: str | None) -> str:
         log.info("job.exporting", attempt=job.attempts, api=job.api, project_id=job.project_id)
