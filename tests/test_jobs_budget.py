@@ -337,3 +337,15 @@ async def test_released_and_new_jobs_racing_for_a_raised_cap_with_64_slots_never
             moves = [(t.from_state, t.to_state) for t in await h.store.job_history(job_id)]
             released += (S.HELD, S.MAPPED) in moves
         assert released >= 5
+
+
+@pytest.mark.anyio
+async def test_a_drafted_job_held_by_a_cap_keeps_its_draft_for_when_it_is_released(
+    engine_store: Store,
+):
+    store = engine_store
+    first, second = await mapped_jobs(store, 2)
+    cap = SpendCap("day:test", 0.0, 1)
+    await store.spend_or_hold(first, [cap], JobUpdate(attempts=1), no_rows)
+    held = await store.spend_or_hold(second, [cap], JobUpdate(project_id="draft-2"), no_rows)
+    assert (held.state, held.project_id) == (S.HELD, "draft-2")

@@ -199,11 +199,13 @@ class JobPipeline:
         """
         while True:
             self._budget_wakeup = anyio.Event()
+            released = False
             try:
                 await self._release_admitted()
+                released = True
             except StoreUnavailableError as exc:
                 log.warning("budget.release_failed", error=str(exc))
-            if not self.budget.enabled:
+            if released and not self.budget.enabled:
                 # No cap, so nothing new is ever held: only new caps (a reload) or an
                 # operator's release wake it, and no timer runs on the loops' clock.
                 await self._budget_wakeup.wait()

@@ -495,7 +495,12 @@ async def spend_or_hold(
             job_id=job_id,
             from_states={JobState.MAPPED},
             to_state=JobState.HELD,
-            update=JobUpdate(error_code="budget_exhausted", error_message=reason, note=reason),
+            update=JobUpdate(
+                error_code="budget_exhausted",
+                error_message=reason,
+                note=reason,
+                project_id=update.project_id,  # a drafted job keeps its unbilled draft
+            ),
             outbox=(),
             now=now,
             fence=fence,
