@@ -128,7 +128,9 @@ async def run_service(
         )
     cfg.service.state_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics(cfg.service.instance_id)
-    store = store_from_url(cfg.store.url, instance=cfg.service.instance_id)
+    store = store_from_url(
+        cfg.store.url, instance=cfg.service.instance_id, lease_s=cfg.service.lease_s
+    )
     await store.open()
     try:
         async with AsyncExitStack() as stack:
@@ -275,6 +277,7 @@ class _Parts:
             clock=time.time,
             rng=random.Random(),  # noqa: S311 - retry jitter, not cryptography
             on_job_delivered=_mark_notified(store),
+            claim_renew_s=cfg.service.lease_s / 3,
         )
         store.add_outbox_listener(sender.wake)
         intake = StoreIntake(

@@ -56,6 +56,10 @@ class ObservedStore(SQLiteStore):
         await super().outbox_dead(message_id, error)
         await self.send_mark.send(("dead", message_id, error))
 
+    async def renew_outbox_claims(self, message_ids, now: float) -> None:
+        await super().renew_outbox_claims(message_ids, now)
+        await self.send_mark.send(("renewed", sorted(message_ids)))
+
 
 class Harness:
     """A store, a clock, and a sender running in the test's task group."""
@@ -419,4 +423,24 @@ async def test_a_row_that_ends_during_a_scan_is_not_sent_again(harness):
         await anyio.wait_all_tasks_blocked()
         tg.cancel_scope.cancel()
     assert [r.id for r in stale] == [row_id]
+    assert target.delivered == [row_id]
+
+
+async def test_the_claim_of_a_row_being_sent_is_renewed_until_its_delivery_ends(harness):
+    # A slow target outlasts the scan's claim: the sender renews it while it waits, so another
+    # instance does not take the row and announce it too.
+    (row_id,) = await harness.add_ready_job("slow", [NotifyConfig(name="rec", kind="file")])
+    target = Recording()
+    async with anyio.create_task_group() as tg:
+        await start(tg, harness, {"rec": target}, claim_renew_s=0.001)
+        with anyio.fail_after(10):
+            await target.holding.wait()
+        assert await harness.next_mark() == ("renewed", [row_id])
+        assert await harness.next_mark() == ("renewed", [row_id])  # again, for as long as it lasts
+        target.release.set()
+        while (mark := await harness.next_mark())[0] == "renewed":
+            assert mark == ("renewed", [row_id])
+        assert mark == ("delivered", row_id)
+        await harness.wait_done(1)
+        tg.cancel_scope.cancel()
     assert target.delivered == [row_id]

@@ -18,9 +18,11 @@ from service.model import (
 from service.store.base import (
     FencedError,
     StaleTransitionError,
+    Store,
     StoreUnavailableError,
     UnknownJobError,
 )
+from service.store.factory import store_from_url
 from tests.support.store_fixtures import START_TIME, sample_event, sample_job
 
 pytestmark = pytest.mark.anyio
@@ -416,6 +418,40 @@ async def test_due_outbox_order_retry_dead_and_delivered(engine_store, store_clo
     assert await engine_store.outbox_pending_for_job(ids[0]) == 1
     with pytest.raises(LookupError):
         await engine_store.outbox_delivered(99_999)
+
+
+async def test_the_sending_instance_keeps_its_announcements_across_scans_and_renewals(
+    store_engine, store_clock
+):
+    # Built as the app builds it: the instance id and the configured lease, on either engine.
+    def instance() -> Store:
+        return store_from_url(store_engine.url, clock=store_clock, instance="a", lease_s=6)
+
+    store = instance()
+    await store.open()
+    try:
+        _, [job] = await accept(store, "k1")
+        await walk(store, job.job_id, M)
+        await store.transition(
+            job.job_id, {M}, JobState.FAILED, None, [failed_message(job.export_name)]
+        )
+        now = store_clock()
+        [sending] = await store.due_outbox(now)
+        await store.renew_outbox_claims({sending.id}, now + 5)
+        assert [m.id for m in await store.due_outbox(now + 5)] == [sending.id]
+    finally:
+        await store.close()
+    restarted = instance()  # the same instance id takes its rows back without waiting
+    await restarted.open()
+    try:
+        assert [m.id for m in await restarted.due_outbox(now + 6)] == [sending.id]
+        await restarted.outbox_delivered(sending.id)
+        await restarted.renew_outbox_claims({sending.id, 99_999}, now + 7)  # finished, unknown
+        await restarted.renew_outbox_claims(set(), now + 7)
+        assert await restarted.due_outbox(now + 1000) == []
+        assert await restarted.outbox_pending_for_job(job.job_id) == 0
+    finally:
+        await restarted.close()
 
 
 # --- queries ----------------------------------------------------------------------------

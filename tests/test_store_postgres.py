@@ -9,6 +9,7 @@ import pytest
 
 from service.model import JobState, JobUpdate, NewOutboxMessage, SpendCap
 from service.store.base import FencedError, StoreUnavailableError
+from service.store.factory import store_from_url
 from service.store.postgres import PostgresStore, SchemaTooNewError
 from service.store.postgres_schema import MIGRATIONS, SCHEMA_VERSION, VERSION_TABLE
 from tests.support.store_fixtures import FakeClock, sample_event, sample_job
@@ -213,6 +214,34 @@ async def test_one_announcement_is_sent_by_one_instance_until_its_claim_ends(
         await first.outbox_delivered(again.id)
         assert await second.due_outbox(now + 1000) == []
         assert await first.due_outbox(now + 1000) == []
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_an_announcement_being_sent_stays_claimed_for_the_configured_lease_while_renewed(
+    postgres_url, store_clock
+):
+    first = store_from_url(postgres_url, clock=store_clock, instance="a", lease_s=6)
+    second = store_from_url(postgres_url, clock=store_clock, instance="b", lease_s=6)
+    await first.open()
+    await second.open()
+    try:
+        job = await failed_with_announcement(first, "k1")
+        now = store_clock()
+        [mine] = await first.due_outbox(now)
+        assert await second.due_outbox(now + 5.9) == []  # the configured 6 s, not 30 s
+        await first.renew_outbox_claims({mine.id}, now + 4)  # a third of it, twice over
+        await first.renew_outbox_claims({mine.id}, now + 8)
+        assert await second.due_outbox(now + 13.9) == []  # the slow delivery keeps its claim
+        [taken] = await second.due_outbox(now + 14)  # first stopped renewing: it died
+        assert (taken.id, taken.job_id) == (mine.id, job.job_id)
+
+        await first.renew_outbox_claims({mine.id}, now + 15)  # too late: b holds it now
+        assert await first.due_outbox(now + 16) == []
+        await second.outbox_delivered(taken.id)
+        await second.renew_outbox_claims({taken.id}, now + 17)  # finished rows stay finished
+        assert await first.outbox_pending_for_job(job.job_id) == 0
     finally:
         await first.close()
         await second.close()

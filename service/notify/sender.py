@@ -80,7 +80,11 @@ def retry_delay_s(failures: int, unit_random: float) -> float:
 
 
 class OutboxSender:
-    """One loop for all targets, with bounded concurrency and no row in flight twice."""
+    """One loop for all targets, with bounded concurrency and no row in flight twice.
+
+    `claim_renew_s` (a third of the store's lease, as for job claims) is how often the claims
+    of the rows in flight are renewed; None leaves them to the scans.
+    """
 
     def __init__(
         self,
@@ -93,6 +97,7 @@ class OutboxSender:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         max_concurrency: int = 16,
         idle_poll_s: float = 30.0,
+        claim_renew_s: float | None = None,
     ) -> None:
         self._store = store
         self._targets = dict(targets)
@@ -102,6 +107,7 @@ class OutboxSender:
         self._max_attempts = max_attempts
         self._max_concurrency = max_concurrency
         self._idle_poll_s = idle_poll_s
+        self._claim_renew_s = claim_renew_s
         self._in_flight: set[int] = set()
         self._ended_during_scan: set[int] | None = None
         self._wake = anyio.Event()
@@ -117,6 +123,8 @@ class OutboxSender:
         """Deliver due rows until cancelled; started means the first scan is under way."""
         await self._settle_finished_jobs()
         async with anyio.create_task_group() as tg:
+            if self._claim_renew_s is not None:
+                tg.start_soon(self._renew_claims, self._claim_renew_s, name="outbox-claims")
             task_status.started()
             while True:
                 self._wake = anyio.Event()
@@ -124,6 +132,21 @@ class OutboxSender:
                 wait_s = await self._start_due(tg)
                 with anyio.move_on_after(wait_s):
                     await self._wake.wait()
+
+    async def _renew_claims(self, every_s: float) -> None:
+        """Keep the claims of the rows being sent while their deliveries last.
+
+        A scan claims what it returns for one lease, but nothing scans while the sender waits
+        on a slow target; a lapsed claim would let another instance send the row as well.
+        """
+        while True:
+            await anyio.sleep(every_s)
+            if not self._in_flight:
+                continue
+            try:
+                await self._store.renew_outbox_claims(set(self._in_flight), self._clock())
+            except StoreUnavailableError as exc:
+                log.warning("outbox_claim_renew_failed", error=str(exc))
 
     async def _settle_finished_jobs(self) -> None:
         """Finish `ready` jobs that have nothing left to deliver.

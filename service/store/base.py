@@ -286,7 +286,20 @@ class Store(Protocol):
         """For metrics and readiness."""
 
     async def due_outbox(self, now: float, limit: int = 100) -> list[OutboxMessage]:
-        """Pending outbox rows whose next attempt is due."""
+        """Pending outbox rows whose next attempt is due.
+
+        On a store several instances share, the rows returned are claimed for this instance
+        until `now` + its lease: the others do not send them meanwhile.
+        """
+
+    async def renew_outbox_claims(self, message_ids: Collection[int], now: float) -> None:
+        """Extend this instance's claim on rows it is still sending to `now` + its lease.
+
+        A delivery may outlast the lease (a slow target, a large download): without renewal
+        another instance would take the row and announce it a second time. Rows finished,
+        released by a retry or claimed by another instance are left alone; where one process
+        owns the store there are no claims, and this does nothing.
+        """
 
     async def outbox_delivered(self, message_id: int) -> None:
         """Mark one outbox row delivered."""

@@ -73,7 +73,8 @@ class PostgresStore(OutboxListeners):
     """The Store protocol on a PostgreSQL database; see the module docstring.
 
     With `outbox_claimant` (the instance id; the app sets it), `due_outbox` claims the rows it
-    returns for `outbox_lease_s`, so instances sharing the database do not both send them.
+    returns for `outbox_lease_s` (the configured job lease; the sender renews the claims of the
+    rows it is sending), so instances sharing the database do not both send them.
     """
 
     def __init__(
@@ -473,6 +474,19 @@ class PostgresStore(OutboxListeners):
                 sql.due_outbox,
                 now=now,
                 limit=limit,
+                claimant=self._outbox_claimant,
+                lease_until=now + self._outbox_lease_s,
+            )
+        )
+
+    async def renew_outbox_claims(self, message_ids: Collection[int], now: float) -> None:
+        """Extend this instance's claim on the rows it is still sending by its lease."""
+        if self._outbox_claimant is None or not message_ids:
+            return
+        await self._run(
+            functools.partial(
+                sql.renew_outbox_claims,
+                message_ids=sorted(message_ids),
                 claimant=self._outbox_claimant,
                 lease_until=now + self._outbox_lease_s,
             )

@@ -870,6 +870,20 @@ async def due_outbox(
     return sorted((_outbox_from_row(r) for r in await cur.fetchall()), key=lambda m: m.id)
 
 
+async def renew_outbox_claims(
+    conn: Conn, *, message_ids: list[int], claimant: str, lease_until: float
+) -> None:
+    """Move the claim of `claimant`'s pending rows among `message_ids` to `lease_until`.
+
+    A row another instance took over, or one already finished, keeps what it has.
+    """
+    await conn.execute(
+        "UPDATE outbox SET claimed_until = %s"
+        " WHERE id = ANY(%s) AND claimed_by = %s AND status = 'pending'",
+        (lease_until, message_ids, claimant),
+    )
+
+
 async def update_outbox(
     conn: Conn, message_id: int, assignments: str, params: tuple[object, ...]
 ) -> None:

@@ -446,6 +446,9 @@ class SQLiteStore(OutboxListeners):
         """Pending outbox rows due at `now`, oldest first."""
         return await self._read(functools.partial(sql.due_outbox, now=now, limit=limit))
 
+    async def renew_outbox_claims(self, message_ids: Collection[int], now: float) -> None:
+        """Nothing to renew: one process owns a SQLite store, so its rows are never claimed."""
+
     async def outbox_delivered(self, message_id: int) -> None:
         """Mark one outbox row delivered."""
         await self._write(
