@@ -2,8 +2,10 @@
 
 Start order: store -> API client (or the simulator) -> templates -> pipeline and sender -> HTTP
 site bound -> MQTT subscribed -> "ready". Stop order on the shutdown trigger: intake first (no
-new acks), then the pipeline drains within the grace period, then everything is cancelled and
-the store is closed under a shield so the last commits land.
+new acks), then, within the grace period, the pipeline drains (exports under way commit their
+outcome) alongside the outbox sender (announcements under way are sent and marked, so a restart
+does not send them again), then everything is cancelled and the store is closed under a shield
+so the last commits land.
 """
 
 from __future__ import annotations
@@ -371,7 +373,9 @@ class _Parts:
                     Running(http_url, api_url, simulator, self.store, pipeline, self.refresher)
                 )
             with anyio.move_on_after(cfg.service.shutdown_grace_s):
-                await pipeline.drain()
+                async with anyio.create_task_group() as drains:
+                    drains.start_soon(pipeline.drain, name="drain-jobs")
+                    drains.start_soon(sender.drain, name="drain-outbox")
             workers.cancel_scope.cancel()
 
 

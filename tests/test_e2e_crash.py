@@ -8,6 +8,7 @@ while the daemon is dead. Kills are sent by the log reader the moment the named 
 
 from __future__ import annotations
 
+import http.server
 import random
 import signal
 import sqlite3
@@ -21,12 +22,15 @@ from pathlib import Path
 import aiohttp
 import anyio
 import anyio.to_thread
+import orjson
 import pytest
 
 from service.model import job_id_for
 from tests.support.daemon_fixtures import (
     DEVICE_ROUTE,
     DEVICE_SOURCE,
+    EXIT_TIMEOUT_S,
+    READY_TIMEOUT_S,
     SHOP_SOURCE,
     Daemon,
     SimulatorProcess,
@@ -41,6 +45,7 @@ from tests.support.daemon_fixtures import (
     wait_until,
 )
 from tests.support.mqtt_fixtures import PrivateBroker, mqtt_publisher, publish_products
+from tests.support.service_fixtures import WEBHOOK_SECRET
 
 pytestmark = pytest.mark.integration
 
@@ -317,6 +322,78 @@ def test_sigterm_during_an_export_lets_it_commit_exits_0_and_the_job_resumes(
     )
     assert simulator.exports_per_job([job]) == {job: 1}
     assert ready_lines(tmp_path / "videos.jsonl").get(job, 0) >= 1
+
+
+class HeldWebhookTarget:
+    """A webhook notify target on loopback that answers only once the test releases it."""
+
+    def __init__(self) -> None:
+        self.job_ids: list[str] = []
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+        target = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                target.job_ids.append(orjson.loads(body)["job_id"])
+                target.arrived.set()
+                target.release.wait(timeout=EXIT_TIMEOUT_S)
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/videos"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def notify_config(self) -> str:
+        return (
+            f'\n[[notify]]\nname = "hook"\nkind = "webhook"\nurl = "{self.url}"\n'
+            f'secret = "{WEBHOOK_SECRET}"\n'
+        )
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_sigterm_during_an_announcement_lets_it_finish_so_a_restart_does_not_repeat_it(
+    tmp_path: Path,
+    daemon_factory: DaemonFactory,
+    simulator_process: Callable[[float], SimulatorProcess],
+) -> None:
+    simulator = simulator_process(0.3)
+    target = HeldWebhookTarget()
+    try:
+        daemon = daemon_factory(
+            daemon_config(tmp_path, api_url=simulator.url) + target.notify_config()
+        )
+        url = daemon.start()
+        webhook_id = f"held-{uuid.uuid4().hex[:8]}"
+        job = shop_job_id(webhook_id)
+        assert post_delivery(url or "", webhook_id, "Oak Desk Lamp") == 202
+        assert target.arrived.wait(timeout=READY_TIMEOUT_S), daemon.current.tail()
+
+        run = daemon.current
+        run.send(signal.SIGTERM)  # the target has the announcement but has not answered yet
+        stopping = run.wait_for(
+            lambda r: r.get("event") in {"outbox_draining", "service.stopped"},
+            what="the sender draining or the service stopped",
+        )
+        assert (stopping or {}).get("event") == "outbox_draining", run.tail()
+        target.release.set()
+        assert run.wait_exit() == 0, run.tail()
+        with read_only(daemon.db_path) as db:
+            rows = db.execute("SELECT target, status FROM outbox WHERE job_id = ?", (job,))
+            assert sorted(rows.fetchall()) == [("hook", "delivered"), ("videos-file", "delivered")]
+        assert job_states(daemon.db_path) == {job: "notified"}
+        assert target.job_ids == [job]
+    finally:
+        target.close()
 
 
 # --- 5. a crash between the last announcement and the job's "notified" -------------------

@@ -444,3 +444,35 @@ async def test_the_claim_of_a_row_being_sent_is_renewed_until_its_delivery_ends(
         await harness.wait_done(1)
         tg.cancel_scope.cancel()
     assert target.delivered == [row_id]
+
+
+async def test_a_draining_sender_finishes_what_it_is_sending_and_starts_nothing_new(harness):
+    # A graceful stop: the delivery under way is marked, so a restart does not send it again;
+    # a row that was not started waits for the next start.
+    (first,) = await harness.add_ready_job("under-way", [NotifyConfig(name="rec", kind="file")])
+    target = Recording()
+    drained = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        sender = await start(tg, harness, {"rec": target})
+        with anyio.fail_after(10):
+            await target.holding.wait()
+
+        async def drain() -> None:
+            await sender.drain()
+            drained.set()
+
+        tg.start_soon(drain)
+        (second,) = await harness.add_ready_job(
+            "after-stop", [NotifyConfig(name="rec", kind="file")]
+        )
+        sender.wake()
+        await anyio.wait_all_tasks_blocked()
+        assert not drained.is_set()
+        target.release.set()
+        assert await harness.next_mark() == ("delivered", first)
+        with anyio.fail_after(10):
+            await drained.wait()
+        await anyio.wait_all_tasks_blocked()
+        tg.cancel_scope.cancel()
+    assert target.delivered == [first]
+    assert [r.id for r in await harness.store.due_outbox(harness.clock() + 1e9)] == [second]

@@ -108,6 +108,8 @@ class OutboxSender:
         self._max_concurrency = max_concurrency
         self._idle_poll_s = idle_poll_s
         self._claim_renew_s = claim_renew_s
+        self._draining = False
+        self._delivery_ended = anyio.Event()
         self._in_flight: set[int] = set()
         self._ended_during_scan: set[int] | None = None
         self._wake = anyio.Event()
@@ -118,6 +120,20 @@ class OutboxSender:
     def wake(self) -> None:
         """Look for due rows now: new rows were committed, or a test moved its clock."""
         self._wake.set()
+
+    async def drain(self) -> None:
+        """Start no new delivery, and return once those under way are settled (graceful stop).
+
+        A delivery cut off by the shutdown may already have reached its target without being
+        marked, and would be sent again after the restart: the shutdown lets it finish instead.
+        """
+        self._draining = True
+        self.wake()
+        if self._in_flight:
+            log.info("outbox_draining", in_flight=len(self._in_flight))
+        while self._in_flight:
+            self._delivery_ended = anyio.Event()
+            await self._delivery_ended.wait()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Deliver due rows until cancelled; started means the first scan is under way."""
@@ -161,6 +177,8 @@ class OutboxSender:
     async def _start_due(self, tg: TaskGroup) -> float:
         """Start deliveries for due rows; return how long to wait before looking again."""
         free = self._max_concurrency - len(self._in_flight)
+        if self._draining:
+            return math.inf  # rows not started yet wait for the next start
         if free <= 0:
             return math.inf  # a finishing delivery wakes the loop
         now = self._clock()
@@ -194,6 +212,7 @@ class OutboxSender:
             self._in_flight.discard(row.id)
             if self._ended_during_scan is not None:
                 self._ended_during_scan.add(row.id)
+            self._delivery_ended.set()
             self.wake()
 
     async def _attempt(self, row: OutboxMessage) -> None:
