@@ -33,11 +33,11 @@ from service.eventloop import loop_options
 from service.intake import decide, route_context
 from service.jobs.cache import render_key
 from service.jobs.prepare import coalesce_key_for, export_request
-from service.log import configure_logging, register_secrets
+from service.log import configure_logging, printable_url, register_secrets
 from service.mapping.render import MappingError
 from service.mapping.routes import CompiledRoute, export_name
 from service.model import RawEvent, job_id_for
-from service.outlook import EventFacts, printable_url, store_outlook
+from service.outlook import EventFacts, store_outlook
 
 out = Console(highlight=False, soft_wrap=True, markup=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)

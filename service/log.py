@@ -13,6 +13,7 @@ import re
 import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any, TextIO
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 import orjson
 import structlog
@@ -57,6 +58,37 @@ def _mask(value: Any) -> Any:  # noqa: ANN401 - log values are of any type
 def masked(value: Any) -> Any:  # noqa: ANN401 - any JSON-like value
     """A copy with secret-named keys and known secret values masked, as the logs show it."""
     return _mask(value)
+
+
+_SECRET_PARAM = re.compile(r"(secret|token|passw|pwd|key|sig|auth|credential|hmac)", re.IGNORECASE)
+"""Query parameter names whose value is masked: broader than log keys, as URLs are few."""
+
+
+def printable_url(url: str) -> str:
+    """`url` as the service prints it (start-up summary, `preview`): never a password or token.
+
+    The whole user information goes, the user name too: a lone name cannot be told from a
+    token (`https://TOKEN@host`), and the host, port and path already say which store or API
+    is meant. A query parameter whose name says secret (libpq's `password`, `api_key`, ...)
+    keeps its name with the value masked; the fragment is dropped. A URL that does not parse
+    is not printed at all.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return REDACTED
+    netloc = parts.netloc.rpartition("@")[2]
+    query = "&".join(_printable_param(param) for param in parts.query.split("&"))
+    if (netloc, query, parts.fragment) == (parts.netloc, parts.query, ""):
+        return url  # nothing to hide: printed exactly as configured
+    return urlunsplit(parts._replace(netloc=netloc, query=query, fragment=""))
+
+
+def _printable_param(param: str) -> str:
+    name, equals, _ = param.partition("=")
+    if equals and _SECRET_PARAM.search(unquote_plus(name)):
+        return f"{name}={REDACTED}"
+    return param
 
 
 def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:  # noqa: ANN401 - structlog processor signature

@@ -170,12 +170,3 @@ async def store_outlook(
         return [str(exc), *lines_without_store(facts, limits, now)]
     finally:
         await probe.aclose()
-
-
-def printable_url(url: str) -> str:
-    """A store URL without its password, for printing."""
-    head, at, host = url.rpartition("@")
-    if not at:
-        return url
-    scheme, _, user = head.partition("://")
-    return f"{scheme}://{user.split(':')[0]}@{host}"

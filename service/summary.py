@@ -4,26 +4,16 @@ The structured start-up events (`store.opened`, `http.listening`, `service.ready
 for machines and stay as they are; a person starting `scripts/serve` wants one sentence that
 answers "where do I send events, what happens to them, does it cost money, where is my data".
 Pure: it only reads the configuration, so every case is a unit test. It never prints a
-credential: URLs are shown without their user and password, and no key is read.
+credential: URLs are shown as `printable_url` has them, and no key is read.
 """
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 from service.config import Config, MqttConfig, SourceConfig
+from service.log import printable_url
 from service.store.factory import sqlite_path
 
 SQLITE_PREFIX = "sqlite:///"
-
-
-def _without_credentials(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return parts._replace(netloc=netloc).geturl()
 
 
 def _intake(source: SourceConfig, mqtt: MqttConfig | None) -> str:
@@ -41,7 +31,7 @@ def _state(cfg: Config) -> str:
         db = sqlite_path(url)
         shown = db.name if db.parent.resolve() == state_dir else str(db)
         return f"state in {state_dir} (SQLite {shown})"
-    return f"state in {state_dir} (store {_without_credentials(url)})"
+    return f"state in {state_dir} (store {printable_url(url)})"
 
 
 def startup_summary(cfg: Config, *, http_url: str, api_url: str, simulator: bool) -> str:
@@ -56,7 +46,7 @@ def startup_summary(cfg: Config, *, http_url: str, api_url: str, simulator: bool
     if simulator:
         renders = f"renders on the built-in AI Studios simulator at {api_url} (nothing is billed)"
     else:
-        renders = f"renders on AI Studios at {_without_credentials(api_url)} (exports are billed)"
+        renders = f"renders on AI Studios at {printable_url(api_url)} (exports are billed)"
     return (
         f"studiohook is ready: listening on {http_url}; "
         f"sources: {sources or 'none'}; {renders}; {_state(cfg)}"

@@ -12,6 +12,7 @@ import pytest
 from psycopg import sql
 
 from service.jobs.budget import day_name
+from tests.support.mqtt_fixtures import free_port
 from tests.support.service_fixtures import make_config, running_service, unique_prefix
 from tests.test_e2e_service import SHOPIFY_BODY, job_of, wait_until_state
 
@@ -146,3 +147,25 @@ async def test_preview_reads_the_guard_rails_from_postgresql_and_writes_nothing(
 
         assert await anyio.to_thread.run_sync(database_rows, postgres_url) == before
         assert svc.simulator.export_count == 1
+
+
+async def test_preview_names_the_store_without_its_user_or_password(tmp_path):
+    # Nothing listens on the port: the header is printed before the store is read.
+    port = free_port()
+    url = f"postgresql://app:pg-s3cret@127.0.0.1:{port}/hooks?connect_timeout=2&password=pg-s3cret"
+    extra = f'[store]\nurl = "{url}"\n'
+    cfg = make_config(tmp_path, broker_port=free_port(), prefix=unique_prefix(), extra=extra)
+    command = [sys.executable, "-m", "service", "preview", "--config", str(cfg.path)]
+    command += [
+        "--route",
+        "new-product",
+        "--event",
+        str(event_file(tmp_path, "pv-u", SHOPIFY_BODY)),
+    ]
+    result = await anyio.run_process(command, check=False)
+    output = (result.stdout + result.stderr).decode()
+    assert result.returncode == 0, output
+    printed = f"postgresql://127.0.0.1:{port}/hooks?connect_timeout=2&password=***"
+    assert f"# guard rails right now ({printed}, read-only)" in output.splitlines()
+    assert "pg-s3cret" not in output
+    assert "app@" not in output

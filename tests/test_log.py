@@ -1,9 +1,10 @@
 import io
 
 import orjson
+import pytest
 import structlog
 
-from service.log import REDACTED, configure_logging, register_secrets
+from service.log import REDACTED, configure_logging, printable_url, register_secrets
 
 CANARY = "canary-7f3a9c1e-secret"
 
@@ -57,3 +58,32 @@ def test_bound_context_is_on_every_line():
         ("one", "job_1", "evt_1"),
         ("two", "job_1", "evt_1"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("url", "printed"),
+    [
+        ("sqlite:////var/lib/studiohook.db", "sqlite:////var/lib/studiohook.db"),
+        ("sqlite:///state/studiohook.db", "sqlite:///state/studiohook.db"),
+        (
+            "postgresql://db:5432/hooks?sslmode=require",
+            "postgresql://db:5432/hooks?sslmode=require",
+        ),
+        ("postgresql://app:s3cret@db/hooks", "postgresql://db/hooks"),
+        ("postgresql://app:s3@cr3t@db/hooks", "postgresql://db/hooks"),  # an unescaped @
+        ("postgresql://app@[::1]:5432/hooks", "postgresql://[::1]:5432/hooks"),
+        ("https://tok3n@api.example.com/v3", "https://api.example.com/v3"),  # a bare token
+        (
+            "postgresql://db/hooks?sslmode=require&password=s3cret",
+            f"postgresql://db/hooks?sslmode=require&password={REDACTED}",
+        ),
+        (
+            "https://api.example.com/x?api_key=s3cret",
+            f"https://api.example.com/x?api_key={REDACTED}",
+        ),
+        ("https://api.example.com/x#access_token=s3cret", "https://api.example.com/x"),
+        ("http://[::1:s3cret@host", REDACTED),  # does not parse: nothing of it is printed
+    ],
+)
+def test_a_printable_url_keeps_where_and_drops_every_credential(url, printed):
+    assert printable_url(url) == printed

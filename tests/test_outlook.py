@@ -17,7 +17,6 @@ from service.outlook import (
     cache_line,
     caps_line,
     coalesce_line,
-    printable_url,
     store_outlook,
 )
 from service.store.base import Store
@@ -107,13 +106,6 @@ def _periods(caps: tuple[SpendCap, ...]) -> tuple[str, str]:
     route = next(cap.period for cap in caps if cap.route is not None)
     day = next(cap.period for cap in caps if cap.route is None)
     return day, route
-
-
-def test_a_printed_store_url_never_carries_the_password():
-    assert (
-        printable_url("postgresql://app:s3cret@db/studiohook") == "postgresql://app@db/studiohook"
-    )
-    assert printable_url("sqlite:////var/lib/studiohook.db") == "sqlite:////var/lib/studiohook.db"
 
 
 # --- the store, read-only, on each engine ---------------------------------------------------

@@ -103,6 +103,18 @@ def test_on_the_real_api_the_summary_says_it_bills_and_prints_no_credential(tmp_
         assert secret not in line
 
 
+def test_a_shared_store_is_named_without_its_user_or_password(tmp_path):
+    url = "postgresql://app:pg-s3cret@db.internal:5432/hooks?sslmode=require&password=pg-s3cret"
+    cfg = write_config(tmp_path, store=f'[store]\nurl = "{url}"')
+    line = startup_summary(
+        cfg, http_url="http://127.0.0.1:8080", api_url="http://127.0.0.1:4242", simulator=True
+    )
+    printed = "postgresql://db.internal:5432/hooks?sslmode=require&password=***"
+    assert f"(store {printed})" in line
+    assert "pg-s3cret" not in line
+    assert "app@" not in line
+
+
 @pytest.mark.anyio
 @pytest.mark.integration
 @pytest.mark.parametrize("log_format", ["console", "json"])
