@@ -189,7 +189,10 @@ async def _render(
 
 
 async def _preview_render(args: argparse.Namespace, cfg: Config) -> _Rendered:
-    """Render offline; a saved project is read (free) when credentials allow it."""
+    """Render locally: AI Studios is asked only for a saved project (a free read, with credentials).
+
+    `preview` is not offline: it also reads the store and may check a cached video's URL.
+    """
     saved = any(t.project_id for t in cfg.templates)
     if not saved or cfg.aistudios.uses_simulator:
         return await _render(args, cfg, None, None)
@@ -477,7 +480,8 @@ EPILOG = """\
 first steps:
   studiohook check         validate config.toml: sources, templates, routes
   studiohook preview --route NAME --event FILE
-                           the export request an event would produce, offline
+                           the export request an event would produce and what
+                           the guard rails would do; nothing billed or written
   studiohook serve         run the daemon
 
 README.md describes config.toml, the HTTP API and the events studiohook sends."""
@@ -509,7 +513,14 @@ def build_parser() -> argparse.ArgumentParser:
     command("serve", "run the daemon")
     command("check", "validate config, templates, selectors and expressions")
     for name, help_text in (
-        ("preview", "show the export body an event would produce, offline"),
+        (
+            "preview",
+            (
+                "show the export request an event would produce and what the guard rails would do"
+                " with it (reads the store, may check a cached video's URL; bills and writes"
+                " nothing)"
+            ),
+        ),
         ("submit", "run one export from the command line"),
     ):
         p = command(name, help_text)

@@ -42,6 +42,11 @@ def test_help_says_what_studiohook_does_and_where_to_start():
     epilog = result.stdout.split("first steps:")[1]
     assert "studiohook check" in epilog
     assert "studiohook preview --route NAME --event FILE" in epilog
+    # preview reads the store and may ask AI Studios or a video host: it is not "offline".
+    assert "offline" not in result.stdout
+    assert "nothing billed or written" in epilog
+    words = " ".join(result.stdout.split())  # however argparse wraps the command list
+    assert "(reads the store, may check a cached video's URL; bills and writes nothing)" in words
     assert "README.md" in epilog
     assert max(len(line) for line in result.stdout.splitlines()) <= 80
 
@@ -99,7 +104,7 @@ coalesce_seconds = 60
     assert "problem(s)" in err
 
 
-def test_preview_prints_the_export_body_and_a_diff_offline():
+def test_preview_prints_the_export_body_and_a_diff_where_no_service_has_run():
     result = studiohook(
         "preview", "--route", "new-product", "--event", "examples/shopify-product-create.json"
     )
