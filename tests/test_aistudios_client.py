@@ -16,10 +16,10 @@ from service.aistudios.simulator import TOKEN_PATH, SimulatorKnobs
 from tests.support.aistudios_fixtures import (
     client_for,
     running_simulator,
-    tiny_server,
     v3_body,
 )
-from tests.support.store_fixtures import FakeClock
+from tests.support.fakes import FakeClock
+from tests.support.loopback import tiny_server
 
 pytestmark = pytest.mark.anyio
 

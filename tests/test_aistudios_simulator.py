@@ -11,8 +11,9 @@ import pytest
 from aiohttp import web
 
 from service.aistudios.simulator import Simulator, SimulatorKnobs, run_simulator
-from tests.support.aistudios_fixtures import running_simulator, tiny_server, v3_body
-from tests.support.store_fixtures import FakeClock
+from tests.support.aistudios_fixtures import running_simulator, v3_body
+from tests.support.fakes import FakeClock
+from tests.support.loopback import tiny_server
 
 pytestmark = pytest.mark.anyio
 

@@ -18,8 +18,9 @@ from service.aistudios.simulator_v3 import (
     sample_server_template,
     save_v3_project,
 )
-from tests.support.aistudios_fixtures import running_simulator, tiny_server
-from tests.support.store_fixtures import FakeClock
+from tests.support.aistudios_fixtures import running_simulator
+from tests.support.fakes import FakeClock
+from tests.support.loopback import tiny_server
 
 pytestmark = pytest.mark.anyio
 

@@ -1,16 +1,14 @@
 """The command line through its real entry point (`python -m service`), as a user runs it."""
 
 import importlib.metadata
-import os
 import re
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from service.model import job_id_for
+from tests.support.cli_runner import run_studiohook
 from tests.support.mqtt_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,17 +16,7 @@ pytestmark = pytest.mark.integration
 
 
 def studiohook(*args, cwd=ROOT, timeout=60):
-    env = {**os.environ, "STUDIOHOOK_STATE_DIR": str(cwd / "state-cli-test")}
-    env.pop("AISTUDIOS_API_KEY", None)
-    return subprocess.run(
-        [sys.executable, "-m", "service", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_studiohook(*args, cwd=cwd, state_dir=cwd / "state-cli-test", timeout=timeout)
 
 
 def test_help_says_what_studiohook_does_and_where_to_start():

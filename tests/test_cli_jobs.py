@@ -1,17 +1,15 @@
 """`studiohook jobs` in a terminal: short ids, columns by priority, and the admin API behind it."""
 
 import io
-import os
-import sys
 from dataclasses import replace
 
 import aiohttp
-import anyio
 import orjson
 import pytest
 from rich.console import Console
 
 from service.cli_tables import columns_that_fit, jobs_table, short_job_ids
+from tests.support.cli_runner import jobs_cli
 from tests.support.service_fixtures import (
     EXAMPLES,
     eventually,
@@ -131,23 +129,7 @@ def test_a_wide_terminal_shows_the_project_and_wide_mode_whole_ids():
 
 
 async def cli(cfg, svc, *args, columns=80):
-    env = {**os.environ, "COLUMNS": str(columns)}
-    result = await anyio.run_process(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "jobs",
-            *args,
-            "--config",
-            str(cfg.path),
-            "--url",
-            svc.http_url,
-        ],
-        check=False,
-        env=env,
-    )
-    return result.returncode, result.stdout.decode(), result.stderr.decode()
+    return await jobs_cli(cfg.path, svc.http_url, *args, columns=columns)
 
 
 @pytest.mark.anyio

@@ -1,8 +1,5 @@
 """`check` and `reload` for saved projects and server-side templates, through the real CLI."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
@@ -14,6 +11,7 @@ from service.aistudios.simulator_v3 import (
     SAMPLE_TEMPLATE_ID,
     sample_saved_project,
 )
+from tests.support.cli_runner import run_studiohook
 from tests.support.mqtt_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,17 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 def studiohook(*args, cwd: Path, timeout=60):
-    env = {**os.environ, "STUDIOHOOK_STATE_DIR": str(cwd / "state")}
-    env.pop("AISTUDIOS_API_KEY", None)
-    return subprocess.run(
-        [sys.executable, "-m", "service", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_studiohook(*args, cwd=cwd, state_dir=cwd / "state", timeout=timeout)
 
 
 def config(api: str) -> str:

@@ -10,6 +10,7 @@ import pytest
 
 from service.aistudios.simulator import SimulatorKnobs
 from service.model import JobState
+from tests.support.cli_runner import jobs_cli
 from tests.support.metrics_text import without_instance_id
 from tests.support.mqtt_fixtures import free_port
 from tests.support.service_fixtures import (
@@ -277,7 +278,6 @@ async def test_route_with_download_keeps_an_atomic_local_copy_and_announces_it(
 
 
 async def test_jobs_commands_list_show_and_retry_through_the_admin_api(tmp_path, mqtt_broker):
-    import sys  # noqa: PLC0415
 
     cfg = make_config(
         tmp_path, broker_port=mqtt_broker.port, prefix=unique_prefix(), admin_token="t0k"
@@ -288,35 +288,21 @@ async def test_jobs_commands_list_show_and_retry_through_the_admin_api(tmp_path,
 
         await wait_until_state(svc, job_id, "rejected")
 
-        async def cli(*args):
-            return await anyio.run_process(
-                [
-                    sys.executable,
-                    "-m",
-                    "service",
-                    "jobs",
-                    *args,
-                    "--config",
-                    str(cfg.path),
-                    "--url",
-                    svc.http_url,
-                ],
-                check=False,
-            )
-
-        listing = await cli("--status", "rejected", "--wide")
-        assert listing.returncode == 0, listing.stderr
-        assert job_id in listing.stdout.decode()
-        shown = await cli("show", job_id)
-        assert shown.returncode == 0
-        assert "mapping_error" in shown.stdout.decode()
-        assert "history" in shown.stdout.decode()
-        retried = await cli("retry", job_id)
-        assert retried.returncode == 0, retried.stderr
-        assert f"{job_id}: received" in retried.stdout.decode()
-        missing = await cli("show", "job_missing")
-        assert missing.returncode == 1
-        assert "no job job_missing" in missing.stderr.decode()
+        code, listing, stderr = await jobs_cli(
+            cfg.path, svc.http_url, "--status", "rejected", "--wide"
+        )
+        assert code == 0, stderr
+        assert job_id in listing
+        code, shown, _ = await jobs_cli(cfg.path, svc.http_url, "show", job_id)
+        assert code == 0
+        assert "mapping_error" in shown
+        assert "history" in shown
+        code, retried, stderr = await jobs_cli(cfg.path, svc.http_url, "retry", job_id)
+        assert code == 0, stderr
+        assert f"{job_id}: received" in retried
+        code, _, stderr = await jobs_cli(cfg.path, svc.http_url, "show", "job_missing")
+        assert code == 1
+        assert "no job job_missing" in stderr
 
 
 async def test_with_no_notify_target_a_ready_job_is_done(tmp_path, mqtt_broker):

@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import orjson
-import psycopg
 import pytest
 
 from service.jobs.states import IN_FLIGHT
@@ -35,6 +34,7 @@ from tests.support.daemon_fixtures import (
     Daemon,
     SimulatorProcess,
     device_job_id,
+    inbox_keys,
     post_delivery,
     ready_rounds,
     shop_job_id,
@@ -118,15 +118,6 @@ def wait_elected(cluster: Cluster, *, besides: set[str], what: str) -> str:
 
     wait_until(elected, what=what, timeout_s=LEASE_S + 5)
     return found[0]
-
-
-def inbox_count(database_url: str, source: str) -> dict[str, int]:
-    with psycopg.connect(database_url) as conn:
-        rows = conn.execute(
-            "SELECT dedupe_key, COUNT(*) FROM events WHERE source = %s GROUP BY dedupe_key",
-            (source,),
-        ).fetchall()
-    return {str(key): int(n) for key, n in rows}
 
 
 def test_three_instances_lose_nothing_and_pay_once_through_a_kill_9_and_a_restart(
@@ -249,7 +240,7 @@ def test_three_instances_lose_nothing_and_pay_once_through_a_kill_9_and_a_restar
         explain=lambda: str(sorted({s for s, _ in jobs_by(postgres_url).values()})),
     )
     assert set(jobs_by(postgres_url)) == set(jobs)
-    assert inbox_count(postgres_url, DEVICE_SOURCE) == {f"j:{m}": 1 for m in messages}
+    assert inbox_keys(postgres_url, DEVICE_SOURCE) == {f"j:{m}": 1 for m in messages}
     assert simulator.exports_per_job(jobs) == dict.fromkeys(jobs, 1)
 
     announcers: dict[tuple[str, str], list[str]] = {}

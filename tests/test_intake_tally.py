@@ -5,14 +5,7 @@ from __future__ import annotations
 from structlog.testing import capture_logs
 
 from service.intake import SUMMARY_EVERY_S, IntakeTally
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.fakes import FakeClock
 
 
 def test_one_summary_per_interval_with_the_counts_of_that_interval() -> None:

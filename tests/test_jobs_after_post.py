@@ -16,6 +16,7 @@ from service.jobs.after_post import (
     outcome_of,
 )
 from service.jobs.ports import ApiError, NothingCreatedError, OutcomeUnknownError, RefusedError
+from tests.support.fakes import Pinned
 
 NOW = 5000.0
 OK = Created("p1")
@@ -23,16 +24,6 @@ THROTTLED = NothingCreated("retryable", "429 too many requests", retry_after_s=7
 DOWN = NothingCreated("retryable", "connection refused")
 LOST = Unknown("response lost")
 REFUSED = Refused("permanent", "bad template")
-
-
-class Pinned:
-    """A random source that always draws the same number."""
-
-    def __init__(self, value: float) -> None:
-        self.value = value
-
-    def random(self) -> float:
-        return self.value
 
 
 def draft(outcome, attempts=0, max_retries=5, rng=None):

@@ -12,7 +12,8 @@ from service.jobs.ownership import PAY_WITHIN_LEASE, OwnedJobs, claim_is_fresh
 from service.jobs.ratelimit import RenderSlots
 from service.model import JobState
 from service.store.sqlite import SQLiteStore
-from tests.support.store_fixtures import FakeClock, sample_event, sample_job
+from tests.support.fakes import FakeClock
+from tests.support.store_fixtures import sample_event, sample_job
 
 pytestmark = pytest.mark.anyio
 

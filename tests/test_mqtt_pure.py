@@ -10,6 +10,7 @@ from service.ingress.mqtt import (
     parse_payload,
     user_properties,
 )
+from tests.support.fakes import Pinned
 
 
 def test_sequencer_releases_in_arrival_order_when_commits_finish_out_of_order():
@@ -30,16 +31,6 @@ def test_sequencer_holds_everything_behind_an_uncommitted_head():
         assert seq.committed(ticket) == []
     assert len(seq) == 5
     assert seq.committed(tickets[0]) == [0, 1, 2, 3, 4]
-
-
-class Pinned:
-    """A random source that always draws the same fraction of the range."""
-
-    def __init__(self, fraction: float) -> None:
-        self.fraction = fraction
-
-    def random(self) -> float:
-        return self.fraction
 
 
 def test_backoff_grows_doubling_up_to_the_cap():

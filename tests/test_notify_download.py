@@ -14,6 +14,7 @@ from service.notify.download import (
     fetch_video,
     host_allowed,
 )
+from tests.support.loopback import serve_app
 
 pytestmark = pytest.mark.anyio
 
@@ -44,15 +45,8 @@ async def video_server():
     app.router.add_get("/sized.mp4", sized)
     app.router.add_get("/hop", hop)
     app.router.add_get("/missing.mp4", missing)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as url:
+        yield url
 
 
 async def fetch(url, dest, *, allowed=("127.0.0.1",), max_bytes=10 * 1024 * 1024):

@@ -16,8 +16,9 @@ from service.notify.sender import Notifier, OutboxSender, retry_delay_s
 from service.notify.webhook import WebhookNotifier, webhook_id
 from service.store.base import StoreUnavailableError
 from service.store.sqlite import SQLiteStore
+from tests.support.fakes import FakeClock
 from tests.support.notify_fixtures import ready_job
-from tests.support.store_fixtures import FakeClock, sample_event, sample_job
+from tests.support.store_fixtures import sample_event, sample_job
 
 pytestmark = pytest.mark.anyio
 

@@ -22,6 +22,7 @@ from service.outlook import (
 from service.store.base import Store
 from service.store.sqlite import SQLiteStore
 from tests.support.jobs_fixtures import outbox_for
+from tests.support.loopback import serve_app
 from tests.support.postgres_fixtures import database_url
 from tests.support.store_fixtures import START_TIME, StoreEngine, sample_event, sample_job
 
@@ -120,13 +121,8 @@ async def video_host() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get("/video.mp4", video)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with serve_app(app) as url:
+        yield url
 
 
 async def _received(store: Store, key: str) -> str:

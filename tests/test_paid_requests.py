@@ -5,7 +5,8 @@ from aiohttp import web
 
 from service.aistudios.client import AIStudiosClient
 from service.aistudios.paid_requests import TEMPLATE_MODIFY_API, paid_request
-from tests.support.aistudios_fixtures import tiny_server, v3_body
+from tests.support.aistudios_fixtures import v3_body
+from tests.support.loopback import tiny_server
 
 pytestmark = pytest.mark.anyio
 

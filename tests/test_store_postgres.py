@@ -3,16 +3,20 @@ database (each a PostgresStore of its own, with its own pool) that never both wi
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import anyio
 import psycopg
 import pytest
 
 from service.model import JobState, JobUpdate, NewOutboxMessage, SpendCap
-from service.store.base import FencedError, StoreUnavailableError
+from service.store.base import FencedError, Store, StoreUnavailableError
 from service.store.factory import store_from_url
 from service.store.postgres import PostgresStore, SchemaTooNewError
 from service.store.postgres_schema import MIGRATIONS, SCHEMA_VERSION, VERSION_TABLE
-from tests.support.store_fixtures import FakeClock, sample_event, sample_job
+from tests.support.fakes import FakeClock
+from tests.support.store_fixtures import sample_event, sample_job
 
 pytestmark = pytest.mark.anyio
 
@@ -190,14 +194,28 @@ async def failed_with_announcement(store, key):
     return job
 
 
+@asynccontextmanager
+async def claimants(
+    url: str, clock: FakeClock, lease_s: float
+) -> AsyncIterator[tuple[Store, Store]]:
+    """Instances `a` and `b` on one database, built as the app builds them."""
+    first = store_from_url(url, clock=clock, instance="a", lease_s=lease_s)
+    second = store_from_url(url, clock=clock, instance="b", lease_s=lease_s)
+    await first.open()
+    try:
+        await second.open()
+        try:
+            yield first, second
+        finally:
+            await second.close()
+    finally:
+        await first.close()
+
+
 async def test_one_announcement_is_sent_by_one_instance_until_its_claim_ends(
     postgres_url, store_clock
 ):
-    first = PostgresStore(postgres_url, clock=store_clock, outbox_claimant="a", outbox_lease_s=30)
-    second = PostgresStore(postgres_url, clock=store_clock, outbox_claimant="b", outbox_lease_s=30)
-    await first.open()
-    await second.open()
-    try:
+    async with claimants(postgres_url, store_clock, lease_s=30) as (first, second):
         job = await failed_with_announcement(first, "k1")
         now = store_clock()
         [mine] = await first.due_outbox(now)
@@ -214,19 +232,12 @@ async def test_one_announcement_is_sent_by_one_instance_until_its_claim_ends(
         await first.outbox_delivered(again.id)
         assert await second.due_outbox(now + 1000) == []
         assert await first.due_outbox(now + 1000) == []
-    finally:
-        await first.close()
-        await second.close()
 
 
 async def test_an_announcement_being_sent_stays_claimed_for_the_configured_lease_while_renewed(
     postgres_url, store_clock
 ):
-    first = store_from_url(postgres_url, clock=store_clock, instance="a", lease_s=6)
-    second = store_from_url(postgres_url, clock=store_clock, instance="b", lease_s=6)
-    await first.open()
-    await second.open()
-    try:
+    async with claimants(postgres_url, store_clock, lease_s=6) as (first, second):
         job = await failed_with_announcement(first, "k1")
         now = store_clock()
         [mine] = await first.due_outbox(now)
@@ -242,9 +253,6 @@ async def test_an_announcement_being_sent_stays_claimed_for_the_configured_lease
         await second.outbox_delivered(taken.id)
         await second.renew_outbox_claims({taken.id}, now + 17)  # finished rows stay finished
         assert await first.outbox_pending_for_job(job.job_id) == 0
-    finally:
-        await first.close()
-        await second.close()
 
 
 async def test_a_version_1_database_gains_the_guard_rails_and_keeps_its_jobs(postgres_url):

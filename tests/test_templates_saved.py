@@ -22,8 +22,8 @@ from service.template_refresh import (
     due_for_refresh,
     next_refresh_at,
 )
+from tests.support.fakes import FakeClock
 from tests.support.service_fixtures import eventually
-from tests.support.store_fixtures import FakeClock
 
 pytestmark = pytest.mark.anyio
 

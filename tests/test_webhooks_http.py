@@ -24,6 +24,7 @@ from service.ingress.signatures import sign_standard
 from service.ingress.webhooks import webhook_routes
 from service.model import Acceptance, EventStatus, RawEvent
 from service.store.base import StoreUnavailableError
+from tests.support.loopback import serve_app
 
 SHOP_SECRET = "shpss_3f9a0c77b1"
 STD_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -96,15 +97,8 @@ async def serving(
             clock=lambda: NOW,
         )
     )
-    runner = web.AppRunner(app, shutdown_timeout=1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield Server(f"http://127.0.0.1:{port}", port, intake)
-    finally:
-        await runner.cleanup()
+    async with serve_app(app, shutdown_timeout=1) as url:
+        yield Server(url, int(url.rpartition(":")[2]), intake)
 
 
 @pytest.fixture

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from service.aistudios.client import AIStudiosClient
 from service.aistudios.simulator import Simulator, SimulatorKnobs
@@ -57,23 +56,6 @@ def client_for(simulator: Simulator, **kwargs: Any) -> AIStudiosClient:
     return AIStudiosClient(
         base_url=simulator.base_url, legacy_base_url=simulator.base_url, **kwargs
     )
-
-
-@asynccontextmanager
-async def tiny_server(
-    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-) -> AsyncIterator[str]:
-    """An independent loopback server answering every path with `handler`; yields its URL."""
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
 
 from service.model import job_id_for
@@ -482,13 +483,15 @@ def read_only(db_path: Path) -> Iterator[sqlite3.Connection]:
         connection.close()
 
 
-def inbox_keys(db_path: Path, source: str) -> dict[str, int]:
-    """How many inbox rows each dedupe key of `source` has."""
-    with read_only(db_path) as db:
-        rows = db.execute(
-            "SELECT dedupe_key, COUNT(*) FROM events WHERE source = ? GROUP BY dedupe_key",
-            (source,),
-        ).fetchall()
+def inbox_keys(store: Path | str, source: str) -> dict[str, int]:
+    """How many inbox rows each dedupe key of `source` has, in a SQLite file or PostgreSQL URL."""
+    query = "SELECT dedupe_key, COUNT(*) FROM events WHERE source = {} GROUP BY dedupe_key"
+    if isinstance(store, str):
+        with psycopg.connect(store) as conn:
+            rows = conn.execute(query.format("%s"), (source,)).fetchall()
+    else:
+        with read_only(store) as db:
+            rows = db.execute(query.format("?"), (source,)).fetchall()
     return {str(key): int(count) for key, count in rows}
 
 

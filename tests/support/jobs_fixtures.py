@@ -25,7 +25,8 @@ from service.jobs.ratelimit import RequestGate
 from service.jobs.tracker import ReadyHook, ignore_ready
 from service.model import Job, JobState, JobUpdate, NewOutboxMessage
 from service.store.sqlite import SQLiteStore
-from tests.support.aistudios_fixtures import client_for, running_simulator, tiny_server, v3_body
+from tests.support.aistudios_fixtures import client_for, running_simulator, v3_body
+from tests.support.loopback import tiny_server
 from tests.support.store_fixtures import sample_event, sample_job
 
 TARGET = "test-target"

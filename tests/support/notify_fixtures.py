@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from service.model import Job, JobState
+from tests.support.loopback import serve_app
 
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"notify-test-secret-32-bytes-long").decode()
 
@@ -90,13 +91,6 @@ async def webhook_receiver() -> AsyncIterator[WebhookReceiver]:
 
     app = web.Application()
     app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    receiver.url = f"http://127.0.0.1:{port}/hook"
-    try:
+    async with serve_app(app) as url:
+        receiver.url = f"{url}/hook"
         yield receiver
-    finally:
-        await runner.cleanup()

@@ -19,6 +19,7 @@ from service.aistudios.simulator import SimulatorKnobs
 from service.app import Running, run_service
 from service.config import Config, load_config
 from service.ingress.signatures import sign_standard
+from tests.support.loopback import serve_app
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "templates" / "product-promo.json"
@@ -210,12 +211,5 @@ async def webhook_receiver() -> AsyncIterator[tuple[str, WebhookReceiver]]:
     receiver = WebhookReceiver()
     app = web.Application()
     app.router.add_post("/videos", receiver.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}/videos", receiver
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as url:
+        yield f"{url}/videos", receiver

@@ -17,23 +17,9 @@ from service.model import InboundEvent, JobState, NewJob, job_id_for
 from service.store.base import Store
 from service.store.postgres import PostgresStore
 from service.store.sqlite import SQLiteStore
+from tests.support.fakes import START_TIME, FakeClock
 
 ENGINES = ["sqlite", "postgresql"]
-
-START_TIME = 1_700_000_000.0
-
-
-class FakeClock:
-    """A clock that only moves when a test says so."""
-
-    def __init__(self, now: float = START_TIME) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @dataclass(frozen=True)
