@@ -49,7 +49,7 @@ from service.notify.probe import HttpProbe
 from service.notify.sender import Notifier, OutboxSender
 from service.store.base import StaleTransitionError, Store, StoreUnavailableError
 from service.store.factory import store_from_url
-from service.store.postgres import PostgresStore
+from service.store.postgres import OUTBOX_CLAIM_S, PostgresStore
 from service.summary import startup_summary
 from service.template_refresh import ReloadRequests, TemplateRefresher, reload_routes
 
@@ -130,9 +130,7 @@ async def run_service(
         )
     cfg.service.state_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics(cfg.service.instance_id)
-    store = store_from_url(
-        cfg.store.url, instance=cfg.service.instance_id, lease_s=cfg.service.lease_s
-    )
+    store = store_from_url(cfg.store.url, instance=cfg.service.instance_id)
     await store.open()
     try:
         async with AsyncExitStack() as stack:
@@ -279,7 +277,7 @@ class _Parts:
             clock=time.time,
             rng=random.Random(),  # noqa: S311 - retry jitter, not cryptography
             on_job_delivered=_mark_notified(store),
-            claim_renew_s=cfg.service.lease_s / 3,
+            claim_renew_s=OUTBOX_CLAIM_S / 3,
         )
         store.add_outbox_listener(sender.wake)
         intake = StoreIntake(

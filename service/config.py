@@ -47,10 +47,6 @@ class ConfigError(Exception):
         super().__init__("\n".join(str(p) for p in problems))
 
 
-DEFAULT_LEASE_S = 15.0
-"""`[service] lease_seconds` when unset; also what a store built without a configuration uses."""
-
-
 @dataclass(frozen=True, slots=True)
 class ServiceConfig:
     """Process-wide settings."""
@@ -62,7 +58,7 @@ class ServiceConfig:
     instance: str = ""
     """This process's owner id for job claims; empty means the host name. Instances sharing a
     PostgreSQL store must each have their own (a restart keeps it, to take its jobs back)."""
-    lease_s: float = DEFAULT_LEASE_S
+    lease_s: float = 15.0
     """How long a claim on a job lasts unless renewed (every third of it): the time after which
     another instance takes over the jobs of one that died."""
 

@@ -423,9 +423,9 @@ async def test_due_outbox_order_retry_dead_and_delivered(engine_store, store_clo
 async def test_the_sending_instance_keeps_its_announcements_across_scans_and_renewals(
     store_engine, store_clock
 ):
-    # Built as the app builds it: the instance id and the configured lease, on either engine.
+    # Built as the app builds it, with its instance id, on either engine.
     def instance() -> Store:
-        return store_from_url(store_engine.url, clock=store_clock, instance="a", lease_s=6)
+        return store_from_url(store_engine.url, clock=store_clock, instance="a")
 
     store = instance()
     await store.open()

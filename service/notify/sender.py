@@ -82,8 +82,8 @@ def retry_delay_s(failures: int, unit_random: float) -> float:
 class OutboxSender:
     """One loop for all targets, with bounded concurrency and no row in flight twice.
 
-    `claim_renew_s` (a third of the store's lease, as for job claims) is how often the claims
-    of the rows in flight are renewed; None leaves them to the scans.
+    `claim_renew_s` (a third of the store's outbox claim, as job leases are renewed) is how
+    often the claims of the rows in flight are renewed; None leaves them to the scans.
     """
 
     def __init__(

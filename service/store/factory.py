@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from service.config import DEFAULT_LEASE_S
 from service.store.base import Store
 from service.store.postgres import PostgresStore
 from service.store.sqlite import SQLiteStore
@@ -28,26 +27,16 @@ def sqlite_path(url: str) -> Path:
 
 
 def store_from_url(
-    url: str,
-    *,
-    clock: Callable[[], float] = time.time,
-    instance: str | None = None,
-    lease_s: float = DEFAULT_LEASE_S,
+    url: str, *, clock: Callable[[], float] = time.time, instance: str | None = None
 ) -> Store:
     """Build (not open) the store a URL names; unknown engines are ValueError.
 
     `postgresql://user:pass@host/db` (or `postgres://`) is the shared engine several instances
     can run on; the URL is handed to libpq as it is, so its query parameters (sslmode, ...) work.
-    `instance` (default: the host name) claims the announcements this process sends, for
-    `lease_s` (the `[service] lease_seconds` the job claims use) unless the sender renews it.
+    `instance` (default: the host name) claims the announcements this process sends.
     """
     if url.startswith(_SQLITE_PREFIX):
         return SQLiteStore(sqlite_path(url), clock=clock)
     if url.startswith(("postgresql://", "postgres://")):
-        return PostgresStore(
-            url,
-            clock=clock,
-            outbox_claimant=instance or socket.gethostname(),
-            outbox_lease_s=lease_s,
-        )
+        return PostgresStore(url, clock=clock, outbox_claimant=instance or socket.gethostname())
     raise ValueError(f"unsupported store URL {url!r}: use sqlite:///PATH or postgresql://")

@@ -65,6 +65,17 @@ _ATTEMPTS = 3
 """Tries of a transaction PostgreSQL aborted to break a deadlock or a serialisation conflict."""
 
 
+OUTBOX_CLAIM_S = 30.0
+"""How long an outbox scan claims its rows for its instance unless the sender renews them.
+
+Not the job lease (`[service] lease_seconds`, which may be 1 s): a job claim is fenced, so a
+lapse while its owner stalls costs nothing, but nothing fences an announcement, so a lapsed
+outbox claim is a second instance sending the same round. A long claim makes a stall of the
+sender harmless; a dead instance's announcements wait this long, and a restarted instance
+(same id) takes its own back at once.
+"""
+
+
 class SchemaTooNewError(StoreUnavailableError):
     """The database was migrated by a newer studiohook: running on it could corrupt it."""
 
@@ -73,8 +84,8 @@ class PostgresStore(OutboxListeners):
     """The Store protocol on a PostgreSQL database; see the module docstring.
 
     With `outbox_claimant` (the instance id; the app sets it), `due_outbox` claims the rows it
-    returns for `outbox_lease_s` (the configured job lease; the sender renews the claims of the
-    rows it is sending), so instances sharing the database do not both send them.
+    returns for `outbox_lease_s` (renewed by the sender while it sends them), so instances
+    sharing the database do not both send them.
     """
 
     def __init__(
@@ -86,7 +97,7 @@ class PostgresStore(OutboxListeners):
         max_connections: int = 10,
         connect_timeout_s: float = 10.0,
         outbox_claimant: str | None = None,
-        outbox_lease_s: float = 30.0,
+        outbox_lease_s: float = OUTBOX_CLAIM_S,
     ) -> None:
         super().__init__()
         self._url = url
