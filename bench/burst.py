@@ -11,6 +11,7 @@
 
 Renders last R +- 20 % (the simulator's `render_jitter`), so "the slowest render" is a real
 figure: the target is a makespan within 1.15 x the slowest render. The simulator runs in its own process so its CPU is not the daemon's.
+Both sides run on the daemon's event loop (uvloop where installed, as `studiohook serve`).
 
 Then the same burst once more, on a fresh store, while the simulator answers 429 with a
 Retry-After of 1 s to the next 5 requests, twice (at the start and 0.75 R later; a window a 429 answered inside another extends it). From the
@@ -54,6 +55,7 @@ from _shared import (
 from service.aistudios.client import AIStudiosClient
 from service.aistudios.simulator import SimulatorKnobs
 from service.config import Config
+from service.eventloop import loop_options
 from service.intake import StoreIntake
 from service.jobs.ratelimit import RequestGate
 from service.model import Job, JobState
@@ -412,7 +414,11 @@ def main() -> None:
     """`python bench/burst.py [--quick]`."""
     args = parse_args(__doc__.splitlines()[0] if __doc__ else "burst bench")
     count, concurrency, render_s = QUICK if args.quick else FULL
-    emit_result("burst", anyio.run(run, count, concurrency, render_s))
+    options, _ = loop_options(prefer_uvloop=True)
+    emit_result(
+        "burst",
+        anyio.run(run, count, concurrency, render_s, backend="asyncio", backend_options=options),
+    )
 
 
 if __name__ == "__main__":
