@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import sqlite3
 import uuid
@@ -20,7 +21,8 @@ from paho.mqtt.properties import Properties
 from structlog.testing import capture_logs
 
 from service.config import MqttConfig, SourceConfig
-from service.ingress.mqtt import MqttIngress
+from service.ingress.mqtt import MqttIngress, arrived_queue
+from service.ingress.mqtt_reads import ReadAhead, read_ahead
 from service.model import Acceptance, EventStatus, RawEvent
 from service.store.base import StoreUnavailableError
 from tests.support.mqtt_fixtures import BrokerAddress, PrivateBroker
@@ -377,3 +379,49 @@ async def test_aiomqtt_internals_for_manual_ack_still_exist_and_unacked_is_redel
         last = await receive_one()
         assert last.payload == b"last"  # "once" was acked: it is not redelivered first
         listener._client.ack(last.mid, last.qos)
+
+
+async def test_a_burst_read_ahead_arrives_whole_and_in_order_through_aiomqtts_queue(mqtt_broker):
+    """Fails loudly if aiomqtt drops its message queue or paho its socket attribute.
+
+    And read-ahead loses or reorders nothing: 300 messages queued for the session while it
+    was away arrive at once, in publishing order.
+    """
+    topic = f"studiohook-test/{uuid.uuid4().hex[:10]}/burst"
+    client_id = f"studiohook-test-{uuid.uuid4().hex[:10]}"
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = 60
+    properties.ReceiveMaximum = 1000
+
+    def client() -> aiomqtt.Client:
+        made = aiomqtt.Client(
+            mqtt_broker.host,
+            mqtt_broker.port,
+            identifier=client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=properties,
+        )
+        made._client.manual_ack_set(on=True)
+        return made
+
+    async with client() as listener:
+        await listener.subscribe(topic, qos=1)
+    async with aiomqtt.Client(mqtt_broker.host, mqtt_broker.port) as publisher:
+        for i in range(300):
+            await publisher.publish(topic, f"m{i:03d}".encode() * 40, qos=1)
+    received: list[bytes] = []
+    async with client() as listener:
+        assert listener._client._sock is not None, "paho no longer keeps its socket as _sock"
+        read_ahead(listener)
+        assert isinstance(listener._client._sock, ReadAhead)
+        queued = arrived_queue(listener)
+        assert isinstance(queued, asyncio.Queue)
+        with anyio.fail_after(WAIT_S):
+            async for message in listener.messages:
+                received.append(message.payload)  # type: ignore[arg-type]
+                while not queued.empty():
+                    received.append(queued.get_nowait().payload)  # type: ignore[arg-type]
+                if len(received) >= 300:
+                    break
+    assert received == [f"m{i:03d}".encode() * 40 for i in range(300)]

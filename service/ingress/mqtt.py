@@ -31,6 +31,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from service.backoff import backoff_delay
 from service.ingress.base import started_once
+from service.ingress.mqtt_reads import read_ahead
 from service.log import get_logger
 from service.model import RawEvent
 from service.mqtt_futures import settle_outcomes
@@ -437,6 +438,7 @@ async def _connected(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Client]:
         settle_outcomes(client)
         raise
     try:
+        read_ahead(client)
         yield client
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(_DISCONNECT_GRACE_S):
