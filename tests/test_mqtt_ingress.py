@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 
 from service.config import MqttConfig, SourceConfig
 from service.ingress.mqtt import MqttIngress, arrived_queue
-from service.ingress.mqtt_reads import ReadAhead, read_ahead
+from service.ingress.mqtt_socket import ReadAhead, read_ahead, register_writes_in_step
 from service.model import Acceptance, EventStatus, RawEvent
 from service.store.base import StoreUnavailableError
 from tests.support.mqtt_fixtures import BrokerAddress, PrivateBroker
@@ -381,11 +381,14 @@ async def test_aiomqtt_internals_for_manual_ack_still_exist_and_unacked_is_redel
         listener._client.ack(last.mid, last.qos)
 
 
-async def test_a_burst_read_ahead_arrives_whole_and_in_order_through_aiomqtts_queue(mqtt_broker):
-    """Fails loudly if aiomqtt drops its message queue or paho its socket attribute.
+async def test_a_burst_read_ahead_arrives_whole_in_order_and_acks_written_in_step_reach_it(
+    mqtt_broker,
+):
+    """Fails loudly if aiomqtt drops its message queue, or paho its socket attribute.
 
-    And read-ahead loses or reorders nothing: 300 messages queued for the session while it
-    was away arrive at once, in publishing order.
+    Read-ahead loses or reorders nothing: 300 messages queued for the session while it was
+    away arrive at once, in publishing order; the PUBACKs, written through the writer that
+    `register_writes_in_step` registers, reach the broker: none is handed over again.
     """
     topic = f"studiohook-test/{uuid.uuid4().hex[:10]}/burst"
     client_id = f"studiohook-test-{uuid.uuid4().hex[:10]}"
@@ -405,23 +408,36 @@ async def test_a_burst_read_ahead_arrives_whole_and_in_order_through_aiomqtts_qu
         made._client.manual_ack_set(on=True)
         return made
 
+    async def publish(*bodies: bytes) -> None:
+        async with aiomqtt.Client(mqtt_broker.host, mqtt_broker.port) as publisher:
+            for body in bodies:
+                await publisher.publish(topic, body, qos=1)
+
     async with client() as listener:
         await listener.subscribe(topic, qos=1)
-    async with aiomqtt.Client(mqtt_broker.host, mqtt_broker.port) as publisher:
-        for i in range(300):
-            await publisher.publish(topic, f"m{i:03d}".encode() * 40, qos=1)
-    received: list[bytes] = []
+    await publish(*(f"m{i:03d}".encode() * 40 for i in range(300)))
+    received: list[aiomqtt.Message] = []
     async with client() as listener:
         assert listener._client._sock is not None, "paho no longer keeps its socket as _sock"
+        register_writes_in_step(listener)
         read_ahead(listener)
         assert isinstance(listener._client._sock, ReadAhead)
         queued = arrived_queue(listener)
         assert isinstance(queued, asyncio.Queue)
         with anyio.fail_after(WAIT_S):
             async for message in listener.messages:
-                received.append(message.payload)  # type: ignore[arg-type]
+                received.append(message)
                 while not queued.empty():
-                    received.append(queued.get_nowait().payload)  # type: ignore[arg-type]
+                    received.append(queued.get_nowait())
                 if len(received) >= 300:
                     break
-    assert received == [f"m{i:03d}".encode() * 40 for i in range(300)]
+        for message in received:
+            assert listener._client.ack(message.mid, message.qos) == paho.MQTT_ERR_SUCCESS
+    assert [m.payload for m in received] == [f"m{i:03d}".encode() * 40 for i in range(300)]
+    await publish(b"sentinel")
+    async with client() as listener:
+        with anyio.fail_after(WAIT_S):
+            async for message in listener.messages:
+                assert message.payload == b"sentinel"  # nothing of the burst came back first
+                listener._client.ack(message.mid, message.qos)
+                break

@@ -31,7 +31,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from service.backoff import backoff_delay
 from service.ingress.base import started_once
-from service.ingress.mqtt_reads import read_ahead
+from service.ingress.mqtt_socket import read_ahead, register_writes_in_step
 from service.log import get_logger
 from service.model import RawEvent
 from service.mqtt_futures import settle_outcomes
@@ -438,6 +438,7 @@ async def _connected(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Client]:
         settle_outcomes(client)
         raise
     try:
+        register_writes_in_step(client)
         read_ahead(client)
         yield client
     finally:

@@ -1,4 +1,4 @@
-"""Read-ahead under paho's socket reads: many MQTT packets per wake-up instead of one.
+"""Under paho's socket: many MQTT packets read per wake-up, writes registered in step.
 
 paho reads each packet with three `recv` calls (type byte, length, rest) and its `loop_read`
 handles one packet per readable event, so a burst costs three system calls and one pass of
@@ -7,14 +7,24 @@ serves paho's small reads from it; its `pending()` makes aiomqtt's reader call `
 again while read-ahead bytes remain (the same hook it uses for TLS sockets), so every packet
 already received is handled in the same wake-up. Nothing else of the socket changes: sends,
 `fileno`, `close` and the rest go straight to the wrapped socket.
+
+Reading a burst that fast exposed a race in how aiomqtt waits to write: it registers the
+writer through `call_soon_threadsafe`, one pass of the loop later, so a PUBACK queued in the
+same pass in which the broker's close is read registers a writer for a socket already closed
+(EBADF from the loop, and on a reused descriptor, a stale writer on the next connection's
+socket). `register_writes_in_step` registers it at once instead; paho unregisters it before it
+closes the socket, so the two stay in order. It is installed once connected, when every call
+of paho comes from the event loop's own thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import aiomqtt
+    from paho.mqtt.client import Client as PahoClient
 
 CHUNK = 65536
 """At most this much is read at once (about 150 QoS 1 messages of 400 bytes)."""
@@ -65,3 +75,25 @@ def read_ahead(client: aiomqtt.Client) -> None:
     if sock is None or isinstance(sock, ReadAhead):
         return
     paho._sock = ReadAhead(sock)  # noqa: SLF001
+
+
+def register_writes_in_step(client: aiomqtt.Client) -> None:
+    """Register paho's pending writes with the event loop at once, not one pass later.
+
+    Call it from the event loop once connected. A failing write ends the connection the way
+    aiomqtt's own writer does: its iterator raises MqttError.
+    """
+    loop = asyncio.get_running_loop()
+    disconnected: asyncio.Future[None] = client._disconnected  # noqa: SLF001
+
+    def register(paho: PahoClient, _userdata: object, sock: Any) -> None:  # noqa: ANN401
+        def write() -> None:
+            try:
+                paho.loop_write()
+            except Exception as exc:  # noqa: BLE001 - a broken pipe ends the connection
+                if not disconnected.done():
+                    disconnected.set_exception(exc)
+
+        loop.add_writer(sock.fileno(), write)
+
+    client._client.on_socket_register_write = register  # noqa: SLF001

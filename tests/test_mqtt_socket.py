@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.ingress.mqtt_reads import CHUNK, ReadAhead
+from service.ingress.mqtt_socket import CHUNK, ReadAhead
 
 
 @pytest.fixture
