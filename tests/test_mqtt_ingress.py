@@ -22,7 +22,12 @@ from structlog.testing import capture_logs
 
 from service.config import MqttConfig, SourceConfig
 from service.ingress.mqtt import MqttIngress, arrived_queue
-from service.ingress.mqtt_socket import ReadAhead, read_ahead, register_writes_in_step
+from service.ingress.mqtt_socket import (
+    ReadAhead,
+    quick_publishes,
+    read_ahead,
+    register_writes_in_step,
+)
 from service.model import Acceptance, EventStatus, RawEvent
 from service.store.base import StoreUnavailableError
 from tests.support.mqtt_fixtures import BrokerAddress, PrivateBroker
@@ -384,9 +389,9 @@ async def test_aiomqtt_internals_for_manual_ack_still_exist_and_unacked_is_redel
 async def test_a_burst_read_ahead_arrives_whole_in_order_and_acks_written_in_step_reach_it(
     mqtt_broker,
 ):
-    """Fails loudly if aiomqtt drops its message queue, or paho its socket attribute.
+    """Fails loudly if aiomqtt drops its message queue, or paho an internal the shims use.
 
-    Read-ahead loses or reorders nothing: 300 messages queued for the session while it was
+    Read-ahead and quick PUBLISH decoding lose or reorder nothing: 300 messages queued for the session while it was
     away arrive at once, in publishing order; the PUBACKs, written through the writer that
     `register_writes_in_step` registers, reach the broker: none is handed over again.
     """
@@ -419,9 +424,13 @@ async def test_a_burst_read_ahead_arrives_whole_in_order_and_acks_written_in_ste
     received: list[aiomqtt.Message] = []
     async with client() as listener:
         assert listener._client._sock is not None, "paho no longer keeps its socket as _sock"
+        for name in ("_in_packet", "_handle_on_message", "_manual_ack", "_protocol"):
+            assert hasattr(listener._client, name), f"paho no longer has Client.{name}"
         register_writes_in_step(listener)
         read_ahead(listener)
+        quick_publishes(listener)
         assert isinstance(listener._client._sock, ReadAhead)
+        assert "_handle_publish" in vars(listener._client), "quick publishes not installed"
         queued = arrived_queue(listener)
         assert isinstance(queued, asyncio.Queue)
         with anyio.fail_after(WAIT_S):

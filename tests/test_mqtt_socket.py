@@ -1,4 +1,4 @@
-"""ReadAhead over real socket pairs: paho's small reads served from one large read."""
+"""The shims under paho: ReadAhead over real socket pairs, quick PUBLISHes against paho."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import socket
 from collections.abc import Iterator
 
 import pytest
+from paho.mqtt._packet import decode_publish
+from paho.mqtt.enums import MQTTProtocolVersion
 
-from service.ingress.mqtt_socket import CHUNK, ReadAhead
+from service.ingress.mqtt_socket import CHUNK, ReadAhead, decode_quick_publish
 
 
 @pytest.fixture
@@ -111,3 +113,59 @@ def test_pending_adds_what_a_tls_socket_holds_decrypted():
     assert reads.recv(10) == b"234"
     assert reads.recv(10) == b"56789"
     assert reads.pending() == 0
+
+
+# --- decode_quick_publish against paho's own decoder --------------------------------------
+
+
+def publish_packet(
+    *, topic: bytes, mid: int, payload: bytes, properties: bytes = b"\x00", qos: int = 1
+) -> tuple[int, bytes]:
+    """A PUBLISH's first header byte and what follows its remaining length (MQTT 5)."""
+    header = 0x30 | (qos << 1)
+    packet = len(topic).to_bytes(2, "big") + topic
+    if qos:
+        packet += mid.to_bytes(2, "big")
+    return header, packet + properties + payload
+
+
+@pytest.mark.parametrize(
+    ("topic", "mid", "payload", "flags"),
+    [
+        (b"studiohook/in/products/bench", 7, b'{"id": "x"}', 0),
+        (b"a", 65535, b"", 0x08),  # dup, empty payload
+        (b"t/\xc3\xa9/+", 1, bytes(range(256)) * 8, 0x01),  # retain, any bytes
+        (b"x" * 300, 256, b"\x00", 0x09),
+    ],
+)
+def test_a_plain_qos1_publish_decodes_as_paho_decodes_it(topic, mid, payload, flags):
+    header, packet = publish_packet(topic=topic, mid=mid, payload=payload)
+    header |= flags
+    quick = decode_quick_publish(header, bytearray(packet))
+    paho_says = decode_publish(header, bytearray(packet), MQTTProtocolVersion.MQTTv5)
+    assert quick is not None
+    assert (quick.topic, quick.mid, quick.payload, quick.dup, quick.retain) == (
+        paho_says.topic,
+        paho_says.mid,
+        paho_says.payload,
+        paho_says.dup,
+        paho_says.retain,
+    )
+    assert isinstance(quick.payload, bytes)
+
+
+def test_properties_another_qos_or_an_odd_packet_are_left_to_paho():
+    user_property = b"\x07\x26\x00\x01k\x00\x01v"  # length 7: one user property k=v
+    header, packet = publish_packet(topic=b"t", mid=1, payload=b"{}", properties=user_property)
+    assert decode_quick_publish(header, packet) is None
+    paho_says = decode_publish(header, bytearray(packet), MQTTProtocolVersion.MQTTv5)
+    assert paho_says.properties.UserProperty == [("k", "v")]  # the packet is well formed
+    header, packet = publish_packet(topic=b"t", mid=1, payload=b"{}", qos=0)
+    assert decode_quick_publish(header, packet) is None
+    header, packet = publish_packet(topic=b"t", mid=1, payload=b"{}", qos=2)
+    assert decode_quick_publish(header, packet) is None
+    header, packet = publish_packet(topic=b"", mid=1, payload=b"{}")
+    assert decode_quick_publish(header, packet) is None  # empty topic: an alias, paho's call
+    assert decode_quick_publish(0x32, b"\x00") is None
+    assert decode_quick_publish(0x32, b"\x00\x05abc") is None  # shorter than its topic length
+    assert decode_quick_publish(0x32, b"\x00\x01t\x00\x01") is None  # no property length

@@ -31,7 +31,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from service.backoff import backoff_delay
 from service.ingress.base import started_once
-from service.ingress.mqtt_socket import read_ahead, register_writes_in_step
+from service.ingress.mqtt_socket import quick_publishes, read_ahead, register_writes_in_step
 from service.log import get_logger
 from service.model import RawEvent
 from service.mqtt_futures import settle_outcomes
@@ -440,6 +440,7 @@ async def _connected(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Client]:
     try:
         register_writes_in_step(client)
         read_ahead(client)
+        quick_publishes(client)
         yield client
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(_DISCONNECT_GRACE_S):
