@@ -424,13 +424,14 @@ async def test_a_burst_read_ahead_arrives_whole_in_order_and_acks_written_in_ste
     received: list[aiomqtt.Message] = []
     async with client() as listener:
         assert listener._client._sock is not None, "paho no longer keeps its socket as _sock"
-        for name in ("_in_packet", "_handle_on_message", "_manual_ack", "_protocol"):
+        for name in ("_in_packet", "_in_callback_mutex", "_userdata", "_manual_ack", "_protocol"):
             assert hasattr(listener._client, name), f"paho no longer has Client.{name}"
         register_writes_in_step(listener)
         read_ahead(listener)
         quick_publishes(listener)
         assert isinstance(listener._client._sock, ReadAhead)
         assert "_handle_publish" in vars(listener._client), "quick publishes not installed"
+        assert not list(listener._client._on_message_filtered.iter_match(topic))
         queued = arrived_queue(listener)
         assert isinstance(queued, asyncio.Queue)
         with anyio.fail_after(WAIT_S):

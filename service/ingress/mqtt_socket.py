@@ -153,8 +153,10 @@ def quick_publishes(client: aiomqtt.Client) -> None:
     """Decode this client's plain QoS 1 PUBLISHes with `decode_quick_publish`.
 
     Only with manual acks on MQTT 5 (what the ingress uses): paho then neither acks nor
-    stores a QoS 1 message itself, so handing it to `_handle_on_message` is all it would do
-    after decoding. test_mqtt_ingress checks these paho internals still exist.
+    stores a QoS 1 message itself, so handing it to `on_message` (aiomqtt's queue) is all it
+    would do after decoding. Neither aiomqtt nor the ingress adds per-filter callbacks, so
+    paho's matching of the topic against them (a trie walk per message) is skipped.
+    test_mqtt_ingress checks these paho internals still exist.
     """
     paho = client._client  # noqa: SLF001
     if not paho._manual_ack or paho._protocol != MQTTv5:  # noqa: SLF001
@@ -172,7 +174,10 @@ def quick_publishes(client: aiomqtt.Client) -> None:
         message.retain = quick.retain
         message.payload = quick.payload
         message.timestamp = time_func()
-        self._handle_on_message(message)
+        on_message = self.on_message
+        if on_message is not None:
+            with self._in_callback_mutex:
+                on_message(self, self._userdata, message)
         return MQTT_ERR_SUCCESS
 
     paho._handle_publish = types.MethodType(handle_publish, paho)  # type: ignore[method-assign]  # noqa: SLF001
