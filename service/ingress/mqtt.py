@@ -205,14 +205,16 @@ class MqttIngress:
         config: MqttConfig,
         sources: Sequence[SourceConfig],
         intake: Intake,
-        max_in_flight: int = 100,
+        max_in_flight: int | None = None,
         backoff_min_s: float = 0.5,
         backoff_max_s: float = 30.0,
     ) -> None:
         self._config = config
         self._sources = tuple(s for s in sources if s.kind == "mqtt" and s.topic)
         self._intake = intake
-        self._max_in_flight = max_in_flight
+        # The broker hands over at most Receive Maximum un-acked messages: by default the
+        # intake may work on all of them at once.
+        self._max_in_flight = max_in_flight or config.receive_maximum
         self._backoff_min_s = backoff_min_s
         self._backoff_max_s = backoff_max_s
         self._generation = 0
