@@ -33,14 +33,6 @@ def test_sequencer_holds_everything_behind_an_uncommitted_head():
     assert seq.committed(tickets[0]) == [0, 1, 2, 3, 4]
 
 
-def test_sequencer_of_groups_releases_whole_groups_in_arrival_order():
-    seq: AckSequencer[list[str]] = AckSequencer()
-    first, second, third = seq.arrived(["a", "b"]), seq.arrived(["c"]), seq.arrived(["d", "e"])
-    assert seq.committed(third) == []
-    assert seq.committed(first) == [["a", "b"]]
-    assert seq.committed(second) == [["c"], ["d", "e"]]
-
-
 def test_a_group_takes_every_waiting_message_while_there_is_room():
     assert group_size(waiting=0, in_flight=0, limit=100) == 1
     assert group_size(waiting=40, in_flight=0, limit=100) == 41

@@ -184,8 +184,9 @@ def arrived_queue(client: aiomqtt.Client) -> asyncio.Queue[aiomqtt.Message]:
 async def _all_or_raise(deliveries: list[Coroutine[Any, Any, None]]) -> None:
     """Run a group's deliveries together; once all ended, raise the first failure if any.
 
-    Nothing of a group is acknowledged unless every delivery of it committed, and no delivery
-    is left running when this returns or raises.
+    No delivery is left running when this returns or raises; one that failed was not
+    acknowledged, and neither is anything that arrived after it (the connection ends and
+    the broker hands them over again).
     """
     outcomes = await asyncio.gather(*deliveries, return_exceptions=True)
     for outcome in outcomes:
@@ -316,14 +317,14 @@ class MqttIngress:
         log.info("mqtt subscribed", topics=topics)
 
     async def _consume(self, client: aiomqtt.Client, generation: int) -> None:
-        """Commit what has arrived in groups, acknowledge each group's messages in order.
+        """Commit what has arrived in groups; acknowledge each message in arrival order.
 
         Every message already received when the reader looks joins one group: one task and
-        one wake-up per group instead of per message, and the store commits the group in one
-        transaction. Groups commit concurrently; their PUBACKs still go out in arrival order
-        (AckSequencer), each only after its own and every earlier group's commit.
+        one wake-up per group instead of per message, and the store commits what is pending
+        in one transaction. Each message is acknowledged as soon as it and every message that
+        arrived before it committed (AckSequencer), from the step that finished its commit.
         """
-        sequencer: AckSequencer[list[aiomqtt.Message]] = AckSequencer()
+        sequencer: AckSequencer[aiomqtt.Message] = AckSequencer()
         room = Room(self._max_in_flight)
         queued = arrived_queue(client)
         messages = client.messages
@@ -334,47 +335,42 @@ class MqttIngress:
                 size = group_size(waiting=queued.qsize(), in_flight=room.used, limit=room.limit)
                 group = [first, *(queued.get_nowait() for _ in range(size - 1))]
                 room.enter(size)
-                ticket = sequencer.arrived(group)
-                tg.start_soon(self._commit, client, generation, sequencer, room, ticket)
+                tickets = [sequencer.arrived(message) for message in group]
+                tg.start_soon(self._commit, client, generation, sequencer, room, tickets)
 
     async def _commit(
         self,
         client: aiomqtt.Client,
         generation: int,
-        sequencer: AckSequencer[list[aiomqtt.Message]],
+        sequencer: AckSequencer[aiomqtt.Message],
         room: Room,
-        ticket: Ticket[list[aiomqtt.Message]],
+        tickets: list[Ticket[aiomqtt.Message]],
     ) -> None:
-        """Deliver a group's messages together; the last commit acknowledges what it can."""
-        remaining = len(ticket.item)
+        """Deliver a group's messages together; each commit acknowledges what it can."""
 
-        async def deliver(message: aiomqtt.Message) -> None:
-            nonlocal remaining
+        async def deliver(ticket: Ticket[aiomqtt.Message]) -> None:
             try:
-                await self._deliver(message)
+                await self._deliver(ticket.item)
             finally:
                 room.leave(1)
-            remaining -= 1
-            if remaining == 0:
-                # Right here, in the step that finished the group's last commit: the PUBACKs
-                # must not wait for another hop through the event loop.
-                self._failures = 0
-                self._acknowledge(client, generation, sequencer.committed(ticket))
+            self._failures = 0
+            # Right here, in the step that finished the commit: a PUBACK must not wait for
+            # another pass of the event loop.
+            self._acknowledge(client, generation, sequencer.committed(ticket))
 
-        await _all_or_raise([deliver(message) for message in ticket.item])
+        await _all_or_raise([deliver(ticket) for ticket in tickets])
 
     def _acknowledge(
-        self, client: aiomqtt.Client, generation: int, groups: list[list[aiomqtt.Message]]
+        self, client: aiomqtt.Client, generation: int, messages: list[aiomqtt.Message]
     ) -> None:
         if generation != self._generation:
             return  # the broker redelivers them on the connection that replaced this one
-        for group in groups:
-            for message in group:
-                if message.qos == 0:
-                    continue
-                rc = client._client.ack(message.mid, message.qos)  # noqa: SLF001
-                if rc != MQTT_ERR_SUCCESS:
-                    log.warning("mqtt ack not sent; broker will redeliver", mid=message.mid, rc=rc)
+        for message in messages:
+            if message.qos == 0:
+                continue
+            rc = client._client.ack(message.mid, message.qos)  # noqa: SLF001
+            if rc != MQTT_ERR_SUCCESS:
+                log.warning("mqtt ack not sent; broker will redeliver", mid=message.mid, rc=rc)
 
     def _sources_of(self, topic: str) -> list[SourceConfig]:
         """The sources whose filter matches `topic`; remembered, a topic's answer never changes."""
