@@ -146,7 +146,9 @@ class MqttConfig:
     password: str | None = field(default=None, repr=False)
     client_id: str = "studiohook"
     session_expiry_seconds: int = 86400
-    receive_maximum: int = 100
+    receive_maximum: int = 1000
+    """MQTT 5 Receive Maximum: how many QoS 1 messages the broker hands over before we ack.
+    Each commit group is drawn from them, so a small window caps messages per fsync."""
     reader_check_s: float = 1.0
     """Instances sharing a PostgreSQL store elect one MQTT reader: it proves it still holds the
     election lock this often, and an instance standing by tries to take the lock this often."""

@@ -1,7 +1,14 @@
+import jmespath
 import pytest
 
 from service.config import SourceConfig
-from service.ingress.dedupe import DedupeKeyError, body_key, dedupe_key, event_id_for
+from service.ingress.dedupe import (
+    DedupeKeyError,
+    body_key,
+    dedupe_key,
+    event_id_for,
+    search_dedupe_expression,
+)
 
 
 def key(kind, *, spec=None, payload=None, headers=None, body=b"{}", topic=None, handler_id=None):
@@ -66,3 +73,34 @@ def test_event_id_prefers_the_senders_own():
     assert event_id_for("evt-1", "h:whatever") == "evt-1"
     assert event_id_for(None, "b:abc").startswith("evt_")
     assert event_id_for(None, "b:abc") == event_id_for(None, "b:abc")
+
+
+PAYLOADS = [
+    {"id": "e1"},
+    {"id": 0},
+    {"id": False},
+    {"id": None},
+    {"id": ""},
+    {"id": {"nested": 1}},
+    {"id": [1, 2]},
+    {"ID": "upper only"},
+    {"_id": "x", "id2": "y"},
+    {},
+    [{"id": "in a list"}],
+    "id",
+    42,
+    None,
+    True,
+]
+
+
+@pytest.mark.parametrize("expression", ["id", "ID", "_id", "id2", "true", "null", "order_id"])
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_a_bare_field_name_finds_what_jmespath_finds(expression, payload):
+    assert search_dedupe_expression(expression, payload) == jmespath.search(expression, payload)
+
+
+@pytest.mark.parametrize("expression", ["order.id", "items[0].sku", '"id"', "id || ID"])
+def test_other_expressions_are_still_jmespaths(expression):
+    payload = {"order": {"id": 7}, "items": [{"sku": "A"}], "id": "x", "ID": "y"}
+    assert search_dedupe_expression(expression, payload) == jmespath.search(expression, payload)

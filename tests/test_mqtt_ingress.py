@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import sqlite3
 import uuid
@@ -20,7 +21,13 @@ from paho.mqtt.properties import Properties
 from structlog.testing import capture_logs
 
 from service.config import MqttConfig, SourceConfig
-from service.ingress.mqtt import MqttIngress
+from service.ingress.mqtt import MqttIngress, arrived_queue
+from service.ingress.mqtt_socket import (
+    ReadAhead,
+    quick_publishes,
+    read_ahead,
+    register_writes_in_step,
+)
 from service.model import Acceptance, EventStatus, RawEvent
 from service.store.base import StoreUnavailableError
 from tests.support.mqtt_fixtures import BrokerAddress, PrivateBroker
@@ -48,6 +55,8 @@ class SqliteIntake:
         self.committed: list[str] = []
         self.gates: dict[str, anyio.Event] = {}
         self.fail_next = 0
+        self.concurrent = 0
+        self.most_concurrent = 0
         self._changed = anyio.Event()
 
     @staticmethod
@@ -84,12 +93,17 @@ class SqliteIntake:
         reason: str | None = None,
     ) -> Acceptance:
         self.calls.append(key)
-        if key in self.gates:
-            await self.gates[key].wait()
-        if self.fail_next > 0:
-            self.fail_next -= 1
-            raise StoreUnavailableError("test store is down")
-        await anyio.lowlevel.checkpoint()
+        self.concurrent += 1
+        self.most_concurrent = max(self.most_concurrent, self.concurrent)
+        try:
+            if key in self.gates:
+                await self.gates[key].wait()
+            if self.fail_next > 0:
+                self.fail_next -= 1
+                raise StoreUnavailableError("test store is down")
+            await anyio.lowlevel.checkpoint()
+        finally:
+            self.concurrent -= 1
         cursor = self._db.execute(
             "INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?, ?)",
             (source.name, key, topic, body, orjson.dumps(dict(headers)).decode(), reason),
@@ -256,6 +270,41 @@ async def test_messages_published_while_stopped_arrive_after_restart(mqtt_broker
     assert intake.committed == ids
 
 
+async def test_a_burst_is_committed_in_groups_in_arrival_order_and_all_of_it_acked(
+    mqtt_broker, intake
+):
+    setup = Setup(mqtt_broker, intake)
+    async with setup.running():
+        pass  # the first run creates the persistent session and its subscription
+    ids = [f"burst-{i:03d}" for i in range(300)]
+    await setup.publish(*({"id": i} for i in ids))  # queued for the session: handed over at once
+    async with setup.running(max_in_flight=40):
+        await intake.wait_committed(ids)
+    assert intake.calls == ids  # each delivered once, in arrival order
+    assert 1 < intake.most_concurrent <= 40  # groups of already-received messages, capped
+    await setup.assert_nothing_redelivered(expect_calls=ids)
+
+
+async def test_a_failed_commit_in_a_group_withholds_every_later_ack(mqtt_broker, intake):
+    setup = Setup(mqtt_broker, intake)
+    async with setup.running():
+        pass
+    ids = [f"g-{i:02d}" for i in range(30)]
+    await setup.publish(*({"id": i} for i in ids))
+    intake.gates["g-05"] = anyio.Event()
+    async with setup.running():
+        await intake.wait_committed([i for i in ids if i != "g-05"])
+        intake.fail_next = 1
+        intake.gates["g-05"].set()  # g-05 fails now: nothing from it on may be acknowledged
+        await intake.wait_committed(ids)  # after the reconnect, the redelivered ones commit
+    first_pass = intake.calls[: len(ids)]
+    assert first_pass == ids
+    redelivered = intake.calls[len(ids) :]
+    assert redelivered[: len(ids) - 5] == ids[5:]  # g-05 and everything after it came again
+    assert sorted(row[1] for row in intake.rows()) == ids
+    await setup.assert_nothing_redelivered(expect_calls=intake.calls.copy())
+
+
 async def test_acks_wait_for_earlier_commits_and_follow_arrival_order(mqtt_broker, intake):
     setup = Setup(mqtt_broker, intake)
     intake.gates["a"] = anyio.Event()
@@ -377,3 +426,70 @@ async def test_aiomqtt_internals_for_manual_ack_still_exist_and_unacked_is_redel
         last = await receive_one()
         assert last.payload == b"last"  # "once" was acked: it is not redelivered first
         listener._client.ack(last.mid, last.qos)
+
+
+async def test_a_burst_read_ahead_arrives_whole_in_order_and_acks_written_in_step_reach_it(
+    mqtt_broker,
+):
+    """Fails loudly if aiomqtt drops its message queue, or paho an internal the shims use.
+
+    Read-ahead and quick PUBLISH decoding lose or reorder nothing: 300 messages queued for the session while it was
+    away arrive at once, in publishing order; the PUBACKs, written through the writer that
+    `register_writes_in_step` registers, reach the broker: none is handed over again.
+    """
+    topic = f"studiohook-test/{uuid.uuid4().hex[:10]}/burst"
+    client_id = f"studiohook-test-{uuid.uuid4().hex[:10]}"
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = 60
+    properties.ReceiveMaximum = 1000
+
+    def client() -> aiomqtt.Client:
+        made = aiomqtt.Client(
+            mqtt_broker.host,
+            mqtt_broker.port,
+            identifier=client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=properties,
+        )
+        made._client.manual_ack_set(on=True)
+        return made
+
+    async def publish(*bodies: bytes) -> None:
+        async with aiomqtt.Client(mqtt_broker.host, mqtt_broker.port) as publisher:
+            for body in bodies:
+                await publisher.publish(topic, body, qos=1)
+
+    async with client() as listener:
+        await listener.subscribe(topic, qos=1)
+    await publish(*(f"m{i:03d}".encode() * 40 for i in range(300)))
+    received: list[aiomqtt.Message] = []
+    async with client() as listener:
+        assert listener._client._sock is not None, "paho no longer keeps its socket as _sock"
+        for name in ("_in_packet", "_in_callback_mutex", "_userdata", "_manual_ack", "_protocol"):
+            assert hasattr(listener._client, name), f"paho no longer has Client.{name}"
+        register_writes_in_step(listener)
+        read_ahead(listener)
+        quick_publishes(listener)
+        assert isinstance(listener._client._sock, ReadAhead)
+        assert "_handle_publish" in vars(listener._client), "quick publishes not installed"
+        assert not list(listener._client._on_message_filtered.iter_match(topic))
+        queued = arrived_queue(listener)
+        assert isinstance(queued, asyncio.Queue)
+        with anyio.fail_after(WAIT_S):
+            async for message in listener.messages:
+                received.append(message)
+                while not queued.empty():
+                    received.append(queued.get_nowait())
+                if len(received) >= 300:
+                    break
+        for message in received:
+            assert listener._client.ack(message.mid, message.qos) == paho.MQTT_ERR_SUCCESS
+    assert [m.payload for m in received] == [f"m{i:03d}".encode() * 40 for i in range(300)]
+    await publish(b"sentinel")
+    async with client() as listener:
+        with anyio.fail_after(WAIT_S):
+            async for message in listener.messages:
+                assert message.payload == b"sentinel"  # nothing of the burst came back first
+                listener._client.ack(message.mid, message.qos)
+                break

@@ -6,6 +6,7 @@ from service.backoff import backoff_delay
 from service.ingress.mqtt import (
     AckSequencer,
     UnreadablePayloadError,
+    group_size,
     matches,
     parse_payload,
     user_properties,
@@ -31,6 +32,20 @@ def test_sequencer_holds_everything_behind_an_uncommitted_head():
         assert seq.committed(ticket) == []
     assert len(seq) == 5
     assert seq.committed(tickets[0]) == [0, 1, 2, 3, 4]
+
+
+def test_a_group_takes_every_waiting_message_while_there_is_room():
+    assert group_size(waiting=0, in_flight=0, limit=100) == 1
+    assert group_size(waiting=40, in_flight=0, limit=100) == 41
+    assert group_size(waiting=40, in_flight=59, limit=100) == 41
+
+
+def test_a_group_stops_at_the_in_flight_limit_and_always_takes_the_message_in_hand():
+    assert group_size(waiting=40, in_flight=60, limit=100) == 40
+    assert group_size(waiting=500, in_flight=0, limit=100) == 100
+    assert group_size(waiting=5, in_flight=99, limit=100) == 1
+    assert group_size(waiting=5, in_flight=100, limit=100) == 1  # never called so: it waits
+    assert group_size(waiting=5, in_flight=0, limit=1) == 1
 
 
 def test_backoff_grows_doubling_up_to_the_cap():

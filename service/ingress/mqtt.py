@@ -11,6 +11,7 @@ we acknowledge, which is the back-pressure: nothing is ever dropped on our side.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import ssl
 from collections import deque
@@ -30,13 +31,14 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from service.backoff import backoff_delay
 from service.ingress.base import started_once
+from service.ingress.mqtt_socket import quick_publishes, read_ahead, register_writes_in_step
 from service.log import get_logger
 from service.model import RawEvent
 from service.mqtt_futures import settle_outcomes
 from service.store.base import StoreUnavailableError
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+    from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 
     from service.config import MqttConfig, SourceConfig
     from service.ingress.base import Intake
@@ -49,6 +51,7 @@ _KEEPALIVE_S = 30
 _DISCONNECT_GRACE_S = 2.0
 _SHARED_PREFIX = "$share/"
 _FIRST_FAILURE_CODE = 0x80
+_TOPIC_CACHE_SIZE = 4096
 
 T = TypeVar("T")
 
@@ -126,6 +129,71 @@ class AckSequencer(Generic[T]):
         return len(self._waiting)
 
 
+def group_size(*, waiting: int, in_flight: int, limit: int) -> int:
+    """How many messages the next commit group takes (the reader waited for room first).
+
+    The one in hand, then as many of those already waiting as the in-flight limit allows.
+    """
+    return 1 + max(0, min(waiting, limit - in_flight - 1))
+
+
+class Room:
+    """Counts messages handed to the intake and not yet committed; the reader waits for room.
+
+    The broker's Receive Maximum bounds what is un-acked; this bounds the intake's own work
+    (a held commit does not stop the others behind it from going ahead, up to the limit).
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("the in-flight limit must be at least 1")
+        self.limit = limit
+        self.used = 0
+        self._freed = anyio.Event()
+
+    async def wait(self) -> None:
+        """Return once at least one more message may go in."""
+        while self.used >= self.limit:
+            if self._freed.is_set():
+                self._freed = anyio.Event()
+            await self._freed.wait()
+
+    def enter(self, count: int) -> None:
+        """`count` messages went to the intake."""
+        self.used += count
+
+    def leave(self, count: int) -> None:
+        """`count` messages came back (committed or failed)."""
+        self.used -= count
+        if not self._freed.is_set():
+            self._freed.set()
+
+
+def arrived_queue(client: aiomqtt.Client) -> asyncio.Queue[aiomqtt.Message]:
+    """The messages aiomqtt has received and not yet handed out, taken without a wake-up each.
+
+    aiomqtt 2.x only hands them out one by one, each through a task of its own; a group takes
+    the ones already there straight from its queue (test_mqtt_ingress checks it exists).
+    """
+    queue = client._queue  # noqa: SLF001
+    if not isinstance(queue, asyncio.Queue):
+        raise TypeError("aiomqtt no longer keeps received messages in an asyncio.Queue")
+    return queue
+
+
+async def _all_or_raise(deliveries: list[Coroutine[Any, Any, None]]) -> None:
+    """Run a group's deliveries together; once all ended, raise the first failure if any.
+
+    No delivery is left running when this returns or raises; one that failed was not
+    acknowledged, and neither is anything that arrived after it (the connection ends and
+    the broker hands them over again).
+    """
+    outcomes = await asyncio.gather(*deliveries, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+
+
 class MqttIngress:
     """Subscribes every mqtt source's topic and commits each message before acknowledging it.
 
@@ -138,18 +206,21 @@ class MqttIngress:
         config: MqttConfig,
         sources: Sequence[SourceConfig],
         intake: Intake,
-        max_in_flight: int = 100,
+        max_in_flight: int | None = None,
         backoff_min_s: float = 0.5,
         backoff_max_s: float = 30.0,
     ) -> None:
         self._config = config
         self._sources = tuple(s for s in sources if s.kind == "mqtt" and s.topic)
         self._intake = intake
-        self._max_in_flight = max_in_flight
+        # The broker hands over at most Receive Maximum un-acked messages: by default the
+        # intake may work on all of them at once.
+        self._max_in_flight = max_in_flight or config.receive_maximum
         self._backoff_min_s = backoff_min_s
         self._backoff_max_s = backoff_max_s
         self._generation = 0
         self._failures = 0
+        self._by_topic: dict[str, list[SourceConfig]] = {}
         self.connected = False
 
     async def run(
@@ -246,35 +317,74 @@ class MqttIngress:
         log.info("mqtt subscribed", topics=topics)
 
     async def _consume(self, client: aiomqtt.Client, generation: int) -> None:
-        sequencer: AckSequencer[aiomqtt.Message] = AckSequencer()
-        slots = anyio.Semaphore(self._max_in_flight)
+        """Commit what has arrived in groups; acknowledge each message in arrival order.
 
-        def ack(message: aiomqtt.Message) -> None:
-            if generation != self._generation:
-                return  # the broker redelivers it on the connection that replaced this one
+        Every message already received when the reader looks joins one group: one task and
+        one wake-up per group instead of per message, and the store commits what is pending
+        in one transaction. Each message is acknowledged as soon as it and every message that
+        arrived before it committed (AckSequencer), from the step that finished its commit.
+        """
+        sequencer: AckSequencer[aiomqtt.Message] = AckSequencer()
+        room = Room(self._max_in_flight)
+        queued = arrived_queue(client)
+        messages = client.messages
+        async with anyio.create_task_group() as tg:
+            while True:
+                first = await anext(messages)
+                await room.wait()
+                size = group_size(waiting=queued.qsize(), in_flight=room.used, limit=room.limit)
+                group = [first, *(queued.get_nowait() for _ in range(size - 1))]
+                room.enter(size)
+                tickets = [sequencer.arrived(message) for message in group]
+                tg.start_soon(self._commit, client, generation, sequencer, room, tickets)
+
+    async def _commit(
+        self,
+        client: aiomqtt.Client,
+        generation: int,
+        sequencer: AckSequencer[aiomqtt.Message],
+        room: Room,
+        tickets: list[Ticket[aiomqtt.Message]],
+    ) -> None:
+        """Deliver a group's messages together; each commit acknowledges what it can."""
+
+        async def deliver(ticket: Ticket[aiomqtt.Message]) -> None:
+            try:
+                await self._deliver(ticket.item)
+            finally:
+                room.leave(1)
+            self._failures = 0
+            # Right here, in the step that finished the commit: a PUBACK must not wait for
+            # another pass of the event loop.
+            self._acknowledge(client, generation, sequencer.committed(ticket))
+
+        await _all_or_raise([deliver(ticket) for ticket in tickets])
+
+    def _acknowledge(
+        self, client: aiomqtt.Client, generation: int, messages: list[aiomqtt.Message]
+    ) -> None:
+        if generation != self._generation:
+            return  # the broker redelivers them on the connection that replaced this one
+        for message in messages:
             if message.qos == 0:
-                return
+                continue
             rc = client._client.ack(message.mid, message.qos)  # noqa: SLF001
             if rc != MQTT_ERR_SUCCESS:
                 log.warning("mqtt ack not sent; broker will redeliver", mid=message.mid, rc=rc)
 
-        async def commit(ticket: Ticket[aiomqtt.Message]) -> None:
-            try:
-                await self._deliver(ticket.item)
-            finally:
-                slots.release()
-            self._failures = 0
-            for message in sequencer.committed(ticket):
-                ack(message)
-
-        async with anyio.create_task_group() as tg:
-            async for message in client.messages:
-                await slots.acquire()
-                tg.start_soon(commit, sequencer.arrived(message), name="mqtt-commit")
+    def _sources_of(self, topic: str) -> list[SourceConfig]:
+        """The sources whose filter matches `topic`; remembered, a topic's answer never changes."""
+        found = self._by_topic.get(topic)
+        if found is None:
+            if len(self._by_topic) >= _TOPIC_CACHE_SIZE:
+                self._by_topic.clear()  # many distinct topics (one per device): start over
+            found = [s for s in self._sources if s.topic and matches(s.topic, topic)]
+            self._by_topic[topic] = found
+        return found
 
     async def _deliver(self, message: aiomqtt.Message) -> None:
-        topic = str(message.topic)
-        sources = [s for s in self._sources if s.topic and matches(s.topic, topic)]
+        topic = message.topic.value
+        sources = self._sources_of(topic)
         if not sources:
             log.warning("mqtt message matches no source; acknowledged unstored", topic=topic)
             return
@@ -326,6 +436,9 @@ async def _connected(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Client]:
         settle_outcomes(client)
         raise
     try:
+        register_writes_in_step(client)
+        read_ahead(client)
+        quick_publishes(client)
         yield client
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(_DISCONNECT_GRACE_S):
