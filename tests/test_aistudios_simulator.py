@@ -306,6 +306,32 @@ async def test_control_api_switches_the_strict_project_list():
         assert len((await call(http, "GET", list_url))[2]["data"]) == 1
 
 
+async def test_held_renders_finish_only_once_released():
+    clock = FakeClock()
+    async with (
+        running_simulator(SimulatorKnobs(render_seconds=2), clock) as sim,
+        aiohttp.ClientSession() as http,
+    ):
+        knobs_url = f"{sim.base_url}/_simulator/knobs"
+        base = f"{sim.base_url}/api/odin/v3"
+        assert (await call(http, "POST", knobs_url, {"hold_renders": True}))[0] == 200
+        project_id = (await call(http, "POST", f"{base}/editor/project", v3_body()))[2]["data"][
+            "projectId"
+        ]
+        clock.advance(10)  # five render lengths: done, were it not held
+        _, _, held = await call(http, "GET", f"{base}/editor/progress/{project_id}")
+        assert held["data"] == {"progress": 99.0, "state": "exporting"}
+        _, _, listed = await call(http, "GET", f"{base}/editor/project")
+        assert listed["data"][0]["state"] == "exporting"
+        assert listed["data"][0]["download_url"] is None
+
+        assert (await call(http, "POST", knobs_url, {"hold_renders": False}))[0] == 200
+        _, _, done = await call(http, "GET", f"{base}/editor/progress/{project_id}")
+        assert done["data"]["progress"] == 100.0
+        assert done["data"]["state"] == "exported"
+        assert "downloadUrl" in done["data"]
+
+
 async def test_5xx_on_a_create_still_creates_the_project(simulator):
     simulator.knobs.fail_5xx_next = 1
     async with aiohttp.ClientSession() as http:

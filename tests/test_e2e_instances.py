@@ -4,6 +4,12 @@ Webhooks go to both; every delivery is also retried to the other instance, which
 as a duplicate. One instance is killed with SIGKILL while it holds jobs in flight: the other
 takes them over once their leases expire, and every event ends with exactly one billed export
 and a `video.ready`.
+
+The simulator holds every render short of done until the kill has landed: the dead instance
+then holds renders, not announcements. (An announcement it had claimed would wait out the
+outbox claim, 30 s by design, and the survivor's next idle scan; a job it had made ready is
+announced by whichever sender takes the row, and is never claimed again, so it keeps its
+owner.)
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ def test_two_instances_share_intake_and_the_survivor_takes_over_after_a_kill_9(
     simulator_process: Callable[[float], SimulatorProcess],
 ) -> None:
     simulator = simulator_process(2.0)
+    simulator.set_knobs(hold_renders=True)  # released once instance a is dead
     first = daemon_factory(
         instance_config(tmp_path, simulator.url, postgres_url, "a", lease_s=LEASE_S)
     )
@@ -62,8 +69,10 @@ def test_two_instances_share_intake_and_the_survivor_takes_over_after_a_kill_9(
     wait_until(a_holds_renders, what="instance a tracking a render", timeout_s=30)
     first.current.kill()
     killed_at = time.monotonic()
-    orphans = {j for j, (s, owner) in jobs_by(postgres_url).items() if owner == "a"}
-    orphans -= {j for j, (s, _) in jobs_by(postgres_url).items() if s == "notified"}
+    simulator.set_knobs(hold_renders=False)
+    at_kill = jobs_by(postgres_url)
+    assert not {j for j, (s, _) in at_kill.items() if s in {"ready", "notified"}}, at_kill
+    orphans = {j for j, (s, owner) in at_kill.items() if owner == "a"}
     assert orphans
 
     wait_until(

@@ -3,7 +3,9 @@
 The daemon runs as a real process on real SQLite, against a simulator in its own process (so
 renders go on while the daemon is dead). It is killed the moment it logs that it is about to
 POST (`submitting` is committed, the request may or may not leave) and the moment the
-simulator logs that it created the billed project (before the daemon could record the id).
+simulator logs that it created the billed project of the second job (before the daemon could
+record the id). The restart that waits for that line may first export the first job again
+(when its POST never left); that export's line names the first job, so it kills nothing.
 """
 
 from __future__ import annotations
@@ -66,7 +68,9 @@ def test_killed_in_the_paid_call_window_each_job_is_exported_once(
     landed = "simulator_export"
     for webhook_id, moment in zip(ids, ("job.exporting", landed), strict=True):
         if moment == landed:
-            simulator.run.when_line(landed, lambda: daemon.current.send(signal.SIGKILL))
+            # The export's name ends with " #<job id>": this job's billed create, no other.
+            this_export = f"#{shop_job_id(webhook_id)}"
+            simulator.run.when_line(this_export, lambda: daemon.current.send(signal.SIGKILL))
             url = daemon.start()
         else:
             url = daemon.start(signal_on={moment: signal.SIGKILL})

@@ -12,6 +12,7 @@ from service.jobs.ownership import OwnedJobs
 from service.jobs.ratelimit import RenderSlots, RequestGate
 from service.jobs.tracker import PollTiming, Tracker
 from service.model import JobState, JobUpdate
+from service.store.base import FencedError
 from service.store.sqlite import SQLiteStore
 from tests.support.aistudios_fixtures import client_for, running_simulator, v3_body
 from tests.support.jobs_fixtures import ObservedStore, outbox_for
@@ -185,3 +186,59 @@ async def test_the_ready_hook_gets_the_committed_job_and_its_first_callback_time
     assert committed.state is S.READY
     expected = job.submitted_at + 40.0 if called_back else None
     assert first_callback_at == expected
+
+
+async def test_a_take_over_while_a_refused_ready_commit_settles_keeps_the_render_followed(
+    tmp_path,
+):
+    # This worker stalled past its lease; another worker claimed the job and stalled too. The
+    # ready commit under the old fence is refused, and while the tracker looks the job up
+    # again, this worker's lease loop takes the job back and follows it afresh. The refusal
+    # must not stop that new render, or the job stays `submitted` under a lease this worker
+    # keeps renewing, so nobody else takes it over either.
+    clock = VirtualTime()
+    inner = SQLiteStore(tmp_path / "t.db", clock=clock)
+    await inner.open()
+    store = ObservedStore(inner)
+    slots = RenderSlots(1)
+    owned = OwnedJobs(store, slots, owner="w", lease_s=30.0)
+    try:
+        async with (
+            running_simulator(SimulatorKnobs(render_seconds=10.0), clock=clock) as simulator,
+            client_for(simulator) as client,
+        ):
+            job = await submitted_job(store, client, clock, "claimed-back")
+            (claimed,) = await owned.claim_free({S.SUBMITTED}, 1, take_own=True)
+            tracker = tracker_on(owned, client, slots, clock)
+            tracker.track(claimed)
+            clock.now += 31.0  # this worker's lease ran out: the other one claims the job
+            assert await store.claim_job(job.job_id, {S.SUBMITTED}, owner="x", lease_s=30.0)
+            refused = anyio.Event()
+            taken_back: list[int] = []
+            real_transition, real_get_job = owned.transition, owned.get_job
+
+            async def transition(*args, **kwargs):
+                try:
+                    return await real_transition(*args, **kwargs)
+                except FencedError:
+                    refused.set()
+                    raise
+
+            async def get_job(job_id):
+                found = await real_get_job(job_id)
+                if refused.is_set() and not taken_back:
+                    clock.now += 31.0  # the other worker's lease ran out as well
+                    (again,) = await owned.claim_free({S.SUBMITTED}, 1, take_own=False)
+                    taken_back.append(again.fence)
+                    tracker.track(again)  # the last thing before the lookup returns
+                return found
+
+            owned.transition, owned.get_job = transition, get_job
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(tracker.run)
+                ready = await store.wait_for(job.job_id, {S.READY, S.FAILED}, timeout_s=5.0)
+                tg.cancel_scope.cancel()
+    finally:
+        await inner.close()
+    assert taken_back == [3]  # the refused commit happened, and the take-over before its end
+    assert ready.state is S.READY

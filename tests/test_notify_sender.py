@@ -477,3 +477,35 @@ async def test_a_draining_sender_finishes_what_it_is_sending_and_starts_nothing_
         tg.cancel_scope.cancel()
     assert target.delivered == [first]
     assert [r.id for r in await harness.store.due_outbox(harness.clock() + 1e9)] == [second]
+
+
+async def test_jobs_left_ready_are_settled_beside_the_deliveries_not_before_them(harness):
+    # A crash after the last mark left a job `ready` with nothing to send. Settling it costs a
+    # store round trip per ready job; the sender reports started, and delivers, meanwhile.
+    await harness.add_ready_job("left-ready", [])
+    (row_id,) = await harness.add_ready_job("new", [NotifyConfig(name="rec", kind="file")])
+    left, new = (sample_job(sample_event(key)).job_id for key in ("left-ready", "new"))
+    real_count = harness.store.outbox_pending_for_job
+    counting = anyio.Event()
+    count_may_return = anyio.Event()
+
+    async def slow_count(job_id):
+        if job_id == left and not count_may_return.is_set():
+            counting.set()
+            await count_may_return.wait()
+        return await real_count(job_id)
+
+    harness.store.outbox_pending_for_job = slow_count
+    target = Recording()
+    target.release.set()
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(10):
+            await start(tg, harness, {"rec": target})
+            await counting.wait()
+        assert await harness.next_mark() == ("delivered", row_id)
+        await harness.wait_done(1)
+        assert harness.done == [new]
+        count_may_return.set()
+        await harness.wait_done(2)
+        tg.cancel_scope.cancel()
+    assert harness.done == [new, left]

@@ -56,7 +56,8 @@ _FLOAT_KNOBS = frozenset(
         "callback_delay_s",
     }
 )
-_BOOL_KNOBS = frozenset({"list_only_exported"})
+_BOOL_KNOBS = frozenset({"list_only_exported", "hold_renders"})
+_HELD_AT = 99.0
 _CREATES = frozenset(
     {
         ("POST", f"{V3}/editor/project"),
@@ -92,6 +93,10 @@ class SimulatorKnobs:
     app_credentials: dict[str, str] | None = None
     list_only_exported: bool = False
     """The strict reading of the project-list page: only finished exports are listed."""
+    hold_renders: bool = False
+    """No render finishes while set (progress stops at 99): a test can make "killed before
+    any video was ready" a fact instead of a race with render time; clearing it lets every
+    render whose time has passed finish at once."""
 
 
 @dataclass
@@ -326,7 +331,7 @@ class Simulator:
             {
                 "id": p.id,
                 "name": p.name,
-                "state": _state(p, now),
+                "state": _state(p, self._progress(p, now)),
                 "download_url": self._url_if_done(p, now),
             }
             for p in newest_first
@@ -348,7 +353,8 @@ class Simulator:
         if project is None:
             return _failure(404, "project not found")
         now = self.clock()
-        data: dict[str, Any] = {"progress": project.progress_at(now), "state": _state(project, now)}
+        progress = self._progress(project, now)
+        data: dict[str, Any] = {"progress": progress, "state": _state(project, progress)}
         url = self._url_if_done(project, now)
         if url:
             data["downloadUrl"] = url
@@ -388,7 +394,7 @@ class Simulator:
         if project is None:
             return _failure(404, "project not found")
         now = self.clock()
-        data: dict[str, Any] = {"progress": project.progress_at(now)}
+        data: dict[str, Any] = {"progress": self._progress(project, now)}
         url = self._url_if_done(project, now)
         if url:
             data["videoUrl"] = url
@@ -410,8 +416,8 @@ class Simulator:
                     "id": p.id,
                     "name": p.name,
                     "api": p.api,
-                    "progress": p.progress_at(now),
-                    "state": _state(p, now),
+                    "progress": self._progress(p, now),
+                    "state": _state(p, self._progress(p, now)),
                     "webhook_url": p.webhook_url,
                     "exports": p.exports,
                     "render_seconds": p.render_seconds,
@@ -476,8 +482,13 @@ class Simulator:
             request.transport.abort()
         raise asyncio.CancelledError
 
+    def _progress(self, project: SimProject, now: float) -> float:
+        """A project's progress as the API shows it now (held short of done on request)."""
+        progress = project.progress_at(now)
+        return min(progress, _HELD_AT) if self.knobs.hold_renders else progress
+
     def _url_if_done(self, project: SimProject, now: float) -> str | None:
-        return self.download_url(project) if project.progress_at(now) >= _DONE else None
+        return self.download_url(project) if self._progress(project, now) >= _DONE else None
 
     def _project_document(self, project: SimProject, now: float) -> dict[str, Any]:
         return {
@@ -487,13 +498,13 @@ class Simulator:
             "scenes": project.scenes,
             "userId": "simulator",
             "templateId": None,
-            "state": _state(project, now),
+            "state": _state(project, self._progress(project, now)),
             "thumbnailUrl": None,
             "baseInfoId": project.id,
             "dictionary": {},
             "backendTaskId": project.backend_task_id,
             "exportType": "video",
-            "progress": int(project.progress_at(now)),
+            "progress": int(self._progress(project, now)),
             "creditSubstracted": project.exports > 0,
             "createdAt": project.created_at,
             "updatedAt": now,
@@ -512,8 +523,10 @@ class Simulator:
 
     async def _call_back(self, project: SimProject, render_started_at: float) -> None:
         """POST the documented completion callback once the render reaches 100."""
-        while project.progress_at(self.clock()) < _DONE:
+        while self._progress(project, self.clock()) < _DONE:
             remaining = project.created_at + project.render_seconds - self.clock()
+            if self.knobs.hold_renders:
+                remaining = _CALLBACK_CHECK_S  # done or not, nothing finishes until released
             await anyio.sleep(min(max(remaining, 0.0), _CALLBACK_CHECK_S) or _CALLBACK_CHECK_S / 10)
         await anyio.sleep(self.knobs.callback_delay_s)
         if project.created_at != render_started_at or not project.webhook_url or self._http is None:
@@ -572,10 +585,10 @@ def _failure(status: int, message: str) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
-def _state(project: SimProject, now: float) -> str:
+def _state(project: SimProject, progress: float) -> str:
     if not project.rendering:
         return "draft"
-    return "exported" if project.progress_at(now) >= _DONE else "exporting"
+    return "exported" if progress >= _DONE else "exporting"
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:

@@ -227,7 +227,7 @@ class Tracker:
             except StaleTransitionError as exc:
                 # Another worker claimed the job since (or it was purged): it tracks it now.
                 log.info("job.tracking_handed_over", reason=str(exc))
-                self._forget(render.job_id, None)
+                self._forget(render.job_id, None, render)
             except Exception as exc:
                 log.exception("job.poll_crashed")
                 await self._fail_crashed(render, f"internal error while tracking: {exc!r}")
@@ -242,7 +242,7 @@ class Tracker:
         """Read the render's progress once and commit whatever it means."""
         job = await self._ctx.store.get_job(render.job_id)
         if job is None or job.state is not JobState.SUBMITTED:
-            self._forget(render.job_id, job)
+            self._forget(render.job_id, job, render)
             return
         if job.project_id is None:
             await self._fail(job, "internal_error", "submitted without a project id")
@@ -324,10 +324,10 @@ class Tracker:
             )
         except StaleTransitionError:
             log.info("job.ready_raced")
-            self._forget(job.job_id, await self._ctx.store.get_job(job.job_id))
+            self._forget(job.job_id, await self._ctx.store.get_job(job.job_id), render)
             return
         log.info("job.ready", polls=ready.polls)
-        self._forget(job.job_id, None)
+        self._forget(job.job_id, None, render)
         self._tell_ready(committed, render.first_callback_at)
         if not announcements:
             # Nobody subscribed to video.ready: there is nothing to deliver, so it is done.
@@ -399,11 +399,18 @@ class Tracker:
             if job is not None and job.state is JobState.SUBMITTED:
                 await self._fail(job, "internal_error", reason)
             else:
-                self._forget(render.job_id, job)
+                self._forget(render.job_id, job, render)
         except StoreUnavailableError as exc:
             self._retry_later(render, exc)
 
-    def _forget(self, job_id: str, job: Job | None) -> None:
-        """Stop following a render (its slot follows the job's committed state, not this loop)."""
+    def _forget(self, job_id: str, job: Job | None, render: _Render | None = None) -> None:
+        """Stop following a render (its slot follows the job's committed state, not this loop).
+
+        With `render`, only if that is still the one followed: while a refused move was being
+        settled, this worker's own take-over may have claimed the job again and started
+        following it afresh. Dropping that render would leave the job `submitted` under a
+        lease this worker keeps renewing, so no other worker would ever take it over.
+        """
         del job
-        self._renders.pop(job_id, None)
+        if render is None or self._renders.get(job_id) is render:
+            self._renders.pop(job_id, None)

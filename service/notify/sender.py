@@ -116,6 +116,7 @@ class OutboxSender:
         self._retry_dues: list[float] = []
         self._settle_lock = anyio.Lock()
         self._unsettled: set[str] = set()
+        self._finished_during_settle_scan: set[str] | None = None
 
     def wake(self) -> None:
         """Look for due rows now: new rows were committed, or a test moved its clock."""
@@ -136,11 +137,17 @@ class OutboxSender:
             await self._delivery_ended.wait()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Deliver due rows until cancelled; started means the first scan is under way."""
-        await self._settle_finished_jobs()
+        """Deliver due rows until cancelled; started means the first scan is under way.
+
+        Jobs a crash left `ready` are settled beside the deliveries, not before them: that
+        is one store round trip per `ready` job, and the service is not ready until this
+        loop has started.
+        """
         async with anyio.create_task_group() as tg:
             if self._claim_renew_s is not None:
                 tg.start_soon(self._renew_claims, self._claim_renew_s, name="outbox-claims")
+            self._finished_during_settle_scan = set()  # before any delivery can finish a job
+            tg.start_soon(self._settle_finished_jobs, name="outbox-settle")
             task_status.started()
             while True:
                 self._wake = anyio.Event()
@@ -168,11 +175,37 @@ class OutboxSender:
         """Finish `ready` jobs that have nothing left to deliver.
 
         A crash between the last row's `delivered` commit and the job's `notified` commit
-        leaves such a job behind; nothing else would ever look at it again.
+        leaves such a job behind; nothing else would ever look at it again. The scan runs
+        beside the deliveries; a job a delivery finished meanwhile is skipped, so the two
+        never both finish it. A store failure is
+        retried until the scan completes.
         """
-        for job in await self._store.jobs_in_states({JobState.READY}, limit=_SETTLE_SCAN_LIMIT):
-            if await self._store.outbox_pending_for_job(job.job_id) == 0:
-                await self._on_job_delivered(job.job_id)
+        finished = self._finished_during_settle_scan
+        if finished is None:
+            return
+        try:
+            while True:
+                try:
+                    await self._settle_ready_jobs(finished)
+                except StoreUnavailableError as exc:
+                    log.warning("outbox_settle_scan_failed", error=str(exc))
+                    await anyio.sleep(STORE_RETRY_S)
+                else:
+                    return
+        finally:
+            self._finished_during_settle_scan = None
+
+    async def _settle_ready_jobs(self, finished: set[str]) -> None:
+        """One pass of the scan; `finished` are the jobs deliveries finished meanwhile."""
+        for job in await self._store.jobs_in_states({JobState.READY}, _SETTLE_SCAN_LIMIT):
+            if await self._store.outbox_pending_for_job(job.job_id) != 0:
+                continue
+            # A delivery that finished the job's last row counted and finished it under the
+            # lock, before the count above could see nothing pending: it is in `finished`.
+            async with self._settle_lock:
+                if job.job_id not in finished:
+                    await self._on_job_delivered(job.job_id)
+                    finished.add(job.job_id)
 
     async def _start_due(self, tg: TaskGroup) -> float:
         """Start deliveries for due rows; return how long to wait before looking again."""
@@ -318,6 +351,8 @@ class OutboxSender:
             pending = await self._store.outbox_pending_for_job(job_id)
             if not pending:
                 await self._on_job_delivered(job_id)
+                if self._finished_during_settle_scan is not None:
+                    self._finished_during_settle_scan.add(job_id)
         except StaleTransitionError:
             log.info("job_already_moved", job_id=job_id)
         except StoreUnavailableError as exc:
