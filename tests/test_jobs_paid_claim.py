@@ -100,3 +100,53 @@ async def test_a_job_that_reached_ready_leaves_no_claim_behind(tmp_path):
         assert not await owned.may_pay(job)  # nothing to pay for: the claim is not renewed
     finally:
         await store.close()
+
+
+class _TakeBackDuring:
+    """The store, except that one worker's take-back scan lands while its first transition is
+    under way: after the transition has read its fence, before the store refuses it."""
+
+    def __init__(self, inner, take_back):
+        self._inner = inner
+        self._take_back = take_back
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    async def transition(self, *args, **kwargs):
+        take_back, self._take_back = self._take_back, None
+        if take_back is not None:
+            await take_back()
+        return await self._inner.transition(*args, **kwargs)
+
+
+async def test_a_write_refused_after_the_worker_took_its_job_back_keeps_the_render_slot(tmp_path):
+    store, store_clock, _, _, job, _ = await submitting_job(tmp_path)
+    try:
+        # w2 takes the job over from a stalled w1 (w1's fence is now stale) ...
+        store_clock.advance(LEASE_S + 1)
+        other = OwnedJobs(store, RenderSlots(4), owner="w2", lease_s=LEASE_S)
+        [taken] = await other.claim_free({JobState.SUBMITTING}, 10, take_own=False)
+        slots = RenderSlots(4)
+        owned = OwnedJobs(None, slots, owner="w1", lease_s=LEASE_S)
+
+        async def take_back():
+            # ... and w2 stalls in turn: w1's scan takes the job back under a newer fence.
+            store_clock.advance(LEASE_S + 1)
+            [back] = await owned.claim_free({JobState.SUBMITTING}, 10, take_own=False)
+            assert back.fence == taken.fence + 1
+
+        owned._store = _TakeBackDuring(store, take_back)
+        owned._own(job, asked_at=0.0)  # w1's original claim, under the old fence
+        with pytest.raises(Exception, match="fence"), capture_logs() as logs:
+            await owned.transition(job.job_id, {JobState.SUBMITTING}, JobState.SUBMITTED)
+        events = [entry["event"] for entry in logs]
+        assert "job.claim_lost" not in events
+        assert "job.claim_renewed_meanwhile" in events
+        assert slots.holds(job.job_id)
+        assert slots.in_flight == 1
+        # The newer claim is the one in force: a move under it goes through.
+        moved = await owned.transition(job.job_id, {JobState.SUBMITTING}, JobState.SUBMITTED)
+        assert (moved.state, moved.owner) == (JobState.SUBMITTED, "w1")
+    finally:
+        await store.close()

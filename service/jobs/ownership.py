@@ -95,10 +95,11 @@ class OwnedJobs:
         """
         if claim_is_fresh(self._monotonic(), self._claimed_at.get(job.job_id), self.lease_s):
             return True
+        held = self._fences.get(job.job_id)
         fresh = await self.claim(job.job_id, {job.state})
         if fresh is None:
             log.warning("job.export_withheld", job_id=job.job_id, reason="claim lapsed")
-            self._lose(job.job_id)
+            self._lose(job.job_id, held)
             return False
         return True
 
@@ -144,12 +145,13 @@ class OwnedJobs:
         outbox: Sequence[NewOutboxMessage] = (),
     ) -> Job:
         """Move a job under this worker's fence; the render slot follows the committed state."""
+        fence = self._fences.get(job_id)
         try:
             job = await self._store.transition(
-                job_id, from_states, to_state, update, outbox, fence=self._fences.get(job_id)
+                job_id, from_states, to_state, update, outbox, fence=fence
             )
         except FencedError:
-            self._lose(job_id)
+            self._lose(job_id, fence)
             raise
         # A stale move means another of this worker's moves won (and settled the slot) or an
         # operator moved a finished job: nothing to settle here.
@@ -164,12 +166,11 @@ class OwnedJobs:
         announce: Callable[[Job, SpendCap], Sequence[NewOutboxMessage]],
     ) -> Job:
         """The paid call's commit under the caps, fenced; the slot follows the committed state."""
+        fence = self._fences.get(job_id)
         try:
-            job = await self._store.spend_or_hold(
-                job_id, caps, update, announce, fence=self._fences.get(job_id)
-            )
+            job = await self._store.spend_or_hold(job_id, caps, update, announce, fence=fence)
         except FencedError:
-            self._lose(job_id)
+            self._lose(job_id, fence)
             raise
         self._settle(job)
         return job
@@ -192,10 +193,11 @@ class OwnedJobs:
 
     async def update_job(self, job_id: str, update: JobUpdate) -> Job:
         """Change fields under this worker's fence."""
+        fence = self._fences.get(job_id)
         try:
-            return await self._store.update_job(job_id, update, fence=self._fences.get(job_id))
+            return await self._store.update_job(job_id, update, fence=fence)
         except FencedError:
-            self._lose(job_id)
+            self._lose(job_id, fence)
             raise
 
     def _settle(self, job: Job) -> None:
@@ -210,13 +212,19 @@ class OwnedJobs:
             self._fences.pop(job.job_id, None)
             self._claimed_at.pop(job.job_id, None)
 
-    def _lose(self, job_id: str) -> None:
+    def _lose(self, job_id: str, refused: int | None) -> None:
         """Another worker claimed the job since: it is no longer ours to move or count.
 
-        The stale fence is kept, not dropped: a move without a fence is not checked at all,
-        so forgetting it would let this worker's next move of the job (a failure verdict
+        `refused` is the fence the refused write carried. If this worker claimed the job again
+        while that write was under way (its own take-over scan), the job is ours under the new
+        fence and keeps its slot: letting go then would free a slot of a job still rendering
+        here. The stale fence is kept, not dropped: a move without a fence is not checked at
+        all, so forgetting it would let this worker's next move of the job (a failure verdict
         after the refused poll, say) through. Only a new claim replaces it.
         """
-        log.warning("job.claim_lost", job_id=job_id, fence=self._fences.get(job_id))
+        if self._fences.get(job_id) != refused:
+            log.info("job.claim_renewed_meanwhile", job_id=job_id, refused_fence=refused)
+            return
+        log.warning("job.claim_lost", job_id=job_id, fence=refused)
         self._claimed_at.pop(job_id, None)
         self._slots.settle(job_id, None)
