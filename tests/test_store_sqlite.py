@@ -336,3 +336,48 @@ async def test_a_group_that_fails_is_split_and_only_the_culprit_fails(store):
     finally:
         raw.close()
     assert keys == {"taken", "s0", "s2", "s3"}
+
+
+class LimitingGate(WriterGate):
+    """A WriterGate that first lowers the writer connection's bound on parameters per statement."""
+
+    def __init__(self, max_parameters: int) -> None:
+        super().__init__()
+        self.max_parameters = max_parameters
+
+    def __call__(self, connection: sqlite3.Connection) -> None:
+        connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, self.max_parameters)
+        super().__call__(connection)
+
+
+async def test_a_large_group_fits_sqlite_builds_limited_to_999_parameters(store):
+    """SQLite before 3.32 binds at most 999 values per statement; 150 events with 2 jobs each
+    (12 values a job row) are far more than that and must still commit as one group."""
+    events = [sample_event(f"big{n}") for n in range(150)]
+    outcomes: dict[int, object] = {}
+
+    async def accept(n: int) -> None:
+        outcomes[n] = await store.accept_event(
+            events[n], [sample_job(events[n]), sample_job(events[n], "b")]
+        )
+
+    gate = LimitingGate(999)
+    with capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            await gate.hold(store, tg)
+            for n in range(len(events)):
+                tg.start_soon(accept, n)
+            await anyio.wait_all_tasks_blocked()
+            commits_before = store.commit_count
+            gate.release.set()
+
+    assert store.commit_count == commits_before + 2  # the gate's batch, then the group
+    assert [e for e in logs if e["event"] == "store_group_split"] == []
+    assert all(not outcomes[n].duplicate for n in range(len(events)))
+    raw = sqlite3.connect(store.path)
+    try:
+        assert raw.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 150
+        assert raw.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 300
+        assert raw.execute("SELECT COUNT(*) FROM transitions").fetchone()[0] == 300
+    finally:
+        raw.close()
