@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import sys
 import threading
 from dataclasses import replace
 
@@ -14,6 +15,7 @@ from service.model import JobState
 from service.store.base import StaleTransitionError, StoreUnavailableError
 from service.store.schema import SCHEMA_VERSION
 from service.store.sqlite import SQLiteStore
+from service.store.writer import WRITER_SWITCH_INTERVAL_S
 from tests.support.store_fixtures import sample_event, sample_job
 
 pytestmark = pytest.mark.anyio
@@ -381,3 +383,20 @@ async def test_a_large_group_fits_sqlite_builds_limited_to_999_parameters(store)
         assert raw.execute("SELECT COUNT(*) FROM transitions").fetchone()[0] == 300
     finally:
         raw.close()
+
+
+async def test_the_writer_shortens_the_gil_switch_interval_and_never_lengthens_it(tmp_path):
+    saved = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        first = SQLiteStore(tmp_path / "a.db")
+        await first.open()
+        await first.close()
+        assert sys.getswitchinterval() == pytest.approx(WRITER_SWITCH_INTERVAL_S)
+        sys.setswitchinterval(WRITER_SWITCH_INTERVAL_S / 5)
+        second = SQLiteStore(tmp_path / "b.db")
+        await second.open()
+        await second.close()
+        assert sys.getswitchinterval() == pytest.approx(WRITER_SWITCH_INTERVAL_S / 5)
+    finally:
+        sys.setswitchinterval(saved)
