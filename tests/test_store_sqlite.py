@@ -400,3 +400,40 @@ async def test_the_writer_shortens_the_gil_switch_interval_and_never_lengthens_i
         assert sys.getswitchinterval() == pytest.approx(WRITER_SWITCH_INTERVAL_S / 5)
     finally:
         sys.setswitchinterval(saved)
+
+
+class TracingGate(WriterGate):
+    """A WriterGate that records every statement the writer connection runs from then on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.statements: list[str] = []
+
+    def __call__(self, connection: sqlite3.Connection) -> None:
+        connection.set_trace_callback(self.statements.append)
+        super().__call__(connection)
+
+
+async def test_a_group_of_up_to_16_is_one_insert_a_table(store):
+    """Every statement lets go of the GIL and waits to win it back: a group of 13 events with a
+    job each is one INSERT into each of events, jobs and transitions, not one per set bit."""
+    events = [sample_event(f"one{n}") for n in range(13)]
+
+    async def accept(n: int) -> None:
+        await store.accept_event(events[n], [sample_job(events[n])])
+
+    gate = TracingGate()
+    async with anyio.create_task_group() as tg:
+        await gate.hold(store, tg)
+        for n in range(len(events)):
+            tg.start_soon(accept, n)
+        await anyio.wait_all_tasks_blocked()
+        gate.release.set()
+
+    inserts = [s.split(" (")[0] for s in gate.statements if s.startswith("INSERT")]
+    assert inserts == ["INSERT INTO events", "INSERT INTO jobs", "INSERT INTO transitions"]
+    raw = sqlite3.connect(store.path)
+    try:
+        assert raw.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 13
+    finally:
+        raw.close()
