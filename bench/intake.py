@@ -43,7 +43,7 @@ from _shared import (
 )
 from aiohttp import web
 
-from service.eventloop import loop_options
+from service.eventloop import loop_options, tune_collector
 from service.ingress.webhooks import webhook_routes
 from service.intake import StoreIntake
 from service.model import JobState
@@ -309,6 +309,7 @@ def main() -> None:
     args = parse_args()
     seconds = QUICK_S if args.quick else FULL_S
     options, loop_name = loop_options(prefer_uvloop=args.loop == "default")
+    tune_collector()  # as `studiohook serve` does
     figures = anyio.run(run, seconds, args.connections, loop_name, backend_options=options)
     emit_result("intake", figures)
 

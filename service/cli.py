@@ -29,7 +29,7 @@ from service.budget_config import budget_limits
 from service.catalog import load_catalog
 from service.cli_tables import job_table, jobs_table
 from service.config import Config, ConfigError, config_path, load_config, read_config
-from service.eventloop import loop_options
+from service.eventloop import loop_options, tune_collector
 from service.intake import decide, route_context
 from service.jobs.cache import render_key
 from service.jobs.prepare import coalesce_key_for, export_request
@@ -576,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         configure_logging("warning", "console")
     try:
         options, _ = loop_options()
+        tune_collector()
         code = anyio.run(COMMANDS[args.command], args, backend="asyncio", backend_options=options)
     except ConfigError as exc:
         _print_problems(exc.problems)

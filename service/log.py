@@ -12,7 +12,7 @@ import logging
 import re
 import sys
 from collections.abc import Iterable, MutableMapping
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 import orjson
@@ -25,6 +25,8 @@ _SECRET_KEY = re.compile(
 _secret_values: set[str] = set()
 _stdlib_handlers: list[logging.Handler] = []
 _PLAIN = frozenset({int, float, bool})
+_generation = 0
+"""Bumped by every `configure_logging`: a cached logger built under an older one is rebuilt."""
 
 
 def register_secrets(values: Iterable[str | None]) -> None:
@@ -109,6 +111,7 @@ def configure_logging(
     level: str = "info", fmt: str = "console", stream: TextIO | None = None
 ) -> None:
     """Configure structlog once for the process (the CLI calls this before anything logs)."""
+    global _generation  # noqa: PLW0603 - the one process-wide configuration
     renderer: Any
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
@@ -130,6 +133,7 @@ def configure_logging(
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
+    _generation += 1
 
 
 def _route_stdlib_logging(level: str, stream: TextIO, shared: list[Any], renderer: Any) -> None:  # noqa: ANN401 - structlog renderers have no common type
@@ -156,6 +160,30 @@ def _route_stdlib_logging(level: str, stream: TextIO, shared: list[Any], rendere
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
-    """A logger bound to its component name."""
-    logger: structlog.stdlib.BoundLogger = structlog.get_logger(component=name)
-    return logger
+    """A logger bound to its component name, assembled once per `configure_logging`.
+
+    structlog's own lazy logger assembles a new logger (wrapper, context, output) on every
+    call unless it is cached for good, and a logger cached for good ignores a later
+    `configure_logging`. On the webhook path that assembly cost more than the call itself,
+    even for a debug line that is then dropped, so this one keeps what it assembled until
+    the configuration changes. `capture_logs` swaps processors in place and still sees every
+    line.
+    """
+    return cast("structlog.stdlib.BoundLogger", _CachedLogger(name))
+
+
+class _CachedLogger:
+    """Forwards to a logger assembled for the current configuration generation."""
+
+    __slots__ = ("_bound", "_generation", "_name")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._bound: Any = None
+        self._generation = -1
+
+    def __getattr__(self, attribute: str) -> Any:  # noqa: ANN401 - whatever the logger has
+        if self._generation != _generation:
+            self._bound = structlog.get_logger(component=self._name).bind()
+            self._generation = _generation
+        return getattr(self._bound, attribute)

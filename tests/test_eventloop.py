@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 
 import anyio
 
-from service.eventloop import loop_options
+from service.eventloop import COLLECTOR_GEN0_THRESHOLD, loop_options, tune_collector
 
 
 async def _loop_module() -> str:
@@ -29,3 +30,19 @@ def test_the_standard_loop_when_uvloop_is_not_wanted():
     options, name = loop_options(prefer_uvloop=False)
     assert (options, name) == ({}, "asyncio")
     assert anyio.run(_loop_module, backend="asyncio", backend_options=options).startswith("asyncio")
+
+
+def test_the_collector_is_tuned_up_never_down():
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        tune_collector()
+        assert gc.get_threshold() == (COLLECTOR_GEN0_THRESHOLD, 10, 10)
+        gc.set_threshold(COLLECTOR_GEN0_THRESHOLD * 2, 5, 5)
+        tune_collector()
+        assert gc.get_threshold() == (COLLECTOR_GEN0_THRESHOLD * 2, 5, 5)
+        gc.set_threshold(0)
+        tune_collector()
+        assert gc.get_threshold()[0] == 0
+    finally:
+        gc.set_threshold(*saved)

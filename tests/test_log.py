@@ -3,8 +3,15 @@ import io
 import orjson
 import pytest
 import structlog
+from structlog.testing import capture_logs
 
-from service.log import REDACTED, configure_logging, printable_url, register_secrets
+from service.log import (
+    REDACTED,
+    configure_logging,
+    get_logger,
+    printable_url,
+    register_secrets,
+)
 
 CANARY = "canary-7f3a9c1e-secret"
 
@@ -87,3 +94,28 @@ def test_bound_context_is_on_every_line():
 )
 def test_a_printable_url_keeps_where_and_drops_every_credential(url, printed):
     assert printable_url(url) == printed
+
+
+def test_a_component_logger_follows_every_reconfiguration():
+    """get_logger keeps what it assembled, but only until logging is configured again."""
+    log = get_logger("component-test")
+    first, second = io.StringIO(), io.StringIO()
+    try:
+        configure_logging("info", "json", stream=first)
+        log.info("one")
+        log.debug("dropped at info")
+        configure_logging("debug", "json", stream=second)
+        log.debug("two")
+    finally:
+        configure_logging("info", "console")
+    assert [orjson.loads(x)["event"] for x in first.getvalue().splitlines()] == ["one"]
+    (line,) = [orjson.loads(x) for x in second.getvalue().splitlines()]
+    assert (line["event"], line["level"], line["component"]) == ("two", "debug", "component-test")
+
+
+def test_a_component_logger_is_seen_by_capture_logs():
+    log = get_logger("component-test")
+    log.info("assembled before the capture")
+    with capture_logs() as logs:
+        log.warning("captured")
+    assert [(e["event"], e["component"]) for e in logs] == [("captured", "component-test")]

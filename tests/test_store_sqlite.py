@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import sys
 import threading
 from dataclasses import replace
 
@@ -14,6 +15,7 @@ from service.model import JobState
 from service.store.base import StaleTransitionError, StoreUnavailableError
 from service.store.schema import SCHEMA_VERSION
 from service.store.sqlite import SQLiteStore
+from service.store.writer import WRITER_SWITCH_INTERVAL_S
 from tests.support.store_fixtures import sample_event, sample_job
 
 pytestmark = pytest.mark.anyio
@@ -336,3 +338,102 @@ async def test_a_group_that_fails_is_split_and_only_the_culprit_fails(store):
     finally:
         raw.close()
     assert keys == {"taken", "s0", "s2", "s3"}
+
+
+class LimitingGate(WriterGate):
+    """A WriterGate that first lowers the writer connection's bound on parameters per statement."""
+
+    def __init__(self, max_parameters: int) -> None:
+        super().__init__()
+        self.max_parameters = max_parameters
+
+    def __call__(self, connection: sqlite3.Connection) -> None:
+        connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, self.max_parameters)
+        super().__call__(connection)
+
+
+async def test_a_large_group_fits_sqlite_builds_limited_to_999_parameters(store):
+    """SQLite before 3.32 binds at most 999 values per statement; 150 events with 2 jobs each
+    (12 values a job row) are far more than that and must still commit as one group."""
+    events = [sample_event(f"big{n}") for n in range(150)]
+    outcomes: dict[int, object] = {}
+
+    async def accept(n: int) -> None:
+        outcomes[n] = await store.accept_event(
+            events[n], [sample_job(events[n]), sample_job(events[n], "b")]
+        )
+
+    gate = LimitingGate(999)
+    with capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            await gate.hold(store, tg)
+            for n in range(len(events)):
+                tg.start_soon(accept, n)
+            await anyio.wait_all_tasks_blocked()
+            commits_before = store.commit_count
+            gate.release.set()
+
+    assert store.commit_count == commits_before + 2  # the gate's batch, then the group
+    assert [e for e in logs if e["event"] == "store_group_split"] == []
+    assert all(not outcomes[n].duplicate for n in range(len(events)))
+    raw = sqlite3.connect(store.path)
+    try:
+        assert raw.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 150
+        assert raw.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 300
+        assert raw.execute("SELECT COUNT(*) FROM transitions").fetchone()[0] == 300
+    finally:
+        raw.close()
+
+
+async def test_the_writer_shortens_the_gil_switch_interval_and_never_lengthens_it(tmp_path):
+    saved = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        first = SQLiteStore(tmp_path / "a.db")
+        await first.open()
+        await first.close()
+        assert sys.getswitchinterval() == pytest.approx(WRITER_SWITCH_INTERVAL_S)
+        sys.setswitchinterval(WRITER_SWITCH_INTERVAL_S / 5)
+        second = SQLiteStore(tmp_path / "b.db")
+        await second.open()
+        await second.close()
+        assert sys.getswitchinterval() == pytest.approx(WRITER_SWITCH_INTERVAL_S / 5)
+    finally:
+        sys.setswitchinterval(saved)
+
+
+class TracingGate(WriterGate):
+    """A WriterGate that records every statement the writer connection runs from then on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.statements: list[str] = []
+
+    def __call__(self, connection: sqlite3.Connection) -> None:
+        connection.set_trace_callback(self.statements.append)
+        super().__call__(connection)
+
+
+async def test_a_group_of_up_to_16_is_one_insert_a_table(store):
+    """Every statement lets go of the GIL and waits to win it back: a group of 13 events with a
+    job each is one INSERT into each of events, jobs and transitions, not one per set bit."""
+    events = [sample_event(f"one{n}") for n in range(13)]
+
+    async def accept(n: int) -> None:
+        await store.accept_event(events[n], [sample_job(events[n])])
+
+    gate = TracingGate()
+    async with anyio.create_task_group() as tg:
+        await gate.hold(store, tg)
+        for n in range(len(events)):
+            tg.start_soon(accept, n)
+        await anyio.wait_all_tasks_blocked()
+        gate.release.set()
+
+    inserts = [s.split(" (")[0] for s in gate.statements if s.startswith("INSERT")]
+    assert inserts == ["INSERT INTO events", "INSERT INTO jobs", "INSERT INTO transitions"]
+    raw = sqlite3.connect(store.path)
+    try:
+        assert raw.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 13
+    finally:
+        raw.close()

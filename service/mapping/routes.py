@@ -7,6 +7,7 @@ route that would fail on its first event never goes live.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -180,8 +181,13 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
 
 
 def _glob_matches(pattern: str, text: str) -> bool:
-    regex = ".*".join(re.escape(part) for part in pattern.split("*"))
-    return re.fullmatch(regex, text) is not None
+    return _glob_regex(pattern).fullmatch(text) is not None
+
+
+@functools.lru_cache(maxsize=1024)
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """Each configured `events` entry is turned into a regex once, not per delivery."""
+    return re.compile(".*".join(re.escape(part) for part in pattern.split("*")))
 
 
 def route_matches(route: CompiledRoute, source: str, event_type: str) -> bool:

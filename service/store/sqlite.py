@@ -49,6 +49,10 @@ T = TypeVar("T")
 
 _log = get_logger("store.sqlite")
 _PURGE_CHUNK = 500
+WRITER_CACHED_STATEMENTS = 256
+"""Prepared statements the write connection keeps (sqlite3's default is 128): intake's
+multi-row INSERTs alone are up to 19 sizes for each of three tables, and every other write
+statement of the daemon should stay prepared beside them."""
 
 
 class SQLiteStore(OutboxListeners):
@@ -118,19 +122,20 @@ class SQLiteStore(OutboxListeners):
                 functools.partial(self._close_readers, wait=self._writer is not None)
             )
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, *, cached_statements: int = 128) -> sqlite3.Connection:
         connection = sqlite3.connect(
             self._path,
             timeout=self._busy_timeout_s,
             isolation_level=None,
             check_same_thread=False,
+            cached_statements=cached_statements,
         )
         connection.row_factory = sqlite3.Row
         return connection
 
     def _open_writer_connection(self) -> sqlite3.Connection:
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        connection = self._connect()
+        connection = self._connect(cached_statements=WRITER_CACHED_STATEMENTS)
         try:
             _require_wal(connection)
             connection.execute("PRAGMA synchronous=FULL")

@@ -258,27 +258,40 @@ def accept_events(conn: sqlite3.Connection, items: list[AcceptItem]) -> list[Acc
 
 
 def _insert_many(conn: sqlite3.Connection, insert: str, rows: list[tuple[object, ...]]) -> None:
-    """Insert `rows` with a few multi-row INSERTs: one per set bit of their number.
+    """Insert `rows` with one multi-row INSERT, or a few for a large group.
 
     `executemany` runs one statement step per row, and each step lets go of the GIL and has to
-    win it back from a busy event loop; one INSERT of 2^k rows is one step. Power-of-two sizes
-    keep the distinct statements (and so the prepared-statement cache) at a handful.
+    win it back from a busy event loop; one multi-row INSERT is one step. Up to _EXACT_ROWS rows
+    go in one statement of exactly that size; more are cut into power-of-two statements first.
+    So a group of up to 16 is one statement a table, the distinct statements stay under 20 a
+    table (the writer's statement cache keeps them all), and none binds more than
+    _MAX_PARAMETERS values.
     """
     head, _, values = insert.partition(" VALUES ")
+    most = _rows_per_insert(values.count("?"))
     start = 0
     while start < len(rows):
-        size = 1 << ((len(rows) - start).bit_length() - 1)
-        size = min(size, _MAX_ROWS_PER_INSERT)
+        left = len(rows) - start
+        size = left if left <= min(_EXACT_ROWS, most) else 1 << (min(left, most).bit_length() - 1)
         chunk = rows[start : start + size]
         conn.execute(_multi_row_sql(head, values, size), [value for row in chunk for value in row])
         start += size
 
 
+_EXACT_ROWS = 16
 _MAX_ROWS_PER_INSERT = 128
-"""Under SQLite's 32,766 bound parameters for the widest row (12 values)."""
+_MAX_PARAMETERS = 999
+"""SQLite's bound on parameters per statement before 3.32, kept by builds that set it: a group of
+hundreds of jobs (12 values each) must not become one statement of more than that."""
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
+def _rows_per_insert(width: int) -> int:
+    """The most rows of `width` values one multi-row INSERT takes: under both bounds above."""
+    return max(1, min(_MAX_ROWS_PER_INSERT, _MAX_PARAMETERS // width))
+
+
+@functools.lru_cache(maxsize=128)
 def _multi_row_sql(head: str, values: str, rows: int) -> str:
     return f"{head} VALUES {', '.join([values] * rows)}"
 
