@@ -55,7 +55,7 @@ from _shared import (
 from service.aistudios.client import AIStudiosClient
 from service.aistudios.simulator import SimulatorKnobs
 from service.config import Config
-from service.eventloop import loop_options
+from service.eventloop import loop_options, tune_collector
 from service.intake import StoreIntake
 from service.jobs.ratelimit import RequestGate
 from service.model import Job, JobState
@@ -415,6 +415,7 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0] if __doc__ else "burst bench")
     count, concurrency, render_s = QUICK if args.quick else FULL
     options, _ = loop_options(prefer_uvloop=True)
+    tune_collector()  # as `studiohook serve` does
     emit_result(
         "burst",
         anyio.run(run, count, concurrency, render_s, backend="asyncio", backend_options=options),

@@ -51,7 +51,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from service.config import Config, SourceConfig
-from service.eventloop import loop_options
+from service.eventloop import loop_options, tune_collector
 from service.ingress.mqtt import MqttIngress
 from service.intake import StoreIntake
 from service.model import Acceptance, JobState, RawEvent
@@ -331,6 +331,7 @@ def main() -> None:
     args = parser.parse_args()
     count = QUICK_N if args.quick else FULL_N
     options, loop_name = loop_options(prefer_uvloop=args.loop == "default")
+    tune_collector()  # as `studiohook serve` does
     figures = anyio.run(run, count, loop_name, backend_options=options)
     emit_result("mqtt_intake", figures)
 
