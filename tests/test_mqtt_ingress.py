@@ -371,24 +371,33 @@ async def test_every_message_stored_exactly_once_across_a_broker_restart(private
     assert len(intake.calls) > 300  # un-acked messages were redelivered and deduplicated
 
 
+def persistent_v5_client(
+    broker: BrokerAddress, client_id: str, *, receive_maximum: int | None = None
+) -> aiomqtt.Client:
+    """A plain aiomqtt client on a persistent MQTT 5 session (the ingress's own settings)."""
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = 60
+    if receive_maximum is not None:
+        properties.ReceiveMaximum = receive_maximum
+    return aiomqtt.Client(
+        broker.host,
+        broker.port,
+        identifier=client_id,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        clean_start=False,
+        properties=properties,
+    )
+
+
 async def test_aiomqtt_internals_for_manual_ack_still_exist_and_unacked_is_redelivered(
     mqtt_broker,
 ):
     """Fails loudly if aiomqtt drops the wrapped paho client or paho its manual-ack API."""
     topic = f"studiohook-test/{uuid.uuid4().hex[:10]}/raw"
     client_id = f"studiohook-test-{uuid.uuid4().hex[:10]}"
-    properties = Properties(PacketTypes.CONNECT)
-    properties.SessionExpiryInterval = 60
 
     def client() -> aiomqtt.Client:
-        made = aiomqtt.Client(
-            mqtt_broker.host,
-            mqtt_broker.port,
-            identifier=client_id,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=False,
-            properties=properties,
-        )
+        made = persistent_v5_client(mqtt_broker, client_id)
         assert isinstance(made._client, paho.Client), "aiomqtt no longer wraps paho as _client"
         assert callable(made._client.manual_ack_set), "paho lost Client.manual_ack_set"
         assert callable(made._client.ack), "paho lost Client.ack"
@@ -439,19 +448,9 @@ async def test_a_burst_read_ahead_arrives_whole_in_order_and_acks_written_in_ste
     """
     topic = f"studiohook-test/{uuid.uuid4().hex[:10]}/burst"
     client_id = f"studiohook-test-{uuid.uuid4().hex[:10]}"
-    properties = Properties(PacketTypes.CONNECT)
-    properties.SessionExpiryInterval = 60
-    properties.ReceiveMaximum = 1000
 
     def client() -> aiomqtt.Client:
-        made = aiomqtt.Client(
-            mqtt_broker.host,
-            mqtt_broker.port,
-            identifier=client_id,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=False,
-            properties=properties,
-        )
+        made = persistent_v5_client(mqtt_broker, client_id, receive_maximum=1000)
         made._client.manual_ack_set(on=True)
         return made
 
