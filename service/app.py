@@ -278,6 +278,7 @@ class _Parts:
             rng=random.Random(),  # noqa: S311 - retry jitter, not cryptography
             on_job_delivered=_mark_notified(store),
             claim_renew_s=OUTBOX_CLAIM_S / 3,
+            settle_every_s=2 * OUTBOX_CLAIM_S if isinstance(store, PostgresStore) else None,
         )
         store.add_outbox_listener(sender.wake)
         intake = StoreIntake(

@@ -509,3 +509,25 @@ async def test_jobs_left_ready_are_settled_beside_the_deliveries_not_before_them
         await harness.wait_done(2)
         tg.cancel_scope.cancel()
     assert harness.done == [new, left]
+
+
+async def test_on_a_shared_store_jobs_left_ready_later_are_settled_by_the_next_scan(harness):
+    # Another instance died between its last delivery and the job's `notified` commit while
+    # this one kept running: its start-up scan is long over, so the periodic one settles it.
+    record_done = harness.job_done
+
+    async def mark_notified(job_id: str) -> None:  # as the app's hook does
+        await harness.store.transition(job_id, {JobState.READY}, JobState.NOTIFIED)
+        await record_done(job_id)
+
+    harness.job_done = mark_notified
+    await harness.add_ready_job("left-before-start", [])
+    async with anyio.create_task_group() as tg:
+        await start(tg, harness, {}, settle_every_s=0.05)
+        await harness.wait_done(1)
+        await harness.add_ready_job("left-while-running", [])
+        await harness.wait_done(2)
+        tg.cancel_scope.cancel()
+    assert harness.done == [
+        sample_job(sample_event(key)).job_id for key in ("left-before-start", "left-while-running")
+    ]

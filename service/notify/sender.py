@@ -84,6 +84,11 @@ class OutboxSender:
 
     `claim_renew_s` (a third of the store's outbox claim, as job leases are renewed) is how
     often the claims of the rows in flight are renewed; None leaves them to the scans.
+    `settle_every_s` is how often `ready` jobs with nothing left to deliver are looked for
+    again after the scan at start: on a store several instances share, one that died between
+    its last delivery and the job's `notified` commit leaves such a job behind while the
+    others keep running, and no start of theirs would come to look. None: only at start (one
+    process owns the store, so the start after its crash is the one that looks).
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class OutboxSender:
         max_concurrency: int = 16,
         idle_poll_s: float = 30.0,
         claim_renew_s: float | None = None,
+        settle_every_s: float | None = None,
     ) -> None:
         self._store = store
         self._targets = dict(targets)
@@ -108,6 +114,7 @@ class OutboxSender:
         self._max_concurrency = max_concurrency
         self._idle_poll_s = idle_poll_s
         self._claim_renew_s = claim_renew_s
+        self._settle_every_s = settle_every_s
         self._draining = False
         self._delivery_ended = anyio.Event()
         self._in_flight: set[int] = set()
@@ -147,7 +154,7 @@ class OutboxSender:
             if self._claim_renew_s is not None:
                 tg.start_soon(self._renew_claims, self._claim_renew_s, name="outbox-claims")
             self._finished_during_settle_scan = set()  # before any delivery can finish a job
-            tg.start_soon(self._settle_finished_jobs, name="outbox-settle")
+            tg.start_soon(self._settle_now_and_every, self._settle_every_s, name="outbox-settle")
             task_status.started()
             while True:
                 self._wake = anyio.Event()
@@ -170,6 +177,19 @@ class OutboxSender:
                 await self._store.renew_outbox_claims(set(self._in_flight), self._clock())
             except StoreUnavailableError as exc:
                 log.warning("outbox_claim_renew_failed", error=str(exc))
+
+    async def _settle_now_and_every(self, every_s: float | None) -> None:
+        """The settle scan at start, then again every `every_s` (never, when None)."""
+        await self._settle_finished_jobs()
+        if every_s is None:
+            return
+        while True:
+            await anyio.sleep(every_s)
+            async with self._settle_lock:
+                # Under the lock: a delivery finishing a job now is either done already (the
+                # job is no longer `ready` when the scan reads it) or recorded in the set.
+                self._finished_during_settle_scan = set()
+            await self._settle_finished_jobs()
 
     async def _settle_finished_jobs(self) -> None:
         """Finish `ready` jobs that have nothing left to deliver.
