@@ -197,8 +197,7 @@ class OutboxSender:
         A crash between the last row's `delivered` commit and the job's `notified` commit
         leaves such a job behind; nothing else would ever look at it again. The scan runs
         beside the deliveries; a job a delivery finished meanwhile is skipped, so the two
-        never both finish it. A store failure is
-        retried until the scan completes.
+        never both finish it. A store failure is retried until the scan completes.
         """
         finished = self._finished_during_settle_scan
         if finished is None:
