@@ -155,7 +155,12 @@ def _route_stdlib_logging(level: str, stream: TextIO, shared: list[Any], rendere
         root.removeHandler(previous)
     _stdlib_handlers[:] = [handler]
     root.addHandler(handler)
-    root.setLevel(logging.getLevelNamesMapping()[level.upper()])
+    numeric = logging.getLevelNamesMapping()[level.upper()]
+    root.setLevel(numeric)
+    # aiohttp writes one access line per request at info: under webhook load that is a line
+    # per delivery, which the intake keeps for debug (README, Logs).
+    access = logging.INFO if numeric <= logging.DEBUG else logging.WARNING
+    logging.getLogger("aiohttp.access").setLevel(access)
     logging.captureWarnings(capture=True)
 
 

@@ -17,7 +17,9 @@ configure_logging("info", "json")
 get_logger("intake").warning("event.dead_lettered", event_id="e1")
 # aiomqtt's own words during a burst of announcements, through the stdlib logger.
 logging.getLogger("mqtt").warning("There are %d pending publish calls.", 11)
-logging.getLogger("aiohttp.access").info("GET /x token=lib-secret-value")
+logging.getLogger("aiohttp.server").warning("GET /x token=lib-secret-value")
+# One access line per request is for debugging (README, Logs): not written at info.
+logging.getLogger("aiohttp.access").info("GET /y")
 failure = RuntimeError("boom")
 logging.getLogger("asyncio").error(
     "Future exception was never retrieved", exc_info=(RuntimeError, failure, None)
