@@ -41,6 +41,7 @@ from service.model import (
 from service.store import sqlite_reads as reads
 from service.store import sqlite_sql as sql
 from service.store.base import SoleProcessLock, StoreUnavailableError
+from service.store.checkpointer import Checkpointer
 from service.store.methods import OutboxListeners
 from service.store.schema import MIGRATIONS, SCHEMA_VERSION
 from service.store.writer import GroupCommitWriter, is_database_failure
@@ -74,6 +75,7 @@ class SQLiteStore(OutboxListeners):
         self._reader_count = readers
         self._busy_timeout_s = busy_timeout_s
         self._writer: GroupCommitWriter | None = None
+        self._checkpointer: Checkpointer | None = None
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._read_limiter = anyio.CapacityLimiter(readers)
         self._closed = False
@@ -106,7 +108,14 @@ class SQLiteStore(OutboxListeners):
         except (sqlite3.Error, OSError) as exc:
             self._close_readers()
             raise StoreUnavailableError(f"cannot open {self._path}: {exc}") from exc
-        self._writer = GroupCommitWriter(connection, max_batch=self._max_batch)
+        self._checkpointer = Checkpointer(self._open_checkpoint_connection)
+        self._checkpointer.start()
+        self._writer = GroupCommitWriter(
+            connection,
+            max_batch=self._max_batch,
+            on_commit=self._checkpointer.committed,
+            between_commits=self._checkpointer.catch_up,
+        )
         self._writer.start()
         _log.info("store_opened", path=str(self._path), schema_version=SCHEMA_VERSION)
 
@@ -118,6 +127,8 @@ class SQLiteStore(OutboxListeners):
         with anyio.CancelScope(shield=True):
             if self._writer is not None:
                 await self._writer.stop()
+            if self._checkpointer is not None:
+                await anyio.to_thread.run_sync(self._checkpointer.stop)
             await anyio.to_thread.run_sync(
                 functools.partial(self._close_readers, wait=self._writer is not None)
             )
@@ -140,10 +151,20 @@ class SQLiteStore(OutboxListeners):
             _require_wal(connection)
             connection.execute("PRAGMA synchronous=FULL")
             connection.execute("PRAGMA foreign_keys=ON")
+            # The checkpointer copies the WAL back beside the writer, not inside its commits.
+            connection.execute("PRAGMA wal_autocheckpoint=0")
+            # A multi-row INSERT keeps a statement journal; in memory it is no temp file each.
+            connection.execute("PRAGMA temp_store=MEMORY")
             _migrate(connection)
+            sql.prepare_writer(connection)
         except BaseException:
             connection.close()
             raise
+        return connection
+
+    def _open_checkpoint_connection(self) -> sqlite3.Connection:
+        connection = self._connect()
+        connection.execute("PRAGMA synchronous=FULL")
         return connection
 
     def _open_reader_connection(self) -> sqlite3.Connection:
@@ -190,7 +211,8 @@ class SQLiteStore(OutboxListeners):
         return await self._writer.submit(
             functools.partial(sql.accept_event, event=event, jobs=jobs, now=now),
             grouped=sql.accept_events,
-            item=(event, tuple(jobs), now),
+            at_once=sql.accept_events_at_once,
+            item=sql.accept_item(event, tuple(jobs), now),
         )
 
     async def reject_event(self, event: InboundEvent, reason: str) -> Acceptance:

@@ -202,8 +202,24 @@ def _insert_job(
     )
 
 
-AcceptItem = tuple[InboundEvent, Sequence[NewJob], float]
-"""One `accept_event` call's arguments: the event, its jobs and the commit's `now`."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class AcceptItem:
+    """One `accept_event` call for the writer's group: its arguments and its `intake_rows` row.
+
+    The row is built by the caller, on the event loop, where it costs no GIL hand-over: the
+    writer thread's own Python work is what the event loop has to wait for.
+    """
+
+    event: InboundEvent
+    jobs: Sequence[NewJob]
+    now: float
+    row: tuple[object, ...]
+
+
+def accept_item(event: InboundEvent, jobs: Sequence[NewJob], now: float) -> AcceptItem:
+    """The writer's item for one delivery (see `accept_events`)."""
+    return AcceptItem(event, jobs, now, _intake_row(event, jobs, now))
+
 
 _JOB_INSERT = (
     "INSERT INTO jobs (job_id, event_row, event_id, source, route, state, export_name,"
@@ -213,20 +229,140 @@ _JOB_INSERT = (
 )
 
 
+INTAKE_VIEW = (
+    "CREATE TEMP VIEW IF NOT EXISTS intake_rows (source, dedupe_key, event_id, event_type, body,"
+    " headers, received_at, status, reason, failed_step, now, jobs) AS"
+    " SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE 0"
+)
+INTAKE_TRIGGER = """
+CREATE TEMP TRIGGER IF NOT EXISTS intake_rows_insert INSTEAD OF INSERT ON intake_rows BEGIN
+    INSERT INTO events (source, dedupe_key, event_id, event_type, body, headers,
+                             received_at, status, reason, failed_step)
+    VALUES (NEW.source, NEW.dedupe_key, NEW.event_id, NEW.event_type, NEW.body, NEW.headers,
+            NEW.received_at, NEW.status, NEW.reason, NEW.failed_step);
+    INSERT INTO jobs (job_id, event_row, event_id, source, route, state, export_name,
+                           created_at, updated_at, error_code, error_message)
+    SELECT json_extract(j.value, '$[0]'),
+           (SELECT id FROM events WHERE source = NEW.source AND dedupe_key = NEW.dedupe_key),
+           NEW.event_id, NEW.source, json_extract(j.value, '$[1]'),
+           json_extract(j.value, '$[2]'), json_extract(j.value, '$[3]'), NEW.now, NEW.now,
+           json_extract(j.value, '$[4]'), json_extract(j.value, '$[5]')
+    FROM json_each(NEW.jobs) AS j ORDER BY j.key;
+    INSERT INTO transitions (job_id, from_state, to_state, at, note)
+    SELECT json_extract(j.value, '$[0]'), NULL, json_extract(j.value, '$[2]'), NEW.now, NULL
+    FROM json_each(NEW.jobs) AS j ORDER BY j.key;
+END
+"""
+_INTAKE_INSERT = "INSERT INTO intake_rows VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INTAKE_WIDTH = _INTAKE_INSERT.count("?")
+
+
+def prepare_writer(conn: sqlite3.Connection) -> None:
+    """Give the writer connection its intake view (TEMP: nothing in the database file changes).
+
+    Inserting rows into the view inserts each event, its jobs and their first history rows,
+    all inside SQLite: see `accept_events`.
+    """
+    conn.execute(INTAKE_VIEW)
+    conn.execute(INTAKE_TRIGGER)
+
+
 def accept_events(conn: sqlite3.Connection, items: list[AcceptItem]) -> list[Acceptance]:
-    """`accept_event` for many events in a handful of statements, whatever their number.
+    """`accept_event` for many events, in one statement when none of them is a duplicate.
+
+    The writer thread lets go of the GIL for each statement and has to win it back from a busy
+    event loop after it, a wait that made the group's few statements take several times their
+    CPU under webhook load. So the usual group, all new events, is one multi-row INSERT into
+    the writer's `intake_rows` view, whose trigger inserts events, jobs and first history rows.
+    A duplicate (stored before, or twice in the group) makes that statement fail whole on the
+    UNIQUE constraint, undone by SQLite; the group then takes the way that looks them up.
+    """
+    if _distinct_keys(items) and _insert_all_or_nothing(conn, [item.row for item in items]):
+        return [_new_acceptance(item.event, item.jobs) for item in items]
+    return _accept_events_with_duplicates(conn, items)
+
+
+def accept_events_at_once(
+    conn: sqlite3.Connection, items: list[AcceptItem]
+) -> list[Acceptance] | None:
+    """The group as ONE statement outside any transaction: its own BEGIN and COMMIT.
+
+    A batch of deliveries alone is then a single step of SQLite, the commit's fsync included,
+    and a single GIL hand-over for the writer thread instead of one per statement. None when
+    it cannot be: duplicates (the statement failed and SQLite undid it) or more rows than one
+    statement takes; the writer then commits the group the usual way.
+    """
+    if len(items) > _rows_per_insert(_INTAKE_WIDTH) or not _distinct_keys(items):
+        return None
+    try:
+        _insert_many(conn, _INTAKE_INSERT, [item.row for item in items])
+    except sqlite3.IntegrityError:
+        return None
+    return [_new_acceptance(item.event, item.jobs) for item in items]
+
+
+def _distinct_keys(items: list[AcceptItem]) -> bool:
+    return len({(item.event.source, item.event.dedupe_key) for item in items}) == len(items)
+
+
+def _insert_all_or_nothing(conn: sqlite3.Connection, rows: list[tuple[object, ...]]) -> bool:
+    """Insert `rows` into `intake_rows`; on a UNIQUE failure leave nothing and return False.
+
+    One statement is undone by SQLite itself; a group too large for one statement is wrapped
+    in a savepoint, so its first statements do not stay behind when a later one fails.
+    """
+    if len(rows) <= _rows_per_insert(_INTAKE_WIDTH):
+        try:
+            _insert_many(conn, _INTAKE_INSERT, rows)
+        except sqlite3.IntegrityError:
+            return False
+        return True
+    conn.execute("SAVEPOINT intake_rows")
+    try:
+        _insert_many(conn, _INTAKE_INSERT, rows)
+    except sqlite3.IntegrityError:
+        conn.execute("ROLLBACK TO intake_rows")
+        conn.execute("RELEASE intake_rows")
+        return False
+    conn.execute("RELEASE intake_rows")
+    return True
+
+
+def _intake_row(event: InboundEvent, jobs: Sequence[NewJob], now: float) -> tuple[object, ...]:
+    status = _status_of(event.reason, has_jobs=bool(jobs))
+    job_list = [
+        [job.job_id, job.route, job.state.value, job.export_name, job.error_code, job.error_message]
+        for job in jobs
+    ]
+    return (*_event_row(event, status, event.reason), now, orjson.dumps(job_list))
+
+
+def _new_acceptance(event: InboundEvent, jobs: Sequence[NewJob]) -> Acceptance:
+    return Acceptance(
+        event_id=event.event_id,
+        job_ids=tuple(job.job_id for job in jobs),
+        duplicate=False,
+        status=_status_of(event.reason, has_jobs=bool(jobs)),
+    )
+
+
+def _accept_events_with_duplicates(
+    conn: sqlite3.Connection, items: list[AcceptItem]
+) -> list[Acceptance]:
+    """The group when it has duplicates, in a few statements whatever its size.
 
     One SELECT finds the duplicates already stored, duplicates within the group are answered
     with the first of them, and the new events, their jobs and their first history rows go in
-    with one `executemany` each: the writer thread holds the GIL only between statements.
+    with one multi-row INSERT each.
     """
-    stored = _stored_acceptances(conn, [(event.source, event.dedupe_key) for event, _, _ in items])
+    stored = _stored_acceptances(conn, [(i.event.source, i.event.dedupe_key) for i in items])
     answers: list[Acceptance | None] = []
     first_of: dict[tuple[str, str], int] = {}
     new_events: list[tuple[object, ...]] = []
     new_jobs: list[tuple[object, ...]] = []
     history: list[tuple[object, ...]] = []
-    for index, (event, jobs, now) in enumerate(items):
+    for index, item in enumerate(items):
+        event, jobs, now = item.event, item.jobs, item.now
         key = (event.source, event.dedupe_key)
         if key in stored:
             answers.append(stored[key])
@@ -240,20 +376,15 @@ def accept_events(conn: sqlite3.Connection, items: list[AcceptItem]) -> list[Acc
         for job in jobs:
             new_jobs.append(_job_row(event, job, now))
             history.append((job.job_id, None, job.state.value, now, None))
-        answers.append(
-            Acceptance(
-                event_id=event.event_id,
-                job_ids=tuple(job.job_id for job in jobs),
-                duplicate=False,
-                status=status,
-            )
-        )
+        answers.append(_new_acceptance(event, jobs))
     _insert_many(conn, _EVENT_INSERT, new_events)
     _insert_many(conn, _JOB_INSERT, new_jobs)
     _insert_many(conn, _TRANSITION_INSERT, history)
     return [
-        answer if answer is not None else _as_duplicate(answers[first_of[(e.source, e.dedupe_key)]])
-        for answer, (e, _, _) in zip(answers, items, strict=True)
+        answer
+        if answer is not None
+        else _as_duplicate(answers[first_of[(i.event.source, i.event.dedupe_key)]])
+        for answer, i in zip(answers, items, strict=True)
     ]
 
 

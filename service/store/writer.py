@@ -14,6 +14,11 @@ transaction: a ROLLBACK undoes it then). The writer thread holds the GIL only be
 statements, and wins it back from the event loop after each, so fewer statements leave more of
 it to the event loop. Should the group function raise anyway, its work is rolled back and each
 request of the group runs alone in its own savepoint, exactly as if it had never been grouped.
+A batch that is one such group and nothing else may go further with `at_once`: the group as a
+single statement that is its own transaction (BEGIN and COMMIT implied, fsync included), so
+the writer hands the GIL over once per commit instead of once per statement. If that cannot be
+(a duplicate, too many rows for one statement), SQLite has undone it and the batch is
+committed the usual way.
 
 Winning the GIL back is what a commit mostly waits for: a thread that wants it gets it only
 when the holder lets go, and a busy event loop lets go on its own rarely, so the interpreter
@@ -48,6 +53,8 @@ T = TypeVar("T")
 Work = Callable[[sqlite3.Connection], object]
 Grouped = Callable[[sqlite3.Connection, list[Any]], list[Any]]
 """Does the work of a group of requests given their items; returns one value per item, in order."""
+AtOnce = Callable[[sqlite3.Connection, list[Any]], list[Any] | None]
+"""A group's work as one statement in autocommit, or None (nothing done) when it cannot be."""
 
 _log = get_logger("store.writer")
 _STOP = object()
@@ -68,6 +75,7 @@ class _Request:
     future: asyncio.Future[Any]
     grouped: Grouped | None = None
     item: object = None
+    at_once: AtOnce | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,10 +99,19 @@ def is_database_failure(exc: BaseException) -> bool:
 class GroupCommitWriter:
     """Runs write requests on a dedicated thread, many requests per transaction."""
 
-    def __init__(self, connection: sqlite3.Connection, *, max_batch: int) -> None:
+    def __init__(
+        self,
+        connection: sqlite3.Connection,
+        *,
+        max_batch: int,
+        on_commit: Callable[[], None] = lambda: None,
+        between_commits: Callable[[sqlite3.Connection], None] = lambda _: None,
+    ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._connection = connection
+        self._on_commit = on_commit
+        self._between_commits = between_commits
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -128,12 +145,15 @@ class GroupCommitWriter:
         work: Callable[[sqlite3.Connection], T],
         *,
         grouped: Grouped | None = None,
+        at_once: AtOnce | None = None,
         item: object = None,
     ) -> T:
         """Run `work` in the next transaction; return once that transaction is durable.
 
         With `grouped`, the requests of one transaction that name the same function are run
         together as `grouped(connection, [their items])`; `work` is what runs if that fails.
+        With `at_once` too, a transaction of nothing but that group first tries it as one
+        statement that is its own transaction (see `_commit_at_once`).
         A cancelled caller does not cancel its write: it may still commit, which the callers
         handle the way they handle a lost acknowledgement (dedupe, compare-and-set).
         """
@@ -142,7 +162,7 @@ class GroupCommitWriter:
         with self._lock:
             if self._closed:
                 raise StoreUnavailableError("store is closed")
-            self._queue.put(_Request(work, loop, future, grouped, item))
+            self._queue.put(_Request(work, loop, future, grouped, item, at_once))
         return cast("T", await future)
 
     async def stop(self) -> None:
@@ -165,6 +185,7 @@ class GroupCommitWriter:
                 batch, stop = self._next_batch()
                 if batch:
                     self._commit(batch)
+                    self._between_commits(self._connection)
         finally:
             with self._lock:
                 self._closed = True
@@ -198,6 +219,8 @@ class GroupCommitWriter:
                 leftovers.append(cast("_Request", item))
 
     def _commit(self, batch: list[_Request]) -> None:
+        if self._commit_at_once(batch):
+            return
         try:
             self._connection.execute("BEGIN IMMEDIATE")
             outcomes = self._apply_all(batch)
@@ -211,7 +234,56 @@ class GroupCommitWriter:
         else:
             self._commit_count += 1
             self._write_count += len(batch)
+            self._on_commit()
         self._settle(batch, outcomes)
+
+    def _commit_at_once(self, batch: list[_Request]) -> bool:
+        """Commit a batch of one group as its single autocommit statement; False if not done.
+
+        BEGIN, the group's statements and COMMIT each hand the GIL over and win it back from
+        the event loop; one statement that is its own transaction does so once, fsync
+        included. Durability is the same: SQLite commits it (synchronous=FULL) before the
+        step returns. When the function declines (None) or fails on the batch's own data,
+        nothing was committed and the batch takes the usual way, which says who failed.
+        """
+        at_once = self._at_once_of(batch)
+        outcomes = None if at_once is None else self._run_at_once(at_once, batch)
+        if outcomes is None:
+            return False
+        self._settle(batch, outcomes)
+        return True
+
+    def _run_at_once(self, at_once: AtOnce, batch: list[_Request]) -> list[_Outcome] | None:
+        """The batch's outcomes; None when nothing was committed and the usual way should run."""
+        try:
+            values = at_once(self._connection, [r.item for r in batch])
+        except sqlite3.Error as exc:
+            if not is_database_failure(exc):
+                return None
+            self._rollback()
+            _log.error("store_commit_failed", error=str(exc), requests=len(batch))
+            failure = StoreUnavailableError(f"cannot commit: {exc}")
+            return [_Outcome(error=failure) for _ in batch]
+        except Exception:  # noqa: BLE001 - the usual way runs the batch again and reports it
+            return None
+        if values is None:
+            return None
+        if len(values) != len(batch):  # committed, but the answers cannot be matched: a bug
+            error = RuntimeError(f"{at_once!r} returned {len(values)} values for {len(batch)}")
+            return [_Outcome(error=error) for _ in batch]
+        self._commit_count += 1
+        self._write_count += len(batch)
+        self._on_commit()
+        return [_Outcome(value=value) for value in values]
+
+    def _at_once_of(self, batch: list[_Request]) -> AtOnce | None:
+        """The batch's `at_once` when the batch is one group that has one; else None."""
+        at_once = batch[0].at_once
+        if at_once is None or self._connection.in_transaction:
+            return None
+        if any(r.grouped is not batch[0].grouped for r in batch):
+            return None
+        return at_once
 
     def _apply_all(self, batch: list[_Request]) -> list[_Outcome]:
         """Run every request: groups together, the rest alone; outcomes in `batch` order."""

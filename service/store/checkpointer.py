@@ -1,0 +1,95 @@
+"""Copies the WAL back into the database file on a thread and connection of its own.
+
+SQLite checkpoints by itself inside the COMMIT that crosses 1,000 WAL pages: under webhook load
+that is every dozen commits, and that commit then also reads the new pages back from the WAL,
+writes them into the database file and fsyncs it, while every delivery of its group and of the
+groups queued behind it waits. A PASSIVE checkpoint from another connection does the same work
+beside the writer (it never blocks it, and SQLite's locks keep the two consistent), so the
+writer's commits stay as short as their own pages. The WAL is still bounded: the checkpointer
+runs every CHECKPOINT_EVERY_S while commits arrive. A checkpoint beside a busy writer never
+quite catches up (new pages arrive while it copies), and SQLite starts the WAL over only after
+one that did; so when one leaves little behind, it asks the writer to copy that little itself,
+between two commits (`wants_catch_up`), and the writer's next commit starts the WAL over.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable
+
+from service.log import get_logger
+
+CHECKPOINT_EVERY_S = 0.05
+"""How often the WAL is copied back while commits arrive: about a dozen commits under load."""
+IDLE_CHECK_S = 1.0
+CATCH_UP_FRAMES = 2000
+"""A WAL this long whose checkpoint left at most this many frames behind is caught up by the
+writer (a few commits' pages), so the WAL restarts before it grows."""
+
+_log = get_logger("store.checkpointer")
+
+
+class Checkpointer:
+    """Runs PASSIVE checkpoints on its own connection after commits, never inside one."""
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._connect = connect
+        self._committed = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="store-checkpointer", daemon=True)
+        self._failures = 0
+        self._catch_up = threading.Event()
+
+    def catch_up(self, writer: sqlite3.Connection) -> None:
+        """On the writer's thread, between two commits: copy what the last checkpoint left.
+
+        A failure is left to the next try: the commits themselves are not affected.
+        """
+        if not self._catch_up.is_set():
+            return
+        self._catch_up.clear()
+        try:
+            writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            _log.warning("store_checkpoint_catch_up_failed", error=str(exc))
+
+    def start(self) -> None:
+        """Start the thread (it opens its connection there)."""
+        self._thread.start()
+
+    def committed(self) -> None:
+        """Called by the writer after each commit: there are pages to copy back."""
+        self._committed.set()
+
+    def stop(self) -> None:
+        """Finish the checkpoint under way and close the connection (blocking: run in a thread)."""
+        self._stopping.set()
+        self._committed.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        connection = self._connect()
+        try:
+            while not self._stopping.is_set():
+                if not self._committed.wait(IDLE_CHECK_S):
+                    continue
+                self._committed.clear()
+                self._checkpoint(connection)
+                self._stopping.wait(CHECKPOINT_EVERY_S)
+        finally:
+            connection.close()
+
+    def _checkpoint(self, connection: sqlite3.Connection) -> None:
+        try:
+            _, wal_frames, copied = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            # The writer goes on; the WAL only grows until a checkpoint succeeds again.
+            self._failures += 1
+            if self._failures in {1, 10} or self._failures % 1000 == 0:
+                _log.error("store_checkpoint_failed", error=str(exc), failures=self._failures)
+        else:
+            self._failures = 0
+            if wal_frames >= CATCH_UP_FRAMES and wal_frames - copied <= CATCH_UP_FRAMES:
+                self._catch_up.set()
