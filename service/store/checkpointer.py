@@ -9,7 +9,8 @@ writer's commits stay as short as their own pages. The WAL is still bounded: the
 runs every CHECKPOINT_EVERY_S while commits arrive. A checkpoint beside a busy writer never
 quite catches up (new pages arrive while it copies), and SQLite starts the WAL over only after
 one that did; so when one leaves little behind, it asks the writer to copy that little itself,
-between two commits (`wants_catch_up`), and the writer's next commit starts the WAL over.
+between two commits (`catch_up`), and the writer's next commit starts the WAL over; past
+MAX_WAL_FRAMES it asks whatever is left.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ from service.log import get_logger
 CHECKPOINT_EVERY_S = 0.05
 """How often the WAL is copied back while commits arrive: about a dozen commits under load."""
 IDLE_CHECK_S = 1.0
-CATCH_UP_FRAMES = 2000
-"""A WAL this long whose checkpoint left at most this many frames behind is caught up by the
-writer (a few commits' pages), so the WAL restarts before it grows."""
+RESTART_FRAMES = 2000
+"""A WAL this long (8 MB of 4 KB pages) is worth starting over..."""
+CATCH_UP_FRAMES = 500
+"""...once a checkpoint left at most this many frames (a few commits' pages) for the writer."""
+MAX_WAL_FRAMES = 16_000
+"""A writer so busy that no checkpoint gets that close still has its WAL started over here."""
 
 _log = get_logger("store.checkpointer")
 
@@ -91,5 +95,8 @@ class Checkpointer:
                 _log.error("store_checkpoint_failed", error=str(exc), failures=self._failures)
         else:
             self._failures = 0
-            if wal_frames >= CATCH_UP_FRAMES and wal_frames - copied <= CATCH_UP_FRAMES:
+            left = wal_frames - copied
+            if wal_frames >= MAX_WAL_FRAMES or (
+                wal_frames >= RESTART_FRAMES and left <= CATCH_UP_FRAMES
+            ):
                 self._catch_up.set()
