@@ -483,3 +483,28 @@ async def test_the_wal_is_copied_back_beside_the_writer_and_stays_bounded(store)
         raw.close()
     assert written >= 32_000_000
     assert biggest < written / 2
+
+
+async def test_without_its_checkpointer_the_writer_checkpoints_itself(tmp_path, monkeypatch):
+    """The checkpointer's connection cannot be opened: an error says so, and the writer copies
+    the WAL back itself every dozen commits, so the WAL still stays bounded."""
+
+    def refuse(_self):
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(SQLiteStore, "_open_checkpoint_connection", refuse)
+    store = SQLiteStore(tmp_path / "alone.db")
+    body = bytes(range(256)) * 64
+    biggest = 0
+    with capture_logs() as logs:
+        await store.open()
+        try:
+            for n in range(400):
+                await store.accept_event(replace(sample_event(f"a{n}"), body=body), [])
+                biggest = max(biggest, store.path.with_name("alone.db-wal").stat().st_size)
+        finally:
+            await store.close()
+    assert [e["event"] for e in logs if e.get("fallback") == "writer"] == [
+        "store_checkpointer_unavailable"
+    ]
+    assert biggest < 400 * len(body) / 4

@@ -30,6 +30,9 @@ CATCH_UP_FRAMES = 500
 """...once a checkpoint left at most this many frames (a few commits' pages) for the writer."""
 MAX_WAL_FRAMES = 16_000
 """A writer so busy that no checkpoint gets that close still has its WAL started over here."""
+WRITER_FALLBACK_COMMITS = 12
+"""Without a checkpointer (its connection could not be opened), the writer checkpoints itself
+after this many commits, about as often as SQLite's own 1,000-page default would."""
 
 _log = get_logger("store.checkpointer")
 
@@ -44,15 +47,22 @@ class Checkpointer:
         self._thread = threading.Thread(target=self._run, name="store-checkpointer", daemon=True)
         self._failures = 0
         self._catch_up = threading.Event()
+        self._on_writer = False
+        self._commits_since = 0
 
     def catch_up(self, writer: sqlite3.Connection) -> None:
         """On the writer's thread, between two commits: copy what the last checkpoint left.
 
         A failure is left to the next try: the commits themselves are not affected.
         """
-        if not self._catch_up.is_set():
+        if self._on_writer:
+            if self._commits_since < WRITER_FALLBACK_COMMITS:
+                return
+            self._commits_since = 0
+        elif self._catch_up.is_set():
+            self._catch_up.clear()
+        else:
             return
-        self._catch_up.clear()
         try:
             writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:
@@ -64,6 +74,7 @@ class Checkpointer:
 
     def committed(self) -> None:
         """Called by the writer after each commit: there are pages to copy back."""
+        self._commits_since += 1
         self._committed.set()
 
     def stop(self) -> None:
@@ -74,7 +85,12 @@ class Checkpointer:
             self._thread.join()
 
     def _run(self) -> None:
-        connection = self._connect()
+        try:
+            connection = self._connect()
+        except sqlite3.Error as exc:
+            _log.error("store_checkpointer_unavailable", error=str(exc), fallback="writer")
+            self._on_writer = True
+            return
         try:
             while not self._stopping.is_set():
                 if not self._committed.wait(IDLE_CHECK_S):
