@@ -1,7 +1,9 @@
 """The embedded store: one SQLite file in WAL mode, durable on every acknowledged commit.
 
 Writes go through one writer thread with group commit (see `writer.py`): `synchronous=FULL`
-costs an fsync per commit, and batching is what lets a burst of webhooks share it. Reads use a
+costs an fsync per commit, and batching is what lets a burst of webhooks share it. The WAL is
+copied back into the database file by a checkpointer thread beside it (`checkpointer.py`), not
+inside the writer's commits. Reads use a
 small pool of read-only connections on worker threads; WAL lets them run while the writer
 commits, so the admin API and the work queues never wait behind an fsync (measured on 2 cores:
 reads p50 0.2 ms / p99 4 ms during a burst of 500 intakes, which committed in a handful of
