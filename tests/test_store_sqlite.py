@@ -508,3 +508,51 @@ async def test_without_its_checkpointer_the_writer_checkpoints_itself(tmp_path, 
         "store_checkpointer_unavailable"
     ]
     assert biggest < 400 * len(body) / 4
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["alone", "mixed-with-other-writes"])
+async def test_a_stored_duplicate_late_in_a_group_of_20_leaves_the_others_new(store, mixed):
+    """20 rows are more than one of `_insert_many`'s statements (16 + 4): the fast path must
+    still be all or nothing, or the first 16 events would be committed, found again by the
+    duplicate lookup and answered as duplicates. Alone, the group is its own transaction;
+    mixed with another write, it runs inside the batch's transaction."""
+    stored = sample_event("k18")
+    original = await store.accept_event(stored, [sample_job(stored)])
+    events = [sample_event(f"k{n}") for n in range(20)]
+    outcomes: dict[int, object] = {}
+
+    async def accept(n: int) -> None:
+        outcomes[n] = await store.accept_event(events[n], [sample_job(events[n])])
+
+    gate = WriterGate()
+    async with anyio.create_task_group() as tg:
+        await gate.hold(store, tg)
+        for n in range(len(events)):
+            tg.start_soon(accept, n)
+        if mixed:
+            tg.start_soon(store._write, lambda connection: None)
+        await anyio.wait_all_tasks_blocked()
+        commits_before = store.commit_count
+        gate.release.set()
+
+    assert store.commit_count == commits_before + 2  # the gate's batch, then the group
+    assert outcomes[18].duplicate
+    assert (outcomes[18].event_id, outcomes[18].job_ids) == (original.event_id, original.job_ids)
+    assert [n for n in range(20) if outcomes[n].duplicate] == [18]
+    raw = sqlite3.connect(store.path)
+    try:
+        assert raw.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 20
+        assert raw.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 20
+        assert raw.execute("SELECT COUNT(*) FROM transitions").fetchone()[0] == 20
+    finally:
+        raw.close()
+
+
+async def test_a_job_field_with_a_nul_character_is_stored_whole(store):
+    """The fast path carries job fields through JSON, which SQLite cuts at U+0000; such a
+    delivery takes the older way, and the field is stored as given."""
+    event = sample_event("nul")
+    job = replace(sample_job(event), error_code="bad", error_message="bad\x00tail")
+    await store.accept_event(event, [job])
+    stored = await store.get_job(job.job_id)
+    assert stored.error_message == "bad\x00tail"

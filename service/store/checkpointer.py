@@ -98,6 +98,9 @@ class Checkpointer:
                 self._committed.clear()
                 self._checkpoint(connection)
                 self._stopping.wait(CHECKPOINT_EVERY_S)
+        except Exception:  # noqa: BLE001 - a bug here must not leave the WAL to grow unseen
+            _log.exception("store_checkpointer_failed", fallback="writer")
+            self._on_writer = True
         finally:
             connection.close()
 

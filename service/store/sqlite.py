@@ -110,14 +110,15 @@ class SQLiteStore(OutboxListeners):
         except (sqlite3.Error, OSError) as exc:
             self._close_readers()
             raise StoreUnavailableError(f"cannot open {self._path}: {exc}") from exc
-        self._checkpointer = Checkpointer(self._open_checkpoint_connection)
-        self._checkpointer.start()
+        checkpointer = Checkpointer(self._open_checkpoint_connection)
         self._writer = GroupCommitWriter(
             connection,
             max_batch=self._max_batch,
-            on_commit=self._checkpointer.committed,
-            between_commits=self._checkpointer.catch_up,
+            on_commit=checkpointer.committed,
+            between_commits=checkpointer.catch_up,
         )
+        self._checkpointer = checkpointer
+        checkpointer.start()
         self._writer.start()
         _log.info("store_opened", path=str(self._path), schema_version=SCHEMA_VERSION)
 

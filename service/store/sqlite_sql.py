@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import sqlite3
 from collections.abc import Callable, Collection, Sequence
+from typing import cast
 
 import orjson
 
@@ -213,7 +214,8 @@ class AcceptItem:
     event: InboundEvent
     jobs: Sequence[NewJob]
     now: float
-    row: tuple[object, ...]
+    row: tuple[object, ...] | None
+    """None when a job field holds U+0000, which the trigger's JSON would cut short."""
 
 
 def accept_item(event: InboundEvent, jobs: Sequence[NewJob], now: float) -> AcceptItem:
@@ -277,7 +279,8 @@ def accept_events(conn: sqlite3.Connection, items: list[AcceptItem]) -> list[Acc
     A duplicate (stored before, or twice in the group) makes that statement fail whole on the
     UNIQUE constraint, undone by SQLite; the group then takes the way that looks them up.
     """
-    if _distinct_keys(items) and _insert_all_or_nothing(conn, [item.row for item in items]):
+    rows = _intake_rows(items)
+    if rows is not None and _insert_all_or_nothing(conn, rows):
         return [_new_acceptance(item.event, item.jobs) for item in items]
     return _accept_events_with_duplicates(conn, items)
 
@@ -292,17 +295,22 @@ def accept_events_at_once(
     it cannot be: duplicates (the statement failed and SQLite undid it) or more rows than one
     statement takes; the writer then commits the group the usual way.
     """
-    if len(items) > _rows_per_insert(_INTAKE_WIDTH) or not _distinct_keys(items):
+    rows = _intake_rows(items)
+    if rows is None or len(rows) > _rows_per_insert(_INTAKE_WIDTH):
         return None
     try:
-        _insert_many(conn, _INTAKE_INSERT, [item.row for item in items])
+        _insert_one(conn, _INTAKE_INSERT, rows)
     except sqlite3.IntegrityError:
         return None
     return [_new_acceptance(item.event, item.jobs) for item in items]
 
 
-def _distinct_keys(items: list[AcceptItem]) -> bool:
-    return len({(item.event.source, item.event.dedupe_key) for item in items}) == len(items)
+def _intake_rows(items: list[AcceptItem]) -> list[tuple[object, ...]] | None:
+    """The items' `intake_rows` rows; None when the way that looks duplicates up is needed."""
+    if len({(item.event.source, item.event.dedupe_key) for item in items}) != len(items):
+        return None  # the same event twice in the group
+    rows = [item.row for item in items]
+    return None if None in rows else cast("list[tuple[object, ...]]", rows)
 
 
 def _insert_all_or_nothing(conn: sqlite3.Connection, rows: list[tuple[object, ...]]) -> bool:
@@ -313,7 +321,7 @@ def _insert_all_or_nothing(conn: sqlite3.Connection, rows: list[tuple[object, ..
     """
     if len(rows) <= _rows_per_insert(_INTAKE_WIDTH):
         try:
-            _insert_many(conn, _INTAKE_INSERT, rows)
+            _insert_one(conn, _INTAKE_INSERT, rows)
         except sqlite3.IntegrityError:
             return False
         return True
@@ -328,12 +336,16 @@ def _insert_all_or_nothing(conn: sqlite3.Connection, rows: list[tuple[object, ..
     return True
 
 
-def _intake_row(event: InboundEvent, jobs: Sequence[NewJob], now: float) -> tuple[object, ...]:
+def _intake_row(
+    event: InboundEvent, jobs: Sequence[NewJob], now: float
+) -> tuple[object, ...] | None:
     status = _status_of(event.reason, has_jobs=bool(jobs))
     job_list = [
         [job.job_id, job.route, job.state.value, job.export_name, job.error_code, job.error_message]
         for job in jobs
     ]
+    if any("\x00" in field for job in job_list for field in job if field):
+        return None
     return (*_event_row(event, status, event.reason), now, orjson.dumps(job_list))
 
 
@@ -388,6 +400,16 @@ def _accept_events_with_duplicates(
     ]
 
 
+def _insert_one(conn: sqlite3.Connection, insert: str, rows: list[tuple[object, ...]]) -> None:
+    """Insert `rows` with exactly one multi-row INSERT (at most `_rows_per_insert` of them).
+
+    One statement is all or nothing; `_insert_many` may cut a group into several.
+    """
+    head, _, values = insert.partition(" VALUES ")
+    sql = _multi_row_sql(head, values, len(rows))
+    conn.execute(sql, [value for row in rows for value in row])
+
+
 def _insert_many(conn: sqlite3.Connection, insert: str, rows: list[tuple[object, ...]]) -> None:
     """Insert `rows` with one multi-row INSERT, or a few for a large group.
 
@@ -422,7 +444,7 @@ def _rows_per_insert(width: int) -> int:
     return max(1, min(_MAX_ROWS_PER_INSERT, _MAX_PARAMETERS // width))
 
 
-@functools.lru_cache(maxsize=128)
+@functools.lru_cache(maxsize=256)
 def _multi_row_sql(head: str, values: str, rows: int) -> str:
     return f"{head} VALUES {', '.join([values] * rows)}"
 

@@ -185,13 +185,21 @@ class GroupCommitWriter:
                 batch, stop = self._next_batch()
                 if batch:
                     self._commit(batch)
-                    self._between_commits(self._connection)
+                    self._after_commit()
         finally:
             with self._lock:
                 self._closed = True
                 leftovers = self._drain()
             self._settle(leftovers, [_Outcome(error=_closed_error()) for _ in leftovers])
             self._connection.close()
+
+    def _after_commit(self) -> None:
+        """The hooks, once the batch's callers have their answers; a hook cannot stop writes."""
+        try:
+            self._on_commit()
+            self._between_commits(self._connection)
+        except Exception:  # noqa: BLE001 - logged with its traceback; the writer goes on
+            _log.exception("store_commit_hook_failed")
 
     def _next_batch(self) -> tuple[list[_Request], bool]:
         first = self._queue.get()
@@ -234,7 +242,6 @@ class GroupCommitWriter:
         else:
             self._commit_count += 1
             self._write_count += len(batch)
-            self._on_commit()
         self._settle(batch, outcomes)
 
     def _commit_at_once(self, batch: list[_Request]) -> bool:
@@ -268,12 +275,11 @@ class GroupCommitWriter:
             return None
         if values is None:
             return None
+        self._commit_count += 1
+        self._write_count += len(batch)
         if len(values) != len(batch):  # committed, but the answers cannot be matched: a bug
             error = RuntimeError(f"{at_once!r} returned {len(values)} values for {len(batch)}")
             return [_Outcome(error=error) for _ in batch]
-        self._commit_count += 1
-        self._write_count += len(batch)
-        self._on_commit()
         return [_Outcome(value=value) for value in values]
 
     def _at_once_of(self, batch: list[_Request]) -> AtOnce | None:
