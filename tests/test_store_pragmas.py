@@ -43,3 +43,21 @@ async def test_a_database_made_elsewhere_in_rollback_mode_is_switched_to_wal(tmp
     finally:
         made_elsewhere.close()
     assert await pragmas_of(path) == ("wal", SYNCHRONOUS_FULL)
+
+
+async def test_the_writer_keeps_index_pages_and_statement_journals_in_memory(tmp_path):
+    """Speed settings of the writer alone: a 64 MiB page cache for the random index pages
+    every delivery touches, and statement journals in memory (no temp file per commit)."""
+    store = SQLiteStore(tmp_path / "fast.db")
+    await store.open()
+    try:
+        cache_size, temp_store = await store._write(
+            lambda connection: (
+                connection.execute("PRAGMA cache_size").fetchone()[0],
+                connection.execute("PRAGMA temp_store").fetchone()[0],
+            )
+        )
+    finally:
+        await store.close()
+    assert cache_size == -64 * 1024
+    assert temp_store == 2  # MEMORY

@@ -52,6 +52,9 @@ T = TypeVar("T")
 
 _log = get_logger("store.sqlite")
 _PURGE_CHUNK = 500
+WRITER_CACHE_KIB = 64 * 1024
+"""The writer connection's page cache, at most (it grows with use): 64 MiB instead of 2 MiB
+took bench/intake.py's CPU per webhook from 0.33-0.39 to 0.26-0.36 ms (4 alternating runs)."""
 WRITER_CACHED_STATEMENTS = 256
 """Prepared statements the write connection keeps (sqlite3's default is 128): intake's
 multi-row INSERTs alone are up to 19 sizes for each of three tables, and every other write
@@ -158,6 +161,9 @@ class SQLiteStore(OutboxListeners):
             connection.execute("PRAGMA wal_autocheckpoint=0")
             # A multi-row INSERT keeps a statement journal; in memory it is no temp file each.
             connection.execute("PRAGMA temp_store=MEMORY")
+            # Each delivery inserts into three indexes at random places (dedupe key, job id,
+            # its history); with SQLite's 2 MB default those pages are read again from the OS.
+            connection.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
             _migrate(connection)
             sql.prepare_writer(connection)
         except BaseException:
