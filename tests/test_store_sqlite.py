@@ -530,7 +530,7 @@ async def test_a_stored_duplicate_late_in_a_group_of_20_leaves_the_others_new(st
         for n in range(len(events)):
             tg.start_soon(accept, n)
         if mixed:
-            tg.start_soon(store._write, lambda connection: None)
+            tg.start_soon(store._write, lambda _connection: None)
         await anyio.wait_all_tasks_blocked()
         commits_before = store.commit_count
         gate.release.set()
