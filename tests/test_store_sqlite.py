@@ -450,8 +450,6 @@ async def test_a_batch_of_new_events_is_one_statement_that_commits_itself(store)
     )
 
 
-
-
 async def test_the_wal_is_copied_back_beside_the_writer_and_stays_bounded(store):
     """No commit checkpoints (wal_autocheckpoint=0 on the writer); the checkpointer does, and
     hands the writer the last few pages so the WAL starts over: 2,000 events of 16 KB would
