@@ -9,7 +9,7 @@ writer's commits stay as short as their own pages. The WAL is still bounded: the
 runs every CHECKPOINT_EVERY_S while commits arrive. A checkpoint beside a busy writer never
 quite catches up (new pages arrive while it copies), and SQLite starts the WAL over only after
 one that did; so when one leaves little behind, it asks the writer to copy that little itself,
-between two commits (`catch_up`), and the writer's next commit starts the WAL over; past
+between two commits (`after_batch`), and the writer's next commit starts the WAL over; past
 MAX_WAL_FRAMES it asks whatever is left.
 """
 
@@ -23,7 +23,6 @@ from service.log import get_logger
 
 CHECKPOINT_EVERY_S = 0.05
 """How often the WAL is copied back while commits arrive: about a dozen commits under load."""
-IDLE_CHECK_S = 1.0
 RESTART_FRAMES = 2000
 """A WAL this long (8 MB of 4 KB pages) is worth starting over..."""
 CATCH_UP_FRAMES = 500
@@ -50,11 +49,14 @@ class Checkpointer:
         self._on_writer = False
         self._commits_since = 0
 
-    def catch_up(self, writer: sqlite3.Connection) -> None:
-        """On the writer's thread, between two commits: copy what the last checkpoint left.
+    def after_batch(self, writer: sqlite3.Connection) -> None:
+        """On the writer's thread after each batch: wake the checkpointer, copy what it left.
 
+        Without a checkpointer, the writer checkpoints every WRITER_FALLBACK_COMMITS batches.
         A failure is left to the next try: the commits themselves are not affected.
         """
+        self._commits_since += 1
+        self._committed.set()
         if self._on_writer:
             if self._commits_since < WRITER_FALLBACK_COMMITS:
                 return
@@ -72,11 +74,6 @@ class Checkpointer:
         """Start the thread (it opens its connection there)."""
         self._thread.start()
 
-    def committed(self) -> None:
-        """Called by the writer after each commit: there are pages to copy back."""
-        self._commits_since += 1
-        self._committed.set()
-
     def stop(self) -> None:
         """Finish the checkpoint under way and close the connection (blocking: run in a thread)."""
         self._stopping.set()
@@ -93,8 +90,7 @@ class Checkpointer:
             return
         try:
             while not self._stopping.is_set():
-                if not self._committed.wait(IDLE_CHECK_S):
-                    continue
+                self._committed.wait()  # a commit, or `stop`
                 self._committed.clear()
                 self._checkpoint(connection)
                 self._stopping.wait(CHECKPOINT_EVERY_S)

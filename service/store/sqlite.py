@@ -57,8 +57,9 @@ WRITER_CACHE_KIB = 64 * 1024
 took bench/intake.py's CPU per webhook from 0.33-0.39 to 0.26-0.36 ms (4 alternating runs)."""
 WRITER_CACHED_STATEMENTS = 256
 """Prepared statements the write connection keeps (sqlite3's default is 128): intake's
-multi-row INSERTs alone are up to 19 sizes for each of three tables, and every other write
-statement of the daemon should stay prepared beside them."""
+multi-row INSERTs alone are up to 83 sizes into `intake_rows` and 19 for each of three tables
+(groups with a duplicate), and every other write statement of the daemon should stay prepared
+beside them."""
 
 
 class SQLiteStore(OutboxListeners):
@@ -117,8 +118,7 @@ class SQLiteStore(OutboxListeners):
         self._writer = GroupCommitWriter(
             connection,
             max_batch=self._max_batch,
-            on_commit=checkpointer.committed,
-            between_commits=checkpointer.catch_up,
+            after_batch=checkpointer.after_batch,
         )
         self._checkpointer = checkpointer
         checkpointer.start()

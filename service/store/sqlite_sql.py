@@ -297,10 +297,8 @@ def accept_events_at_once(
     """
     rows = _intake_rows(items)
     if rows is None or len(rows) > _rows_per_insert(_INTAKE_WIDTH):
-        return None
-    try:
-        _insert_one(conn, _INTAKE_INSERT, rows)
-    except sqlite3.IntegrityError:
+        return None  # more rows would be several statements: not one transaction
+    if not _insert_all_or_nothing(conn, rows):
         return None
     return [_new_acceptance(item.event, item.jobs) for item in items]
 
@@ -420,14 +418,12 @@ def _insert_many(conn: sqlite3.Connection, insert: str, rows: list[tuple[object,
     table (the writer's statement cache keeps them all), and none binds more than
     _MAX_PARAMETERS values.
     """
-    head, _, values = insert.partition(" VALUES ")
-    most = _rows_per_insert(values.count("?"))
+    most = _rows_per_insert(insert.count("?"))
     start = 0
     while start < len(rows):
         left = len(rows) - start
         size = left if left <= min(_EXACT_ROWS, most) else 1 << (min(left, most).bit_length() - 1)
-        chunk = rows[start : start + size]
-        conn.execute(_multi_row_sql(head, values, size), [value for row in chunk for value in row])
+        _insert_one(conn, insert, rows[start : start + size])
         start += size
 
 

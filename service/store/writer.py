@@ -104,14 +104,12 @@ class GroupCommitWriter:
         connection: sqlite3.Connection,
         *,
         max_batch: int,
-        on_commit: Callable[[], None] = lambda: None,
-        between_commits: Callable[[sqlite3.Connection], None] = lambda _: None,
+        after_batch: Callable[[sqlite3.Connection], None] = lambda _: None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._connection = connection
-        self._on_commit = on_commit
-        self._between_commits = between_commits
+        self._after_batch_hook = after_batch
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -185,7 +183,7 @@ class GroupCommitWriter:
                 batch, stop = self._next_batch()
                 if batch:
                     self._commit(batch)
-                    self._after_commit()
+                    self._after_batch()
         finally:
             with self._lock:
                 self._closed = True
@@ -193,11 +191,10 @@ class GroupCommitWriter:
             self._settle(leftovers, [_Outcome(error=_closed_error()) for _ in leftovers])
             self._connection.close()
 
-    def _after_commit(self) -> None:
-        """The hooks, once the batch's callers have their answers; a hook cannot stop writes."""
+    def _after_batch(self) -> None:
+        """The hook, once the batch's callers have their answers; it cannot stop the writes."""
         try:
-            self._on_commit()
-            self._between_commits(self._connection)
+            self._after_batch_hook(self._connection)
         except Exception:  # noqa: BLE001 - logged with its traceback; the writer goes on
             _log.exception("store_commit_hook_failed")
 
