@@ -195,8 +195,8 @@ def _match_any(given: bytes, expected: Iterable[bytes]) -> None:
 _GIL_KEEPING_BYTES = 2047
 """hashlib lets go of the GIL to hash 2,048 bytes or more at once, and HMAC's one-shot
 `hmac.digest` always does. Winning it back from the store's writer thread cost a 3.4 KB
-webhook's check 185 us instead of 5 (measured with one busy thread beside it); fed in pieces
-below that size, the hash keeps the GIL and costs 12 us in the same conditions."""
+webhook's check about 205 us instead of 4 with one busy thread beside it; fed in pieces below
+that size, the hash keeps the GIL and costs about 9 us there (bench/hmac_gil.py)."""
 
 
 def _hmac_sha256(key: bytes, message: bytes) -> bytes:
