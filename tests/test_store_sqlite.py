@@ -21,6 +21,15 @@ from tests.support.store_fixtures import sample_event, sample_job
 pytestmark = pytest.mark.anyio
 
 
+def rows_in(path, table: str) -> int:
+    """Counted on a connection of the test's own, outside the store."""
+    raw = sqlite3.connect(path)
+    try:
+        return raw.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]  # noqa: S608
+    finally:
+        raw.close()
+
+
 def writer_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "store-writer"]
 
@@ -65,12 +74,8 @@ async def test_concurrent_accepts_share_commits_and_are_all_durable(store):
 
     assert store.write_count == 200
     assert store.commit_count <= 20, f"{store.commit_count} commits for 200 writes"
-    raw = sqlite3.connect(store.path)
-    try:
-        assert raw.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 200
-        assert raw.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 200
-    finally:
-        raw.close()
+    assert rows_in(store.path, "events") == 200
+    assert rows_in(store.path, "jobs") == 200
 
 
 async def test_failed_cas_in_a_batch_rolls_back_only_itself(store):
@@ -295,12 +300,8 @@ async def test_accepts_in_one_batch_are_grouped_and_duplicates_get_the_first_ids
     old = outcomes["old"]
     assert old.duplicate
     assert (old.event_id, old.job_ids) == (original.event_id, original.job_ids)
-    raw = sqlite3.connect(store.path)
-    try:
-        assert raw.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 6
-        assert raw.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 11
-    finally:
-        raw.close()
+    assert rows_in(store.path, "events") == 6
+    assert rows_in(store.path, "jobs") == 11
 
 
 async def test_a_group_that_fails_is_split_and_only_the_culprit_fails(store):
@@ -376,13 +377,9 @@ async def test_a_large_group_fits_sqlite_builds_limited_to_999_parameters(store)
     assert store.commit_count == commits_before + 2  # the gate's batch, then the group
     assert [e for e in logs if e["event"] == "store_group_split"] == []
     assert all(not outcomes[n].duplicate for n in range(len(events)))
-    raw = sqlite3.connect(store.path)
-    try:
-        assert raw.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 150
-        assert raw.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 300
-        assert raw.execute("SELECT COUNT(*) FROM transitions").fetchone()[0] == 300
-    finally:
-        raw.close()
+    assert rows_in(store.path, "events") == 150
+    assert rows_in(store.path, "jobs") == 300
+    assert rows_in(store.path, "transitions") == 300
 
 
 async def test_the_writer_shortens_the_gil_switch_interval_and_never_lengthens_it(tmp_path):
@@ -474,11 +471,7 @@ async def test_the_wal_is_copied_back_beside_the_writer_and_stays_bounded(store)
         lambda connection: connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
     )
     assert autocheckpoint == 0
-    raw = sqlite3.connect(store.path)
-    try:
-        assert raw.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 2000
-    finally:
-        raw.close()
+    assert rows_in(store.path, "events") == 2000
     assert written >= 32_000_000
     assert biggest < written / 2
 
@@ -537,13 +530,9 @@ async def test_a_stored_duplicate_late_in_a_group_of_20_leaves_the_others_new(st
     assert outcomes[18].duplicate
     assert (outcomes[18].event_id, outcomes[18].job_ids) == (original.event_id, original.job_ids)
     assert [n for n in range(20) if outcomes[n].duplicate] == [18]
-    raw = sqlite3.connect(store.path)
-    try:
-        assert raw.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 20
-        assert raw.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 20
-        assert raw.execute("SELECT COUNT(*) FROM transitions").fetchone()[0] == 20
-    finally:
-        raw.close()
+    assert rows_in(store.path, "events") == 20
+    assert rows_in(store.path, "jobs") == 20
+    assert rows_in(store.path, "transitions") == 20
 
 
 async def test_a_job_field_with_a_nul_character_is_stored_whole(store):
