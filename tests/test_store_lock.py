@@ -55,8 +55,10 @@ async def test_a_holder_whose_session_ends_loses_the_lock_and_says_so(pg_store, 
     other = pg_store.exclusive_lock(name, lapse_s=5)
     assert await holder.try_acquire()
     with psycopg.connect(postgres_url, autocommit=True) as admin:  # what a kill -9 also causes
+        # With a timeout, pg_terminate_backend waits until the backend has gone (PostgreSQL
+        # 14+); without one it only signals it, and the lock could still be held just after.
         admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_locks"
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_locks"
             " WHERE locktype = 'advisory' AND objid = (%s::bigint & 4294967295)::oid",
             (advisory_key(name),),
         )
