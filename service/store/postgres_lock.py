@@ -76,11 +76,19 @@ class PostgresSessionLock:
             raise LockLostError(f"lock {self._name!r} lost with its connection: {exc}") from exc
 
     async def release(self) -> None:
-        """Close the connection: the server frees a session lock with its session."""
-        conn, self._conn, self._held = self._conn, None, False
-        if conn is not None:
-            with contextlib.suppress(psycopg.Error):
-                await conn.close()
+        """Unlock, then close the connection; the lock is free when this returns.
+
+        Closing alone frees a session lock only once the server's backend has exited, a moment
+        after the close: another session trying at once could still find it held.
+        """
+        conn, held, self._conn, self._held = self._conn, self._held, None, False
+        if conn is None:
+            return
+        with contextlib.suppress(psycopg.Error):
+            if held and not conn.closed:
+                await conn.execute("SELECT pg_advisory_unlock(%s)", (self._key,))
+        with contextlib.suppress(psycopg.Error):
+            await conn.close()
 
     async def _connection(self) -> AsyncConnection[tuple[object, ...]]:
         if self._conn is not None and not self._conn.closed:
