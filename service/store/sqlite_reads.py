@@ -108,7 +108,7 @@ def exports_by_route(conn: sqlite3.Connection, since: float) -> dict[str, int]:
     """
     rows = conn.execute(
         "SELECT j.route AS route, COUNT(*) AS n FROM transitions t"
-        " JOIN jobs j ON j.job_id = t.job_id"
+        " JOIN jobs j ON j.seq = t.job_seq"
         " WHERE t.to_state = ? AND t.at >= ? GROUP BY j.route",
         (JobState.SUBMITTED.value, since),
     )

@@ -113,9 +113,19 @@ _EVENT_INSERT = (
     "INSERT INTO events (source, dedupe_key, event_id, event_type, body, headers,"
     " received_at, status, reason, failed_step) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_TRANSITION_INSERT = (
-    "INSERT INTO transitions (job_id, from_state, to_state, at, note) VALUES (?, ?, ?, ?, ?)"
+TRANSITION_INSERT = (
+    "INSERT INTO transitions (job_seq, job_id, from_state, to_state, at, note)"
+    " VALUES ((SELECT seq FROM jobs WHERE job_id = ?), ?, ?, ?, ?, ?)"
 )
+"""Rows are `history_row`s: a job that does not exist leaves `job_seq` NULL, refused."""
+
+
+def history_row(row: tuple[object, ...]) -> tuple[object, ...]:
+    """The `TRANSITION_INSERT` row of `(job_id, from_state, to_state, at, note)`.
+
+    The job id comes twice: once to find the job's `seq`, once to be kept.
+    """
+    return (row[0], *row)
 
 
 def _event_row(event: InboundEvent, status: EventStatus, reason: str | None) -> tuple[object, ...]:
@@ -250,9 +260,10 @@ CREATE TEMP TRIGGER IF NOT EXISTS intake_rows_insert INSTEAD OF INSERT ON intake
            json_extract(j.value, '$[2]'), json_extract(j.value, '$[3]'), NEW.now, NEW.now,
            json_extract(j.value, '$[4]'), json_extract(j.value, '$[5]')
     FROM json_each(NEW.jobs) AS j ORDER BY j.key;
-    INSERT INTO transitions (job_id, from_state, to_state, at, note)
-    SELECT json_extract(j.value, '$[0]'), NULL, json_extract(j.value, '$[2]'), NEW.now, NULL
-    FROM json_each(NEW.jobs) AS j ORDER BY j.key;
+    INSERT INTO transitions (job_seq, job_id, from_state, to_state, at, note)
+    SELECT jobs.seq, jobs.job_id, NULL, jobs.state, NEW.now, NULL
+    FROM json_each(NEW.jobs) AS j JOIN jobs ON jobs.job_id = json_extract(j.value, '$[0]')
+    ORDER BY j.key;
 END
 """
 _INTAKE_INSERT = "INSERT INTO intake_rows VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -385,11 +396,11 @@ def _accept_events_with_duplicates(
         new_events.append(_event_row(event, status, event.reason))
         for job in jobs:
             new_jobs.append(_job_row(event, job, now))
-            history.append((job.job_id, None, job.state.value, now, None))
+            history.append(history_row((job.job_id, None, job.state.value, now, None)))
         answers.append(_new_acceptance(event, jobs))
     _insert_many(conn, _EVENT_INSERT, new_events)
     _insert_many(conn, _JOB_INSERT, new_jobs)
-    _insert_many(conn, _TRANSITION_INSERT, history)
+    _insert_many(conn, TRANSITION_INSERT, history)
     return [
         answer
         if answer is not None
@@ -588,8 +599,8 @@ def _record_transition(
     note: str | None,
 ) -> None:
     conn.execute(
-        "INSERT INTO transitions (job_id, from_state, to_state, at, note) VALUES (?, ?, ?, ?, ?)",
-        (job_id, from_state.value if from_state else None, to_state.value, at, note),
+        TRANSITION_INSERT,
+        history_row((job_id, from_state.value if from_state else None, to_state.value, at, note)),
     )
 
 
@@ -985,10 +996,7 @@ def map_jobs(
     plan = plan_mapping(mapped, still, now, "?")
     for assignments, rows in plan.updates.items():
         conn.executemany(f"UPDATE jobs SET {assignments} WHERE job_id = ?", rows)  # noqa: S608 - names come from the JobUpdate dataclass
-    conn.executemany(
-        "INSERT INTO transitions (job_id, from_state, to_state, at, note) VALUES (?, ?, ?, ?, ?)",
-        plan.history,
-    )
+    conn.executemany(TRANSITION_INSERT, [history_row(row) for row in plan.history])
     return plan.moved
 
 
@@ -1049,7 +1057,8 @@ def job_ids_with_prefix(conn: sqlite3.Connection, prefix: str, limit: int) -> li
 def job_history(conn: sqlite3.Connection, job_id: str) -> list[Transition]:
     """Every transition of a job, in the order they were committed."""
     rows = conn.execute(
-        "SELECT from_state, to_state, at, note FROM transitions WHERE job_id = ? ORDER BY id",
+        "SELECT from_state, to_state, at, note FROM transitions"
+        " WHERE job_seq = (SELECT seq FROM jobs WHERE job_id = ?) ORDER BY id",
         (job_id,),
     ).fetchall()
     return [
@@ -1205,9 +1214,16 @@ def purge_events(conn: sqlite3.Connection, older_than: float, limit: int) -> int
     if not rows:
         return 0
     ids = orjson.dumps([r["id"] for r in rows]).decode()
-    jobs_of_events = "SELECT job_id FROM jobs WHERE event_row IN (SELECT value FROM json_each(?))"
-    conn.execute(f"DELETE FROM outbox WHERE job_id IN ({jobs_of_events})", (ids,))  # noqa: S608 - constant SQL
-    conn.execute(f"DELETE FROM transitions WHERE job_id IN ({jobs_of_events})", (ids,))  # noqa: S608 - constant SQL
+    conn.execute(
+        "DELETE FROM outbox WHERE job_id IN"
+        " (SELECT job_id FROM jobs WHERE event_row IN (SELECT value FROM json_each(?)))",
+        (ids,),
+    )
+    conn.execute(
+        "DELETE FROM transitions WHERE job_seq IN"
+        " (SELECT seq FROM jobs WHERE event_row IN (SELECT value FROM json_each(?)))",
+        (ids,),
+    )
     conn.execute("DELETE FROM jobs WHERE event_row IN (SELECT value FROM json_each(?))", (ids,))
     conn.execute("DELETE FROM events WHERE id IN (SELECT value FROM json_each(?))", (ids,))
     return len(rows)
