@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
+import anyio
 import pytest
 
 from service.model import JobState
@@ -114,3 +115,34 @@ async def test_a_history_row_for_a_job_that_does_not_exist_is_refused(tmp_path):
         assert await store.job_history("job_nope") == []
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "index"),
+    [
+        (
+            "UPDATE jobs SET lease_until = 1 WHERE owner = ? AND lease_until IS NOT NULL",
+            "jobs_owner",
+        ),
+        ("SELECT job_id FROM jobs WHERE render_key = ? AND ready_at >= 0", "jobs_render_key"),
+        ("SELECT job_id FROM jobs WHERE coalesce_key = ? ORDER BY seq", "jobs_coalesce_key"),
+    ],
+)
+def test_the_indexes_that_leave_nulls_out_still_serve_lookups_by_value(tmp_path, query, index):
+    path = tmp_path / "old.db"
+    write_version_4_file(path)
+
+    async def migrate() -> None:
+        store = SQLiteStore(path)
+        await store.open()
+        await store.close()
+
+    anyio.run(migrate)
+    raw = sqlite3.connect(path)
+    try:
+        plan = " ".join(r[3] for r in raw.execute(f"EXPLAIN QUERY PLAN {query}", ("x",)))
+        (definition,) = raw.execute("SELECT sql FROM sqlite_master WHERE name = ?", (index,))
+    finally:
+        raw.close()
+    assert f"USING INDEX {index}" in plan
+    assert "IS NOT NULL" in definition[0]

@@ -182,6 +182,14 @@ _V5 = (
     "DROP TABLE transitions",
     "ALTER TABLE transitions_v5 RENAME TO transitions",
     "CREATE INDEX transitions_job ON transitions (job_seq, id)",
+    # Three job columns are NULL until a job is prepared or claimed, and read only by value:
+    # their indexes leave the NULLs out, so a new job is three index inserts fewer.
+    "DROP INDEX jobs_owner",
+    "CREATE INDEX jobs_owner ON jobs (owner) WHERE owner IS NOT NULL",
+    "DROP INDEX jobs_render_key",
+    "CREATE INDEX jobs_render_key ON jobs (render_key, ready_at) WHERE render_key IS NOT NULL",
+    "DROP INDEX jobs_coalesce_key",
+    "CREATE INDEX jobs_coalesce_key ON jobs (coalesce_key, seq) WHERE coalesce_key IS NOT NULL",
 )
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5)
