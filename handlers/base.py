@@ -46,6 +46,8 @@ def require_object(payload: Any, what: str) -> dict[str, Any]:  # noqa: ANN401 -
 
 def text(value: Any) -> str | None:  # noqa: ANN401 - parsed JSON
     """A scalar as a non-empty string, else None (ids arrive as numbers from some sources)."""
+    if type(value) is str:  # the usual case first: no conversion, no union isinstance
+        return value.strip() or None
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, str | int | float):

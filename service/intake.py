@@ -142,11 +142,15 @@ def _route_job(
     event_id, event_type = identity
     step = "route_handler"
     try:
-        seen = _checked(catalog.handled(route, source.kind, raw, handled))
+        seen = catalog.handled(route, source.kind, raw, handled)
+        if seen is not handled:  # the route's own handler: checked like the source's
+            seen = _checked(seen)
+        step = "when"
+        if route.when is None:  # no condition: no context to build for it
+            return NewJob(job_id, name)
         context = route_context(
             seen, route=name, source=source.name, event_id=event_id, event_type=event_type
         )
-        step = "when"
         if not should_run(route, context):
             return None
         return NewJob(job_id, name)
@@ -227,11 +231,19 @@ def safe_text(value: str) -> str:
     """A header as storable UTF-8: undecodable bytes (surrogate escapes) become U+FFFD."""
     if value.isascii():
         return value  # the usual header: nothing to replace, no copy
-    return value.encode("utf-8", "replace").decode("utf-8")
+    try:  # aiohttp keeps an undecodable byte as a surrogate escape: back to the byte, then FFFD
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte
+        return value.encode("utf-8", "replace").decode("utf-8")
 
 
-def safe_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """Every header name and value as storable UTF-8 (see `safe_text`)."""
+def safe_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
+    """Every header name and value as storable UTF-8 (see `safe_text`).
+
+    The usual headers are all ASCII: they are returned as they are, not copied.
+    """
+    if all(k.isascii() and v.isascii() for k, v in headers.items()):
+        return headers
     return {safe_text(k): safe_text(v) for k, v in headers.items()}
 
 
@@ -309,7 +321,7 @@ class StoreIntake:
         Raises only StoreUnavailableError (nothing committed: do not acknowledge).
         """
         headers = safe_headers(raw.headers)
-        if headers != raw.headers:
+        if headers is not raw.headers:
             raw = replace(raw, headers=headers)
         decision = decide(
             self._catalog,

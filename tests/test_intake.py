@@ -4,7 +4,7 @@ import pytest
 
 from service.catalog import load_catalog
 from service.config import load_config
-from service.intake import StoreIntake
+from service.intake import StoreIntake, safe_headers
 from service.jobs.prepare import Preparer
 from service.model import EventStatus, JobState, RawEvent
 from tests.support.service_fixtures import TEMPLATE
@@ -115,3 +115,12 @@ async def test_check_refuses_an_mqtt_topic_template_with_an_unknown_placeholder(
     _, problems = await load_catalog(load_config(path, env={}))
     assert [p.location for p in problems] == ["notify[0].topic"]
     assert "rout" in problems[0].message
+
+
+def test_headers_are_made_storable_and_ascii_ones_are_not_copied():
+    ascii_headers = {"x-shopify-topic": "products/create", "content-type": "application/json"}
+    assert safe_headers(ascii_headers) is ascii_headers
+    undecodable = b"caf\xe9".decode("utf-8", "surrogateescape")
+    stored = safe_headers({"x-note": undecodable, "x-city": "Zürich", "x-odd": "a\ud800b"})
+    assert stored == {"x-note": "caf\ufffd", "x-city": "Zürich", "x-odd": "a?b"}
+    assert all(k.encode() and v.encode() for k, v in stored.items())  # UTF-8 encodable now

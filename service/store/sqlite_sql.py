@@ -135,7 +135,7 @@ def _event_row(event: InboundEvent, status: EventStatus, reason: str | None) -> 
         event.event_id,
         event.event_type,
         event.body,
-        orjson.dumps(dict(event.headers)),
+        orjson.dumps(event.headers if type(event.headers) is dict else dict(event.headers)),
         event.received_at,
         status.value,
         reason,
@@ -353,9 +353,10 @@ def _intake_row(
         [job.job_id, job.route, job.state.value, job.export_name, job.error_code, job.error_message]
         for job in jobs
     ]
-    if any("\x00" in field for job in job_list for field in job if field):
+    encoded = orjson.dumps(job_list)
+    if b"\\u0000" in encoded:  # JSON's escape of U+0000 (or, harmlessly, a field spelling it)
         return None
-    return (*_event_row(event, status, event.reason), now, orjson.dumps(job_list))
+    return (*_event_row(event, status, event.reason), now, encoded)
 
 
 def _new_acceptance(event: InboundEvent, jobs: Sequence[NewJob]) -> Acceptance:
