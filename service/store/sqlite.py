@@ -161,8 +161,8 @@ class SQLiteStore(OutboxListeners):
             connection.execute("PRAGMA wal_autocheckpoint=0")
             # A multi-row INSERT keeps a statement journal; in memory it is no temp file each.
             connection.execute("PRAGMA temp_store=MEMORY")
-            # Each delivery inserts into three indexes at random places (dedupe key, job id,
-            # its history); with SQLite's 2 MB default those pages are read again from the OS.
+            # Each delivery inserts into two indexes at random places (dedupe key, job id);
+            # with SQLite's 2 MB default those pages are read again from the OS.
             connection.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
             _migrate(connection)
             sql.prepare_writer(connection)
