@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
-import anyio
 import pytest
 
 from service.model import JobState
@@ -48,17 +49,24 @@ def write_version_4_file(path) -> None:
     db.close()
 
 
-async def test_a_version_4_file_keeps_every_history_row_in_order(tmp_path):
-    path = tmp_path / "old.db"
+@asynccontextmanager
+async def migrated(path) -> AsyncIterator[SQLiteStore]:
+    """A version 4 file at `path`, opened (so migrated) by the store."""
     write_version_4_file(path)
     store = SQLiteStore(path)
     await store.open()
     try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def test_a_version_4_file_keeps_every_history_row_in_order(tmp_path):
+    path = tmp_path / "old.db"
+    async with migrated(path) as store:
         history_a = await store.job_history("job_a")
         history_b = await store.job_history("job_b")
         exports = await store.exports_by_route(0.0)
-    finally:
-        await store.close()
     assert [(t.job_id, t.from_state, t.to_state, t.at) for t in history_a] == [
         ("job_a", None, JobState.RECEIVED, 10.0),
         ("job_a", JobState.RECEIVED, JobState.MAPPED, 12.0),
@@ -80,17 +88,12 @@ async def test_a_version_4_file_keeps_every_history_row_in_order(tmp_path):
 
 async def test_after_the_migration_new_jobs_and_moves_are_recorded_against_their_seq(tmp_path):
     path = tmp_path / "old.db"
-    write_version_4_file(path)
-    store = SQLiteStore(path)
-    await store.open()
-    try:
+    async with migrated(path) as store:
         event = sample_event("new")
         job = sample_job(event)
         await store.accept_event(event, [job])
         await store.transition(job.job_id, {JobState.RECEIVED}, JobState.MAPPED)
         history = await store.job_history(job.job_id)
-    finally:
-        await store.close()
     assert [(t.from_state, t.to_state) for t in history] == [
         (None, JobState.RECEIVED),
         (JobState.RECEIVED, JobState.MAPPED),
@@ -128,16 +131,12 @@ async def test_a_history_row_for_a_job_that_does_not_exist_is_refused(tmp_path):
         ("SELECT job_id FROM jobs WHERE coalesce_key = ? ORDER BY seq", "jobs_coalesce_key"),
     ],
 )
-def test_the_indexes_that_leave_nulls_out_still_serve_lookups_by_value(tmp_path, query, index):
+async def test_the_indexes_that_leave_nulls_out_still_serve_lookups_by_value(
+    tmp_path, query, index
+):
     path = tmp_path / "old.db"
-    write_version_4_file(path)
-
-    async def migrate() -> None:
-        store = SQLiteStore(path)
-        await store.open()
-        await store.close()
-
-    anyio.run(migrate)
+    async with migrated(path):
+        pass
     raw = sqlite3.connect(path)
     try:
         plan = " ".join(r[3] for r in raw.execute(f"EXPLAIN QUERY PLAN {query}", ("x",)))
