@@ -145,12 +145,12 @@ def _route_job(
         seen = catalog.handled(route, source.kind, raw, handled)
         if seen is not handled:  # the route's own handler: checked like the source's
             seen = _checked(seen)
-        step = "when"
         if route.when is None:  # no condition: no context to build for it
             return NewJob(job_id, name)
         context = route_context(
             seen, route=name, source=source.name, event_id=event_id, event_type=event_type
         )
+        step = "when"
         if not should_run(route, context):
             return None
         return NewJob(job_id, name)
@@ -237,13 +237,14 @@ def safe_text(value: str) -> str:
         return value.encode("utf-8", "replace").decode("utf-8")
 
 
-def safe_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
-    """Every header name and value as storable UTF-8 (see `safe_text`).
+def safe_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """Every header name and value as storable UTF-8 (see `safe_text`), in a dict of its own.
 
-    The usual headers are all ASCII: they are returned as they are, not copied.
+    Its own, so a route handler that edits the headers it is given does not edit what is
+    stored. The usual headers are all ASCII: they are copied as they are, not one by one.
     """
     if all(k.isascii() and v.isascii() for k, v in headers.items()):
-        return headers
+        return dict(headers)
     return {safe_text(k): safe_text(v) for k, v in headers.items()}
 
 
@@ -321,7 +322,7 @@ class StoreIntake:
         Raises only StoreUnavailableError (nothing committed: do not acknowledge).
         """
         headers = safe_headers(raw.headers)
-        if headers is not raw.headers:
+        if headers != raw.headers:
             raw = replace(raw, headers=headers)
         decision = decide(
             self._catalog,

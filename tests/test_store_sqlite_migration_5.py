@@ -145,3 +145,21 @@ async def test_the_indexes_that_leave_nulls_out_still_serve_lookups_by_value(
         raw.close()
     assert f"USING INDEX {index}" in plan
     assert "IS NOT NULL" in definition[0]
+
+
+async def test_a_file_with_history_of_missing_jobs_is_refused_and_left_as_it_was(tmp_path):
+    path = tmp_path / "old.db"
+    write_version_4_file(path)
+    db = sqlite3.connect(path)  # foreign keys off, as in an operator's sqlite3 shell
+    db.execute("DELETE FROM jobs WHERE job_id = 'job_b'")
+    db.commit()
+    db.close()
+    store = SQLiteStore(path)
+    with pytest.raises(Exception, match="1 history rows name jobs that do not exist"):
+        await store.open()
+    raw = sqlite3.connect(path)
+    try:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert raw.execute("SELECT COUNT(*) FROM transitions").fetchone()[0] == len(_V4_HISTORY)
+    finally:
+        raw.close()

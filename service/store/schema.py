@@ -159,10 +159,11 @@ _V4 = (
 
 _V5 = (
     # History rows find their job by its `seq`, not its id. Job ids are digests, so an index
-    # on them takes each new job's first history row on a page of its own; `seq` only grows,
-    # so a new job's row lands beside the last one. That was a fifth of the pages, and of the
-    # CPU, of each group commit at intake (README, Performance). `job_id` stays, unindexed,
-    # for reading; the foreign key moves to `job_seq`, whose index it needs.
+    # on them takes each new job's first history row on a page of its own; a new job's `seq`
+    # is above every existing one, so its row lands beside the last one. That was a fifth of
+    # the pages, and of the CPU, of each group commit at intake (README, Performance).
+    # `job_id` stays, unindexed, for reading; the foreign key moves to `job_seq`, whose index
+    # it needs. A file with history rows of missing jobs is refused (PRECHECKS), not pruned.
     """
     CREATE TABLE transitions_v5 (
         id         INTEGER PRIMARY KEY,
@@ -194,5 +195,24 @@ _V5 = (
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5)
 """Statements of each migration; `MIGRATIONS[n]` moves user_version from n to n + 1."""
+
+PRECHECKS: dict[int, tuple[str, str]] = {
+    4: (
+        (
+            "SELECT COUNT(*) FROM transitions t"
+            " WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = t.job_id)"
+        ),
+        (
+            "{count} history rows name jobs that do not exist (the file was edited with"
+            " foreign keys off?); migration 5 would have to drop them. `PRAGMA"
+            " foreign_key_check(transitions)` lists them: delete or repair them, then start"
+            " again"
+        ),
+    ),
+}
+"""Before `MIGRATIONS[n]`: a count that must be 0, and what to say when it is not.
+
+A migration that cannot carry a row over refuses to start instead of dropping it.
+"""
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -45,7 +45,7 @@ from service.store import sqlite_sql as sql
 from service.store.base import SoleProcessLock, StoreUnavailableError
 from service.store.checkpointer import Checkpointer
 from service.store.methods import OutboxListeners
-from service.store.schema import MIGRATIONS, SCHEMA_VERSION
+from service.store.schema import MIGRATIONS, PRECHECKS, SCHEMA_VERSION
 from service.store.writer import GroupCommitWriter, is_database_failure
 
 T = TypeVar("T")
@@ -586,7 +586,8 @@ def _migrate(connection: sqlite3.Connection) -> None:
     connection.execute("BEGIN IMMEDIATE")
     try:
         version = _schema_version(connection)
-        for statements in MIGRATIONS[version:]:
+        for number, statements in enumerate(MIGRATIONS[version:], start=version):
+            _precheck(connection, number)
             for statement in statements:
                 connection.execute(statement)
         connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -595,6 +596,16 @@ def _migrate(connection: sqlite3.Connection) -> None:
         if connection.in_transaction:
             connection.execute("ROLLBACK")
         raise
+
+
+def _precheck(connection: sqlite3.Connection, migration: int) -> None:
+    check = PRECHECKS.get(migration)
+    if check is None:
+        return
+    query, problem = check
+    count = int(connection.execute(query).fetchone()[0])
+    if count:
+        raise sqlite3.DatabaseError(problem.format(count=count))
 
 
 def _require_wal(connection: sqlite3.Connection) -> None:
