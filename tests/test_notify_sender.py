@@ -481,21 +481,21 @@ async def test_a_draining_sender_finishes_what_it_is_sending_and_starts_nothing_
 
 async def test_jobs_left_ready_are_settled_beside_the_deliveries_not_before_them(harness):
     # A crash after the last mark left a job `ready` with nothing to send. Settling it costs a
-    # store round trip per ready job; the sender reports started, and delivers, meanwhile.
+    # store query over the ready jobs; the sender reports started, and delivers, meanwhile.
     await harness.add_ready_job("left-ready", [])
     (row_id,) = await harness.add_ready_job("new", [NotifyConfig(name="rec", kind="file")])
     left, new = (sample_job(sample_event(key)).job_id for key in ("left-ready", "new"))
-    real_count = harness.store.outbox_pending_for_job
+    real_scan = harness.store.ready_jobs_delivered
     counting = anyio.Event()
     count_may_return = anyio.Event()
 
-    async def slow_count(job_id):
-        if job_id == left and not count_may_return.is_set():
+    async def slow_scan(limit):
+        if not count_may_return.is_set():
             counting.set()
             await count_may_return.wait()
-        return await real_count(job_id)
+        return await real_scan(limit)
 
-    harness.store.outbox_pending_for_job = slow_count
+    harness.store.ready_jobs_delivered = slow_scan
     target = Recording()
     target.release.set()
     async with anyio.create_task_group() as tg:

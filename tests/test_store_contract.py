@@ -682,3 +682,26 @@ async def test_finished_jobs_are_not_renewed(engine_store):
     await engine_store.claim_job(running.job_id, {M}, owner="w1", lease_s=5)
     await engine_store.transition(done.job_id, {M}, JobState.FAILED)
     assert await engine_store.renew_leases("w1", 5) == 1
+
+
+async def test_ready_jobs_delivered_are_those_with_no_pending_row(engine_store, store_clock):
+    jobs = []
+    for key in ("pending", "delivered", "dead", "not-ready"):
+        _, [job] = await accept(engine_store, key)
+        jobs.append(job)
+        store_clock.advance(1)
+    for job in jobs[:3]:
+        await walk(engine_store, job.job_id, M, S, JobState.SUBMITTED)
+        await engine_store.transition(
+            job.job_id, {JobState.SUBMITTED}, JobState.READY, None, [ready_message(job.export_name)]
+        )
+    rows = {m.job_id: m for m in await engine_store.due_outbox(store_clock() + 1)}
+    await engine_store.outbox_delivered(rows[jobs[1].job_id].id)
+    await engine_store.outbox_dead(rows[jobs[2].job_id].id, "410 Gone")
+
+    delivered = await engine_store.ready_jobs_delivered(limit=10)
+
+    assert [j.job_id for j in delivered] == [jobs[1].job_id, jobs[2].job_id]
+    assert [j.job_id for j in await engine_store.ready_jobs_delivered(limit=1)] == [jobs[1].job_id]
+    await engine_store.outbox_delivered(rows[jobs[0].job_id].id)
+    assert len(await engine_store.ready_jobs_delivered(limit=10)) == 3

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Protocol
 import anyio
 
 from service.log import get_logger
-from service.model import JobState
 from service.store.base import StaleTransitionError, StoreUnavailableError
 
 if TYPE_CHECKING:
@@ -216,11 +215,9 @@ class OutboxSender:
 
     async def _settle_ready_jobs(self, finished: set[str]) -> None:
         """One pass of the scan; `finished` are the jobs deliveries finished meanwhile."""
-        for job in await self._store.jobs_in_states({JobState.READY}, _SETTLE_SCAN_LIMIT):
-            if await self._store.outbox_pending_for_job(job.job_id) != 0:
-                continue
+        for job in await self._store.ready_jobs_delivered(_SETTLE_SCAN_LIMIT):
             # A delivery that finished the job's last row counted and finished it under the
-            # lock, before the count above could see nothing pending: it is in `finished`.
+            # lock, before the query above could see nothing pending: it is in `finished`.
             async with self._settle_lock:
                 if job.job_id not in finished:
                     await self._on_job_delivered(job.job_id)

@@ -313,6 +313,12 @@ class Store(Protocol):
     async def outbox_pending_for_job(self, job_id: str) -> int:
         """How many outbox rows of this job are still pending."""
 
+    async def ready_jobs_delivered(self, limit: int) -> list[Job]:
+        """`ready` jobs with no pending outbox row, oldest first: one query for the settle scan.
+
+        A crash between a job's last delivery and its `notified` commit leaves such a job.
+        """
+
     async def outbox_backlog(self) -> int:
         """How many outbox rows are pending, for metrics."""
 

@@ -541,6 +541,10 @@ class PostgresStore(OutboxListeners):
         """How many outbox rows of this job are still pending."""
         return await self._run(functools.partial(sql.count_pending_outbox, job_id=job_id))
 
+    async def ready_jobs_delivered(self, limit: int) -> list[Job]:
+        """`ready` jobs with no pending outbox row, oldest first."""
+        return await self._run(functools.partial(sql.ready_jobs_delivered, limit=limit))
+
     async def outbox_backlog(self) -> int:
         """How many outbox rows are pending."""
         return await self._run(functools.partial(sql.count_pending_outbox, job_id=None))

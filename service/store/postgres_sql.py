@@ -908,6 +908,17 @@ async def count_pending_outbox(conn: Conn, *, job_id: str | None) -> int:
     return int(row["n"]) if row is not None else 0
 
 
+async def ready_jobs_delivered(conn: Conn, *, limit: int) -> list[Job]:
+    """`ready` jobs none of whose outbox rows is pending, oldest first."""
+    cur = await conn.execute(
+        f"{_JOB_SELECT} WHERE state = %s AND NOT EXISTS"  # noqa: S608 - constant SQL
+        " (SELECT 1 FROM outbox o WHERE o.job_id = jobs.job_id AND o.status = 'pending')"
+        " ORDER BY created_at, seq LIMIT %s",
+        (JobState.READY.value, limit),
+    )
+    return [job_from_row(r) for r in await cur.fetchall()]
+
+
 # --- housekeeping -----------------------------------------------------------------------
 
 

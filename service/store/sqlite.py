@@ -510,6 +510,10 @@ class SQLiteStore(OutboxListeners):
         """How many outbox rows of this job are still pending."""
         return await self._read(functools.partial(sql.count_pending_outbox, job_id=job_id))
 
+    async def ready_jobs_delivered(self, limit: int) -> list[Job]:
+        """`ready` jobs with no pending outbox row, oldest first."""
+        return await self._read(functools.partial(sql.ready_jobs_delivered, limit=limit))
+
     async def outbox_backlog(self) -> int:
         """How many outbox rows are pending."""
         return await self._read(functools.partial(sql.count_pending_outbox, job_id=None))

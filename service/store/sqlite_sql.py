@@ -1202,6 +1202,17 @@ def count_pending_outbox(conn: sqlite3.Connection, job_id: str | None) -> int:
     return int(row[0])
 
 
+def ready_jobs_delivered(conn: sqlite3.Connection, limit: int) -> list[Job]:
+    """`ready` jobs none of whose outbox rows is pending, oldest first."""
+    rows = conn.execute(
+        f"{_JOB_SELECT} WHERE state = ? AND NOT EXISTS"  # noqa: S608 - constant SQL
+        " (SELECT 1 FROM outbox o WHERE o.job_id = jobs.job_id AND o.status = 'pending')"
+        " ORDER BY created_at, seq LIMIT ?",
+        (JobState.READY.value, limit),
+    ).fetchall()
+    return [job_from_row(r) for r in rows]
+
+
 # --- housekeeping -----------------------------------------------------------------------
 
 
