@@ -188,7 +188,8 @@ def _decode_base64(value: str, header: str) -> bytes:
 def _match_any(given: bytes, expected: Iterable[bytes]) -> None:
     # Compare against every secret, not stopping at the first match, so timing does not
     # reveal which of the rotated secrets the sender used.
-    if True not in [hmac.compare_digest(given, e) for e in expected]:
+    matches = [hmac.compare_digest(given, e) for e in expected]
+    if not any(matches):
         raise SignatureError("signature does not match")
 
 
